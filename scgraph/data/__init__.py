@@ -1,0 +1,1 @@
+"""Data: tokenization, masking, real datasets shipped in packages, and (later) the shard loader."""

@@ -1,0 +1,17 @@
+"""Masked value prediction: choose which values of each cell the model must predict."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def mask_values(genes: np.ndarray, vocab_size: int, ratio: float,
+                rng: np.random.Generator) -> np.ndarray:
+    """(n, L) bool: ``round(ratio * n_genes)`` positions per cell, at least one when the cell has a
+    gene, chosen uniformly among its genes (never pad or CLS, whose ids are >= vocab_size)."""
+    is_gene = genes < vocab_size
+    n_genes = is_gene.sum(axis=1)
+    n_mask = np.where(n_genes > 0, np.maximum(1, np.rint(ratio * n_genes)), 0).astype(np.int64)
+    key = np.where(is_gene, rng.random(genes.shape), np.inf)
+    rank = np.argsort(np.argsort(key, axis=1, kind="stable"), axis=1, kind="stable")
+    return rank < n_mask[:, None]

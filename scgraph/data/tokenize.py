@@ -1,0 +1,101 @@
+"""Raw counts -> fixed-length (gene ids, values) tokens, vectorised over a batch of cells.
+
+Tokenization happens at load time so one shard set serves every model setting. A batch is a CSR
+matrix (cells x genes); the gene selection is done for all cells at once with one lexsort.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from scgraph.config import TokenizerConfig
+
+
+@dataclass
+class Tokens:
+    """``genes`` (n, length) int64 ids, pad = vocab_size and CLS = vocab_size + 1; ``values``
+    (n, length) float32, 0 at pad and CLS; ``n_genes`` (n,) genes kept per cell."""
+
+    genes: np.ndarray
+    values: np.ndarray
+    n_genes: np.ndarray
+
+
+def validate_counts(matrix: sp.csr_matrix, vocab_size: int) -> None:
+    """Refuse input that would silently corrupt training, naming the problem."""
+    if matrix.shape[1] > vocab_size:
+        raise ValueError(f"counts have {matrix.shape[1]} gene columns but the vocabulary has {vocab_size}")
+    data = matrix.data
+    if data.size:
+        if not np.isfinite(data).all():
+            raise ValueError("counts contain NaN or infinite values")
+        if (data < 0).any():
+            raise ValueError(f"counts contain negative values (min {data.min()})")
+
+
+def _normalise(matrix: sp.csr_matrix, cfg: TokenizerConfig) -> np.ndarray:
+    """Per-non-zero values after library-size normalisation and log1p (computed over ALL genes)."""
+    data = matrix.data.astype(np.float64)
+    if cfg.normalization == "none":
+        return data.astype(np.float32)
+    totals = np.asarray(matrix.sum(axis=1)).ravel()
+    rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+    scale = np.divide(cfg.target_sum, totals, out=np.zeros_like(totals, dtype=np.float64),
+                      where=totals > 0)
+    return np.log1p(data * scale[rows]).astype(np.float32)
+
+
+def bin_values(values: np.ndarray, n_genes: np.ndarray, n_bins: int) -> np.ndarray:
+    """scGPT-style per-cell binning: each cell's non-zero values go to bins 1..n_bins-1 by the
+    cell's own quantiles, so values compare across sequencing depths. ``values`` is (n, L) with the
+    first ``n_genes[i]`` entries of row i real; the rest stay 0."""
+    out = np.zeros_like(values)
+    edges_q = np.linspace(0.0, 1.0, n_bins - 1)
+    for i, k in enumerate(n_genes):
+        if k == 0:
+            continue
+        row = values[i, :k]
+        edges = np.quantile(row, edges_q)
+        out[i, :k] = np.clip(np.digitize(row, edges[1:-1], right=True) + 1, 1, n_bins - 1)
+    return out
+
+
+def tokenize(matrix: sp.spmatrix, cfg: TokenizerConfig, vocab_size: int,
+             rng: np.random.Generator | None = None) -> Tokens:
+    """Tokenize every cell (row) of ``matrix``: select up to ``seq_len`` non-zero genes (random,
+    seeded by ``rng``; or top by expression, ties broken by gene id), pad, optionally prepend CLS.
+
+    Binning is computed over the selected genes. Deterministic for a given ``rng`` state.
+    """
+    matrix = sp.csr_matrix(matrix)
+    matrix.sum_duplicates()
+    matrix.eliminate_zeros()
+    validate_counts(matrix, vocab_size)
+    n = matrix.shape[0]
+    values = _normalise(matrix, cfg)
+    counts = np.diff(matrix.indptr)
+    rows = np.repeat(np.arange(n), counts)
+    if cfg.selection == "random":
+        if rng is None:
+            raise ValueError("random gene selection needs an rng (numpy Generator) for reproducibility")
+        order = np.lexsort((rng.random(values.size), rows))
+    else:  # highest expression first, ties by gene id
+        order = np.lexsort((matrix.indices, -values, rows))
+    rank = np.arange(values.size) - matrix.indptr[rows[order]]
+    keep = order[rank < cfg.seq_len]
+    kept_rows, slot = rows[keep], rank[rank < cfg.seq_len]
+
+    offset = int(cfg.cls_token)
+    genes = np.full((n, cfg.length), vocab_size, dtype=np.int64)
+    vals = np.zeros((n, cfg.length), dtype=np.float32)
+    genes[kept_rows, slot + offset] = matrix.indices[keep]
+    vals[kept_rows, slot + offset] = values[keep]
+    n_genes = np.minimum(counts, cfg.seq_len)
+    if cfg.n_bins is not None:
+        vals[:, offset:] = bin_values(vals[:, offset:], n_genes, cfg.n_bins)
+    if cfg.cls_token:
+        genes[:, 0] = vocab_size + 1
+    return Tokens(genes=genes, values=vals, n_genes=n_genes)

@@ -1,0 +1,1 @@
+"""Training: the engine-agnostic core, the plain loop, and (later) the DeepSpeed engine."""
