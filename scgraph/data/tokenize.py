@@ -53,7 +53,7 @@ def bin_values(values: np.ndarray, n_genes: np.ndarray, n_bins: int) -> np.ndarr
     cell's own quantiles, so values compare across sequencing depths. ``values`` is (n, L) with the
     first ``n_genes[i]`` entries of row i real; the rest stay 0."""
     out = np.zeros_like(values)
-    edges_q = np.linspace(0.0, 1.0, n_bins - 1)
+    edges_q = np.linspace(0.0, 1.0, n_bins)
     for i, k in enumerate(n_genes):
         if k == 0:
             continue
