@@ -1,0 +1,298 @@
+"""The shard-set format, shared by the writer (``sharding``) and the loader.
+
+A shard set is a directory of plain tar files (WebDataset layout) and ``manifest.json``. Each cell
+is three members that share its key, the cell's soma_joinid: ``<key>.genes.npy`` (int32 indices of
+its non-zero genes in the manifest's vocabulary, ascending), ``<key>.counts.npy`` (their float32
+raw counts) and ``<key>.obs.json`` (the kept obs columns). Tar headers and .npy headers are written
+and parsed here directly: ``tarfile`` and ``np.load`` cost over 100 us per member on the 2-core
+machine, which would make the loader, not the model, the bottleneck. Anything but what this
+module writes (or any damage) is refused with an error naming the shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import numpy as np
+
+from scgraph.data.vocab import GeneVocab
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "scgraph-shards/1"
+GENES, COUNTS, OBS = "genes.npy", "counts.npy", "obs.json"
+MEMBERS = (GENES, COUNTS, OBS)
+_BLOCK = 512
+_REQUIRED_KEYS = ("format", "source", "obs_filter", "vocabulary", "shards", "totals", "complete", "tool")
+
+
+class CorruptShardError(ValueError):
+    """A shard that cannot be decoded; the message names the shard and what is wrong."""
+
+
+# --- .npy members --------------------------------------------------------------------------------
+
+_NPY_MAGIC = b"\x93NUMPY\x01\x00"
+_NPY_HEADER = re.compile(rb"\{'descr': '([<|][a-z]\d+)', 'fortran_order': False, 'shape': \((\d+),\), \} *\n")
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    """A 1-D little-endian array as .npy (format 1.0, readable by ``np.load``)."""
+    header = f"{{'descr': '{array.dtype.str}', 'fortran_order': False, 'shape': ({len(array)},), }}"
+    pad = -(len(_NPY_MAGIC) + 2 + len(header) + 1) % 64
+    header_bytes = (header + " " * pad + "\n").encode("latin1")
+    return _NPY_MAGIC + len(header_bytes).to_bytes(2, "little") + header_bytes + array.tobytes()
+
+
+_FAST_NPY = {
+    dtype: (np.dtype(dtype), f"{{'descr': '{dtype}', 'fortran_order': False, 'shape': (".encode())
+    for dtype in ("<i4", "<f4")
+}
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    """Inverse of ``encode_npy``, a zero-copy view for the two dtypes shards hold; other valid .npy
+    layouts go through ``np.load``."""
+    if data[:8] == _NPY_MAGIC:
+        start = 10 + (data[8] | data[9] << 8)
+        for dtype, prefix in _FAST_NPY.values():
+            if data[10 : 10 + len(prefix)] == prefix and (len(data) - start) % dtype.itemsize == 0:
+                array = np.frombuffer(data, dtype, offset=start)
+                if data[10 + len(prefix) : start].startswith(b"%d,)" % len(array)):
+                    return array
+    import io
+
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+# --- tar members ---------------------------------------------------------------------------------
+
+
+def _tar_template() -> bytes:
+    import tarfile
+
+    info = tarfile.TarInfo("")
+    info.mtime, info.mode = 0, 0o644
+    header = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+    header[148:156] = b" " * 8  # the checksum field counts as spaces
+    return bytes(header)
+
+
+_TEMPLATE = _tar_template()
+_TEMPLATE_SUM = sum(_TEMPLATE[:124]) + sum(_TEMPLATE[136:])  # without name (empty) and size
+
+
+def tar_member(name: str, data: bytes) -> bytes:
+    """One regular-file member (ustar header, data, padding); fixed metadata so that the same cells
+    always give byte-identical shards and therefore the same sha256."""
+    raw_name = name.encode()
+    if len(raw_name) > 100:
+        raise ValueError(f"tar member name too long: {name!r}")
+    size = b"%011o\0" % len(data)
+    checksum = b"%06o\0 " % (_TEMPLATE_SUM + sum(raw_name) + sum(size))
+    return b"".join(
+        (
+            raw_name.ljust(100, b"\0"),
+            _TEMPLATE[100:124],
+            size,
+            _TEMPLATE[136:148],
+            checksum,
+            _TEMPLATE[156:],
+            data,
+            b"\0" * (-len(data) % _BLOCK),
+        )
+    )
+
+
+_ZERO_BLOCK = b"\0" * _BLOCK
+TAR_END = 2 * _ZERO_BLOCK
+
+
+def encode_sample(joinid: int, genes: np.ndarray, counts: np.ndarray, obs: dict[str, Any]) -> bytes:
+    key = str(int(joinid))
+    return b"".join(
+        (
+            tar_member(f"{key}.{GENES}", encode_npy(genes.astype("<i4", copy=False))),
+            tar_member(f"{key}.{COUNTS}", encode_npy(counts.astype("<f4", copy=False))),
+            tar_member(f"{key}.{OBS}", json.dumps(obs, separators=(",", ":")).encode()),
+        )
+    )
+
+
+def iter_shard(
+    shard: str | IO[bytes],
+    start: int = 0,
+    stop: int | None = None,
+    members: tuple[str, ...] = MEMBERS,
+    where: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Samples ``start:stop`` of a shard (a path or a binary stream) as ``{"__key__": str, member:
+    bytes}``, keeping only ``members`` (training skips obs.json). Members not kept are seeked over.
+    Only the header fields shards use are checked: integrity is ``verify``'s sha256."""
+    if isinstance(shard, str):
+        with open(shard, "rb", buffering=1 << 20) as stream:
+            yield from iter_shard(stream, start, stop, members, where or os.path.basename(shard))
+        return
+    where = where or "shard"
+    read, seek = shard.read, shard.seek
+    index, current, sample = -1, None, {}
+    while True:
+        header = read(_BLOCK)
+        if len(header) < _BLOCK:
+            raise CorruptShardError(
+                f"{where}: truncated (ends inside a tar header, no end-of-archive marker)"
+            )
+        if header == _ZERO_BLOCK:
+            break
+        if header[257:262] != b"ustar" or header[156:157] not in (b"0", b"\0"):
+            raise CorruptShardError(f"{where}: damaged tar header (not a regular ustar member)")
+        try:
+            size = int(header[124:136].rstrip(b"\0 "), 8)
+            key, _, suffix = header[:100].rstrip(b"\0").decode().partition(".")
+        except (ValueError, UnicodeDecodeError):
+            raise CorruptShardError(f"{where}: damaged tar header (unreadable name or size)") from None
+        if suffix not in MEMBERS:
+            raise CorruptShardError(f"{where}: unexpected member {key}.{suffix}")
+        if key != current:
+            if current is not None and index >= start:
+                yield sample
+            index += 1
+            if stop is not None and index >= stop:
+                return
+            current, sample = key, {"__key__": key}
+        if index >= start and suffix in members:
+            data = read(size)
+            if len(data) < size:
+                raise CorruptShardError(f"{where}: truncated inside member {key}.{suffix}")
+            seek(-size % _BLOCK, 1)
+            sample[suffix] = data
+        else:
+            seek(size + (-size % _BLOCK), 1)
+    if current is not None and index >= start:
+        yield sample
+
+
+@dataclass
+class Cell:
+    """One decoded sample: what the probe and the tests need to see of a cell."""
+
+    soma_joinid: int
+    genes: np.ndarray
+    counts: np.ndarray
+    obs: dict[str, Any]
+
+
+def decode_cell(sample: dict[str, Any], where: str = "shard") -> Cell:
+    try:
+        genes, counts = decode_npy(sample[GENES]), decode_npy(sample[COUNTS])
+        obs = json.loads(sample[OBS]) if OBS in sample else {}
+        joinid = int(sample["__key__"])
+    except (KeyError, ValueError, EOFError) as err:
+        raise CorruptShardError(
+            f"{where}: sample {sample.get('__key__')!r} does not decode ({err})"
+        ) from None
+    if (
+        genes.ndim != 1
+        or genes.shape != counts.shape
+        or genes.dtype != np.int32
+        or counts.dtype != np.float32
+    ):
+        raise CorruptShardError(f"{where}: sample {joinid} has malformed genes/counts arrays")
+    return Cell(joinid, genes, counts, obs)
+
+
+# --- the manifest --------------------------------------------------------------------------------
+
+
+def content_identity(vocabulary: dict[str, list[str]], shards: list[dict[str, Any]]) -> str:
+    """Short hash of what a model sees (vocabulary, shard contents): equal shard sets, equal ids."""
+    blob = json.dumps([vocabulary["feature_id"], [(s["name"], s["sha256"]) for s in shards]]).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def read_manifest(directory: str) -> dict[str, Any]:
+    """The manifest of ``directory``, with a one-line error if it is missing or not valid JSON."""
+    path = os.path.join(directory, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path}: no manifest; not a shard set (write one with python -m sharding write)"
+        )
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: corrupt manifest (not valid JSON: {err})") from None
+    missing = [k for k in _REQUIRED_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise ValueError(f"{path}: corrupt manifest (missing {', '.join(missing)})")
+    if manifest["format"] != FORMAT:
+        raise ValueError(f"{path}: format {manifest['format']!r} is not {FORMAT!r}")
+    return manifest
+
+
+@dataclass
+class ShardSet:
+    """A complete, validated shard set on disk (the loader's only input)."""
+
+    directory: str
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, directory: str) -> ShardSet:
+        directory = os.path.abspath(directory)
+        manifest = read_manifest(directory)
+        path = os.path.join(directory, MANIFEST_NAME)
+        if not manifest["complete"]:
+            plan = manifest.get("plan", {})
+            raise ValueError(
+                f"{path}: incomplete shard set ({len(manifest['shards'])} of "
+                f"{plan.get('shards', '?')} shards); re-run the same write command to finish it"
+            )
+        vocab = manifest["vocabulary"]
+        if len(vocab.get("feature_id", [])) != len(vocab.get("feature_name", [])) or not vocab["feature_id"]:
+            raise ValueError(f"{path}: corrupt manifest (vocabulary feature_id/feature_name lengths differ)")
+        if sum(s["cells"] for s in manifest["shards"]) != manifest["totals"]["cells"]:
+            raise ValueError(f"{path}: corrupt manifest (shard cell counts do not add up to totals.cells)")
+        for shard in manifest["shards"]:
+            if not os.path.isfile(os.path.join(directory, shard["name"])):
+                raise FileNotFoundError(
+                    f"{directory}: shard {shard['name']} listed in the manifest is missing"
+                )
+        return cls(directory, manifest)
+
+    @property
+    def feature_ids(self) -> list[str]:
+        return self.manifest["vocabulary"]["feature_id"]
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self.manifest["vocabulary"]["feature_name"]
+
+    @property
+    def vocab(self) -> GeneVocab:
+        return GeneVocab(self.feature_ids, self.feature_names)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.feature_ids)
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.manifest["totals"]["cells"])
+
+    @property
+    def shard_cells(self) -> list[int]:
+        return [int(s["cells"]) for s in self.manifest["shards"]]
+
+    @property
+    def shard_paths(self) -> list[str]:
+        return [os.path.join(self.directory, s["name"]) for s in self.manifest["shards"]]
+
+    @property
+    def identity(self) -> str:
+        return content_identity(self.manifest["vocabulary"], self.manifest["shards"])

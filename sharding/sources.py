@@ -1,0 +1,298 @@
+"""Open a source of cells, select cells with an obs filter, and read raw counts a block at a time.
+
+Every source answers the same three questions: which genes (var, in index order), which cells (the
+sorted soma_joinids the filter selects) and, for a block of those cells, their counts and obs. The
+census, a census-layout copy and a bare SOMA experiment share one implementation (the census is a
+SOMA experiment); an .h5ad is read in backed mode so its matrix is never loaded whole.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+#: Where the cells come from; exactly one per ``write`` command.
+SOURCE_KINDS = ("census-version", "census-uri", "soma", "h5ad")
+#: Which matrix of an .h5ad holds raw counts: ``auto`` = raw.X when present (the CELLxGENE
+#: convention for normalised X), else X.
+H5AD_MATRICES = ("auto", "X", "raw")
+DEFAULT_OBS_COLUMNS = (
+    "cell_type",
+    "cell_type_ontology_term_id",
+    "tissue",
+    "assay",
+    "disease",
+    "dataset_id",
+    "donor_id",
+)
+PRIMARY_FILTER = "is_primary_data == True"
+#: Bounds every TileDB read: without it one call may return a whole query as one table (DATA.md).
+READ_BUFFER_BYTES = 64 * 1024**2
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Everything needed to (re)open a source, also in a worker process: so it is plain data."""
+
+    kind: str
+    location: str
+    organism: str = "homo_sapiens"
+    h5ad_matrix: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(f"source kind must be one of {', '.join(SOURCE_KINDS)}; got {self.kind!r}")
+        if self.h5ad_matrix not in H5AD_MATRICES:
+            raise ValueError(
+                f"h5ad matrix must be one of {', '.join(H5AD_MATRICES)}; got {self.h5ad_matrix!r}"
+            )
+
+    @property
+    def resolved_location(self) -> str:
+        """Local paths made absolute, so a manifest names the same data from any working directory."""
+        if self.kind == "census-version" or "://" in self.location:
+            return self.location
+        return os.path.abspath(self.location)
+
+    def describe(self) -> dict[str, str]:
+        out = {"kind": self.kind, "location": self.resolved_location}
+        if self.kind != "h5ad":
+            out["organism"] = self.organism
+        else:
+            out["h5ad_matrix"] = self.h5ad_matrix
+        return out
+
+
+@dataclass
+class Genes:
+    """The source's var in index order: the shard set's gene vocabulary unless mapped onto another."""
+
+    feature_ids: list[str]
+    feature_names: list[str]
+
+
+def check_raw_counts(matrix: sp.csr_matrix, cell_names: Sequence[Any]) -> None:
+    """Shards store raw counts; refuse anything else, naming the first bad cell and the defect."""
+    data = matrix.data
+    defects = (
+        ("NaN or infinite values", ~np.isfinite(data)),
+        ("negative values", data < 0),
+        ("non-integer values (normalised data? raw counts are required)", data != np.rint(data)),
+    )
+    for what, bad in defects:
+        if bad.any():
+            row = int(np.searchsorted(matrix.indptr, int(np.argmax(bad)), side="right") - 1)
+            raise ValueError(f"counts of cell {cell_names[row]} contain {what}")
+
+
+def filter_columns(expr: str) -> set[str]:
+    """Column names an obs filter refers to (SOMA value_filter syntax is a Python expression)."""
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except SyntaxError as err:
+        raise ValueError(f"obs filter {expr!r} is not a valid expression: {err.msg}") from None
+    return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+
+
+def resolve_obs_options(
+    available: Sequence[str], obs_filter: str | None, obs_columns: Sequence[str] | None
+) -> tuple[str | None, list[str]]:
+    """Apply the defaults (primary cells, the usual label columns where present) and check that
+    every column the user named exists, before anything is read or written."""
+    if obs_filter is None:
+        obs_filter = PRIMARY_FILTER if "is_primary_data" in available else None
+    elif not obs_filter.strip():
+        obs_filter = None
+    if obs_filter is not None:
+        missing = sorted(filter_columns(obs_filter) - set(available))
+        if missing:
+            raise ValueError(
+                f"obs filter {obs_filter!r} uses column(s) not in obs: {', '.join(missing)} "
+                f"(obs has: {', '.join(available)})"
+            )
+    if obs_columns is None:
+        columns = [c for c in DEFAULT_OBS_COLUMNS if c in available]
+    else:
+        columns = list(dict.fromkeys(obs_columns))
+        missing = [c for c in columns if c not in available]
+        if missing:
+            raise ValueError(
+                f"--obs-columns names column(s) not in obs: {', '.join(missing)} "
+                f"(obs has: {', '.join(available)})"
+            )
+    return obs_filter, [c for c in columns if c != "soma_joinid"]
+
+
+def _jsonable(value: Any) -> Any:
+    """obs values as JSON types; missing values (NaN, None) become null."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def _records(columns: dict[str, list[Any]], n: int) -> list[dict[str, Any]]:
+    """Column lists -> one JSON-ready dict per cell (also when no column is kept)."""
+    names = list(columns)
+    return (
+        [
+            {k: _jsonable(v) for k, v in zip(names, values, strict=True)}
+            for values in zip(*columns.values(), strict=True)
+        ]
+        if names
+        else [{} for _ in range(n)]
+    )
+
+
+class SomaSource:
+    """A SOMA experiment with the census schema: measurement "RNA", X layer "raw"."""
+
+    def __init__(self, experiment: Any, name: str) -> None:
+        if "RNA" not in experiment.ms:
+            raise ValueError(f"{name} has no measurement 'RNA' (has: {', '.join(experiment.ms.keys())})")
+        ms = experiment.ms["RNA"]
+        if "raw" not in ms.X:
+            raise ValueError(
+                f"{name} has no X layer 'raw' in measurement 'RNA' "
+                f"(layers: {', '.join(ms.X.keys()) or 'none'})"
+            )
+        self.name = name
+        self._obs = experiment.obs
+        self._var = ms.var
+        self._X = ms.X["raw"]
+        self.obs_columns: list[str] = list(self._obs.schema.names)
+        self._var_joinids: np.ndarray | None = None
+
+    def genes(self) -> Genes:
+        var = self._var.read(column_names=["soma_joinid", "feature_id", "feature_name"]).concat()
+        var = var.sort_by("soma_joinid")
+        self._var_joinids = var["soma_joinid"].to_numpy()
+        return Genes(
+            [str(x) for x in var["feature_id"].to_pylist()], [str(x) for x in var["feature_name"].to_pylist()]
+        )
+
+    def select(self, obs_filter: str | None) -> np.ndarray:
+        table = self._obs.read(column_names=["soma_joinid"], value_filter=obs_filter).concat()
+        return np.sort(table["soma_joinid"].to_numpy())
+
+    def read_block(
+        self, joinids: np.ndarray, obs_columns: Sequence[str]
+    ) -> tuple[sp.csr_matrix, list[dict[str, Any]]]:
+        """Counts (cells in ``joinids`` order x var positions) and obs of sorted ``joinids``."""
+        if self._var_joinids is None:
+            self.genes()
+        table = self._X.read(coords=(joinids,)).tables().concat()
+        rows = np.searchsorted(joinids, table["soma_dim_0"].to_numpy())
+        cols = np.searchsorted(self._var_joinids, table["soma_dim_1"].to_numpy())
+        counts = sp.csr_matrix(
+            (table["soma_data"].to_numpy(), (rows, cols)), shape=(len(joinids), len(self._var_joinids))
+        )
+        obs = self._obs.read(coords=(joinids,), column_names=["soma_joinid", *obs_columns]).concat()
+        obs = obs.sort_by("soma_joinid")
+        if not np.array_equal(obs["soma_joinid"].to_numpy(), joinids):
+            raise ValueError(f"{self.name}: obs has no row for some selected soma_joinid")
+        return counts, _records(obs.select(list(obs_columns)).to_pydict(), len(joinids))
+
+
+class H5adSource:
+    """An .h5ad opened with h5py: obs and var are read whole (small), X one block of rows at a time.
+
+    A cell's soma_joinid is its row number, as ``tiledbsoma.io.from_h5ad`` would assign.
+    """
+
+    def __init__(self, path: str, matrix: str) -> None:
+        import h5py
+        from anndata.io import read_elem, sparse_dataset
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--h5ad {path}: no such file")
+        self.name = path
+        self._file = h5py.File(path, "r")
+        use_raw = matrix == "raw" or (matrix == "auto" and "raw" in self._file)
+        if use_raw and "raw" not in self._file:
+            raise ValueError(f"{path} has no raw matrix (raw.X); use --h5ad-matrix X")
+        group = self._file["raw"] if use_raw else self._file
+        x = group["X"]
+        self._X = sparse_dataset(x) if isinstance(x, h5py.Group) else x
+        self._obs: pd.DataFrame = read_elem(self._file["obs"])
+        self._var: pd.DataFrame = read_elem(group["var"])
+        self.obs_columns: list[str] = list(self._obs.columns)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def genes(self) -> Genes:
+        names = [str(x) for x in self._var.index]
+        ids = [str(x) for x in self._var["feature_id"]] if "feature_id" in self._var else names
+        if "feature_name" in self._var:
+            names = [str(x) for x in self._var["feature_name"]]
+        return Genes(ids, names)
+
+    def select(self, obs_filter: str | None) -> np.ndarray:
+        if obs_filter is None:
+            return np.arange(len(self._obs), dtype=np.int64)
+        mask = self._obs.reset_index(drop=True).eval(obs_filter, engine="python")
+        return np.flatnonzero(np.asarray(mask, dtype=bool)).astype(np.int64)
+
+    def read_block(
+        self, joinids: np.ndarray, obs_columns: Sequence[str]
+    ) -> tuple[sp.csr_matrix, list[dict[str, Any]]]:
+        counts = sp.csr_matrix(self._X[joinids])
+        obs = self._obs.iloc[joinids]
+        return counts, _records({c: obs[c].astype(object).tolist() for c in obs_columns}, len(joinids))
+
+
+Source = SomaSource | H5adSource
+
+
+def soma_context() -> Any:
+    import tiledbsoma as soma
+
+    return soma.SOMATileDBContext(
+        tiledb_config={"soma.init_buffer_bytes": READ_BUFFER_BYTES, "py.init_buffer_bytes": READ_BUFFER_BYTES}
+    )
+
+
+@contextmanager
+def open_source(spec: SourceSpec) -> Iterator[Source]:
+    """Open ``spec`` read-only; the census paths go through ``cellxgene_census.open_soma``."""
+    if spec.kind == "h5ad":
+        source = H5adSource(spec.location, spec.h5ad_matrix)
+        try:
+            yield source
+        finally:
+            source.close()
+        return
+    if spec.kind == "soma":
+        import tiledbsoma as soma
+
+        if "://" not in spec.location and not os.path.exists(spec.location):
+            raise FileNotFoundError(f"--soma {spec.location}: no such experiment")
+        with soma.Experiment.open(spec.resolved_location, context=soma_context()) as exp:
+            yield SomaSource(exp, spec.resolved_location)
+        return
+    import cellxgene_census
+
+    context = cellxgene_census.get_default_soma_context(
+        tiledb_config={"soma.init_buffer_bytes": READ_BUFFER_BYTES, "py.init_buffer_bytes": READ_BUFFER_BYTES}
+    )
+    if spec.kind == "census-uri":
+        if "://" not in spec.location and not os.path.exists(spec.location):
+            raise FileNotFoundError(f"--census-uri {spec.location}: no such collection")
+        census = cellxgene_census.open_soma(uri=spec.resolved_location, context=context)
+    else:
+        census = cellxgene_census.open_soma(census_version=spec.location, context=context)
+    with census:
+        data = census["census_data"]
+        if spec.organism not in data:
+            raise ValueError(f"census has no organism {spec.organism!r} (has: {', '.join(data.keys())})")
+        yield SomaSource(data[spec.organism], f"census {spec.resolved_location} ({spec.organism})")

@@ -1,0 +1,100 @@
+"""verify: check a shard set against its manifest (checksums, cell counts, every sample decodes).
+
+Reads every byte once (sha256 and decoding share the read) and reports every bad shard, not just
+the first, so one run tells the user everything that needs rewriting.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from scgraph.data.shards import MANIFEST_NAME, CorruptShardError, decode_cell, iter_shard, read_manifest
+
+
+@dataclass
+class VerifyReport:
+    directory: str
+    shards: int = 0
+    cells: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"{self.directory}: OK, {self.shards} shards, {self.cells:,} cells match the manifest"
+        return f"{self.directory}: {len(self.problems)} problem(s) in {self.shards} shards checked"
+
+
+def _check_shard(path: str, record: dict[str, Any], vocab_size: int, seen: set[int]) -> str | None:
+    """The first thing wrong with one shard, or None."""
+    name = record["name"]
+    if not os.path.isfile(path):
+        return f"{name}: missing"
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) != record["bytes"]:
+        return f"{name}: {len(data)} bytes, manifest says {record['bytes']}"
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != record["sha256"]:
+        return f"{name}: sha256 mismatch (manifest {record['sha256'][:12]}.., file {digest[:12]}..)"
+    cells = 0
+    try:
+        for sample in iter_shard(io.BytesIO(data), where=name):
+            cell = decode_cell(sample, name)
+            if cell.soma_joinid in seen:
+                return f"{name}: cell {cell.soma_joinid} appears more than once in the shard set"
+            seen.add(cell.soma_joinid)
+            if cell.genes.size and (cell.genes.min() < 0 or cell.genes.max() >= vocab_size):
+                return f"{name}: cell {cell.soma_joinid} has gene indices outside the vocabulary"
+            if not np.isfinite(cell.counts).all() or (cell.counts < 0).any():
+                return f"{name}: cell {cell.soma_joinid} has NaN, infinite or negative counts"
+            cells += 1
+    except CorruptShardError as err:
+        return str(err)
+    if cells != record["cells"]:
+        return f"{name}: {cells} cells, manifest says {record['cells']}"
+    return None
+
+
+def verify(directory: str, progress: bool = True) -> VerifyReport:
+    """The ``verify`` command."""
+    report = VerifyReport(directory)
+    try:
+        manifest = read_manifest(directory)
+    except (FileNotFoundError, ValueError) as err:
+        report.problems.append(str(err))
+        return report
+    if not manifest["complete"]:
+        report.problems.append(
+            f"{MANIFEST_NAME}: incomplete ({len(manifest['shards'])} of "
+            f"{manifest.get('plan', {}).get('shards', '?')} shards); re-run the write command"
+        )
+    vocab_size = len(manifest["vocabulary"]["feature_id"])
+    listed = {s["name"] for s in manifest["shards"]}
+    for stray in sorted(glob.glob(os.path.join(directory, "shard-*"))):
+        if os.path.basename(stray) not in listed:
+            report.problems.append(f"{os.path.basename(stray)}: not listed in the manifest")
+    seen: set[int] = set()
+    for record in tqdm(manifest["shards"], desc="verify", unit="shard", disable=not progress):
+        problem = _check_shard(os.path.join(directory, record["name"]), record, vocab_size, seen)
+        report.shards += 1
+        if problem:
+            report.problems.append(problem)
+        else:
+            report.cells += record["cells"]
+    if manifest["complete"] and not report.problems and report.cells != manifest["totals"]["cells"]:
+        report.problems.append(
+            f"{MANIFEST_NAME}: totals.cells {manifest['totals']['cells']} but the shards hold {report.cells}"
+        )
+    return report

@@ -1,0 +1,424 @@
+"""Write a source's selected cells into tar shards plus a manifest, resumably and atomically.
+
+The plan (which cells go to which shard) is a pure function of the command and the source: the
+selected soma_joinids, sorted, cut into runs of ``cells_per_shard``. So a re-run after a kill
+recomputes the same plan, skips the shards the manifest lists as complete and writes the rest.
+A shard is written under a temporary name and renamed when complete; the manifest is replaced
+atomically after every shard; so whatever the moment of a SIGKILL, the directory holds only
+complete shards and a manifest that lists a subset of them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import glob
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from tqdm import tqdm
+
+from scgraph import __version__
+from scgraph.data.shards import (
+    FORMAT,
+    MANIFEST_NAME,
+    TAR_END,
+    ShardSet,
+    content_identity,
+    encode_sample,
+    read_manifest,
+)
+from scgraph.data.vocab import MATCH_KEYS, GeneVocab
+from sharding.sources import Source, SourceSpec, check_raw_counts, open_source, resolve_obs_options
+
+TMP_SUFFIX = ".partial"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """What, besides the source, decides the output: a re-run must repeat these exactly."""
+
+    obs_filter: str | None = None  # None: is_primary_data == True where present; "": every cell
+    obs_columns: tuple[str, ...] | None = None  # None: the usual label columns where present
+    cells_per_shard: int = 10_000
+    max_cells: int | None = None  # a seeded uniform sample of the selected cells
+    seed: int = 0
+    vocab_from: str | None = None  # a shard set whose gene vocabulary to write in
+    match_genes_by: str = "feature_id"
+
+    def __post_init__(self) -> None:
+        if self.cells_per_shard < 1:
+            raise ValueError(f"--cells-per-shard must be >= 1; got {self.cells_per_shard}")
+        if self.max_cells is not None and self.max_cells < 1:
+            raise ValueError(f"--max-cells must be >= 1; got {self.max_cells}")
+        if self.match_genes_by not in MATCH_KEYS:
+            raise ValueError(
+                f"--match-genes-by must be one of {', '.join(MATCH_KEYS)}; got {self.match_genes_by!r}"
+            )
+
+
+@dataclass
+class WriteReport:
+    out: str
+    cells: int
+    shards: int
+    bytes: int
+    cells_written: int
+    shards_written: int
+    shards_resumed: int
+    genes_dropped: int
+    seconds: float
+    identity: str
+
+    def summary(self) -> str:
+        rate = self.cells_written / self.seconds if self.seconds > 0 else 0.0
+        resumed = f", {self.shards_resumed} already complete" if self.shards_resumed else ""
+        dropped = (
+            f", {self.genes_dropped} source genes not in the vocabulary dropped" if self.genes_dropped else ""
+        )
+        return (
+            f"{self.out}: {self.cells:,} cells in {self.shards} shards ({self.bytes / 1e6:.1f} MB, "
+            f"{self.bytes / max(self.cells, 1):.0f} B/cell, identity {self.identity}); wrote "
+            f"{self.shards_written} shards ({self.cells_written:,} cells) in {self.seconds:.1f} s "
+            f"({rate:,.0f} cells/s){resumed}{dropped}"
+        )
+
+
+@dataclass
+class ShardJob:
+    """One shard to write: everything a worker process needs, as plain data."""
+
+    index: int
+    joinids: np.ndarray
+    out: str
+    obs_columns: list[str]
+    gene_map: np.ndarray | None  # source var position -> vocabulary index (-1: dropped); None: identity
+    vocab_size: int
+    block_cells: int
+
+
+@dataclass
+class Plan:
+    joinids: np.ndarray
+    cells_per_shard: int
+    digest: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.digest = hashlib.sha256(self.joinids.astype("<i8").tobytes()).hexdigest()[:16]
+
+    @property
+    def n_shards(self) -> int:
+        return -(-len(self.joinids) // self.cells_per_shard)
+
+    def shard(self, index: int) -> np.ndarray:
+        return self.joinids[index * self.cells_per_shard : (index + 1) * self.cells_per_shard]
+
+
+def select_cells(source: Source, obs_filter: str | None, max_cells: int | None, seed: int) -> np.ndarray:
+    """Sorted soma_joinids of the selected cells; reading X in this order keeps reads sequential."""
+    try:
+        joinids = source.select(obs_filter)
+    except Exception as err:  # the SOMA/pandas error text is the useful part
+        raise ValueError(f"obs filter {obs_filter!r} failed on {source.name}: {err}") from None
+    if len(joinids) == 0:
+        raise ValueError(f"the query selected no cells (obs filter: {obs_filter!r}); nothing written")
+    if max_cells is not None and max_cells < len(joinids):
+        keep = np.random.default_rng(seed).choice(len(joinids), size=max_cells, replace=False)
+        joinids = joinids[np.sort(keep)]
+    return joinids
+
+
+def gene_mapping(source_genes: GeneVocab, options: WriteOptions) -> tuple[GeneVocab, np.ndarray | None, int]:
+    """The output vocabulary, the source->vocabulary column map (None if identity), genes dropped."""
+    if options.vocab_from is None:
+        return source_genes, None, 0
+    target = ShardSet.open(options.vocab_from).vocab
+    keys = source_genes.feature_ids if options.match_genes_by == "feature_id" else source_genes.feature_names
+    gene_map = target.positions(keys, options.match_genes_by)
+    if (gene_map < 0).all():
+        raise ValueError(
+            f"no gene of the source is in the vocabulary of {options.vocab_from} "
+            f"(matching by {options.match_genes_by}, e.g. {keys[0]!r}); nothing written"
+        )
+    return target, gene_map, int((gene_map < 0).sum())
+
+
+def _to_vocabulary(counts: sp.csr_matrix, gene_map: np.ndarray | None, vocab_size: int) -> sp.csr_matrix:
+    if gene_map is None:
+        out = counts
+    else:
+        keep = np.flatnonzero(gene_map >= 0)
+        projection = sp.csr_matrix(
+            (np.ones(len(keep), dtype=counts.dtype), (keep, gene_map[keep])),
+            shape=(counts.shape[1], vocab_size),
+        )
+        out = sp.csr_matrix(counts @ projection)
+    out.sum_duplicates()
+    out.eliminate_zeros()
+    out.sort_indices()
+    return out
+
+
+class _HashingFile:
+    """Write-through file that hashes as it goes, so a shard's sha256 costs no second read."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "wb")
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+
+    def close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+
+def write_shard(
+    source: Source, job: ShardJob, on_cells: Callable[[int], None] = lambda n: None
+) -> dict[str, Any]:
+    """Stream ``job``'s cells block by block into a temporary tar, then rename it into place.
+    Memory: one block of counts and obs. On any error the temporary file is removed."""
+    name = shard_name(job.index)
+    final = os.path.join(job.out, name)
+    tmp = f"{final}.{os.getpid()}{TMP_SUFFIX}"
+    sink = _HashingFile(tmp)
+    nnz = 0
+    try:
+        for start in range(0, len(job.joinids), job.block_cells):
+            block = job.joinids[start : start + job.block_cells]
+            counts, obs = source.read_block(block, job.obs_columns)
+            check_raw_counts(counts, [f"soma_joinid={j}" for j in block])
+            counts = _to_vocabulary(counts, job.gene_map, job.vocab_size)
+            nnz += counts.nnz
+            indptr, indices, data = counts.indptr, counts.indices, counts.data
+            sink.write(
+                b"".join(
+                    encode_sample(
+                        j, indices[indptr[i] : indptr[i + 1]], data[indptr[i] : indptr[i + 1]], obs[i]
+                    )
+                    for i, j in enumerate(block)
+                )
+            )
+            on_cells(len(block))
+        sink.write(TAR_END)
+        sink.close()
+        os.replace(tmp, final)
+    except BaseException:
+        sink.close()
+        os.unlink(tmp)
+        raise
+    return {
+        "index": job.index,
+        "name": name,
+        "cells": len(job.joinids),
+        "nnz": int(nnz),
+        "bytes": sink.size,
+        "sha256": sink.sha256.hexdigest(),
+        "first_joinid": int(job.joinids[0]),
+        "last_joinid": int(job.joinids[-1]),
+    }
+
+
+def _write_json_atomic(path: str, payload: dict[str, Any]) -> None:
+    tmp = f"{path}.{os.getpid()}{TMP_SUFFIX}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [
+        f"{k}: {old.get(k)!r} then, {new.get(k)!r} now"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
+
+
+def existing_shards(out: str, command: dict[str, Any], plan: Plan) -> dict[int, dict[str, Any]]:
+    """Complete shards a previous run of the same command left in ``out``; refuse anything else.
+    Temporary files of a killed run are removed: they never hold a complete shard."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"--out {out} exists and is not a directory")
+    if not os.path.isdir(out):
+        return {}
+    for tmp in glob.glob(os.path.join(out, f"*{TMP_SUFFIX}")):
+        os.unlink(tmp)
+    entries = os.listdir(out)
+    if not entries:
+        return {}
+    if MANIFEST_NAME not in entries:
+        raise FileExistsError(
+            f"--out {out} is not empty and holds no shard set; refusing to write into it "
+            f"(choose an empty or new directory)"
+        )
+    manifest = read_manifest(out)
+    diffs = _differences(manifest.get("command", {}), command)
+    if diffs:
+        raise FileExistsError(
+            f"--out {out} holds shards from a different command ({'; '.join(diffs)}); "
+            f"refusing to overwrite (choose an empty or new directory)"
+        )
+    if manifest.get("plan", {}).get("joinids_sha256") != plan.digest:
+        raise FileExistsError(
+            f"--out {out}: the source now selects different cells than when these shards "
+            f"were written; refusing to mix them (choose an empty or new directory)"
+        )
+    return {s["index"]: s for s in manifest["shards"]}
+
+
+def build_manifest(
+    command: dict[str, Any], vocab: GeneVocab, plan: Plan, shards: dict[int, dict[str, Any]]
+) -> dict[str, Any]:
+    listed = [shards[i] for i in sorted(shards)]
+    complete = len(listed) == plan.n_shards
+    vocabulary = {"feature_id": vocab.feature_ids, "feature_name": vocab.feature_names}
+    return {
+        "format": FORMAT,
+        "tool": {"name": "scgraph.sharding", "version": __version__},
+        "source": command["source"],
+        "obs_filter": command["obs_filter"],
+        "obs_columns": command["obs_columns"],
+        "command": command,
+        "plan": {"cells": len(plan.joinids), "shards": plan.n_shards, "joinids_sha256": plan.digest},
+        "complete": complete,
+        "identity": content_identity(vocabulary, listed) if complete else None,
+        "totals": {
+            "cells": sum(s["cells"] for s in listed),
+            "shards": len(listed),
+            "bytes": sum(s["bytes"] for s in listed),
+            "nnz": sum(s["nnz"] for s in listed),
+        },
+        "shards": listed,
+        "vocabulary": vocabulary,
+    }
+
+
+_WORKER_STACK = contextlib.ExitStack()  # holds a worker's open source until the process exits
+_WORKER_SOURCE: Any = None
+
+
+def _init_worker(spec: SourceSpec) -> None:
+    """Each worker process opens the source once and keeps it for all its shards."""
+    global _WORKER_SOURCE
+    _WORKER_SOURCE = _WORKER_STACK.enter_context(open_source(spec))
+
+
+def _write_in_worker(job: ShardJob) -> dict[str, Any]:
+    return write_shard(_WORKER_SOURCE, job)
+
+
+def write_shards(
+    spec: SourceSpec,
+    out: str,
+    options: WriteOptions = WriteOptions(),
+    *,
+    workers: int = 1,
+    block_cells: int = 1024,
+    progress: bool = True,
+) -> WriteReport:
+    """The ``write`` command. Checks everything it can (columns, filter, vocabulary, the output
+    directory) before creating anything, so bad input leaves no trace."""
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1; got {workers}")
+    started = time.perf_counter()
+    out = os.path.abspath(out)
+    with open_source(spec) as source:
+        obs_filter, obs_columns = resolve_obs_options(
+            source.obs_columns, options.obs_filter, options.obs_columns
+        )
+        vocab, gene_map, dropped = gene_mapping(GeneVocab(**asdict(source.genes())), options)
+        plan = Plan(
+            select_cells(source, obs_filter, options.max_cells, options.seed), options.cells_per_shard
+        )
+        command = {
+            "source": spec.describe(),
+            "obs_filter": obs_filter,
+            "obs_columns": obs_columns,
+            **{k: v for k, v in asdict(options).items() if k not in ("obs_filter", "obs_columns")},
+        }
+        if options.vocab_from is not None:
+            command["vocab_from"] = ShardSet.open(options.vocab_from).identity
+        done = existing_shards(out, command, plan)
+        created = not os.path.isdir(out)
+        os.makedirs(out, exist_ok=True)
+        jobs = [
+            ShardJob(i, plan.shard(i), out, obs_columns, gene_map, len(vocab), block_cells)
+            for i in range(plan.n_shards)
+            if i not in done
+        ]
+        resumed = len(done)
+        bar = tqdm(
+            total=len(plan.joinids),
+            initial=sum(s["cells"] for s in done.values()),
+            unit="cell",
+            unit_scale=True,
+            desc="write",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+
+        def finished(record: dict[str, Any]) -> None:
+            done[record["index"]] = record
+            _write_json_atomic(os.path.join(out, MANIFEST_NAME), build_manifest(command, vocab, plan, done))
+
+        try:
+            if workers == 1 or len(jobs) <= 1:
+                for job in jobs:
+                    finished(write_shard(source, job, bar.update))
+            else:
+                pool = cf.ProcessPoolExecutor(
+                    workers,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_init_worker,
+                    initargs=(spec,),
+                )
+                try:
+                    for future in cf.as_completed([pool.submit(_write_in_worker, job) for job in jobs]):
+                        record = future.result()
+                        finished(record)
+                        bar.update(record["cells"])
+                finally:  # on an error, stop at once rather than after every queued shard
+                    pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            bar.close()
+            if created and not done:
+                _remove_if_empty(out)
+    manifest = read_manifest(out)
+    return WriteReport(
+        out=out,
+        cells=manifest["totals"]["cells"],
+        shards=manifest["totals"]["shards"],
+        bytes=manifest["totals"]["bytes"],
+        cells_written=sum(j.joinids.size for j in jobs),
+        shards_written=len(jobs),
+        shards_resumed=resumed,
+        genes_dropped=dropped,
+        seconds=time.perf_counter() - started,
+        identity=manifest["identity"],
+    )
+
+
+def _remove_if_empty(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
