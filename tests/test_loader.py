@@ -1,0 +1,134 @@
+"""The streaming loader over real tar shards: coverage across ranks and workers, determinism, resume."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from conftest import generated_anndata
+
+from scgraph.config import TokenizerConfig
+from scgraph.data.batch import Batch
+from scgraph.data.loader import build_loader, stream_slices
+from scgraph.data.shards import ShardSet
+from sharding.sources import SourceSpec
+from sharding.writer import WriteOptions, write_shards
+
+N_CELLS = 1280
+TOK = TokenizerConfig(seq_len=8)
+
+
+@pytest.fixture(scope="module")
+def tagged(tmp_path_factory) -> ShardSet:
+    """Cell i expresses only gene i, so a batch says which cells it holds; shards of uneven size."""
+    counts = sp.csr_matrix(
+        (np.arange(N_CELLS) % 7 + 1.0, np.arange(N_CELLS), np.arange(N_CELLS + 1)), shape=(N_CELLS, N_CELLS)
+    )
+    folder = tmp_path_factory.mktemp("tagged")
+    generated_anndata(counts).write_h5ad(folder / "tagged.h5ad")
+    write_shards(
+        SourceSpec("h5ad", str(folder / "tagged.h5ad")),
+        str(folder / "shards"),
+        WriteOptions(cells_per_shard=300, obs_columns=("label",)),
+        progress=False,
+    )
+    shards = ShardSet.open(str(folder / "shards"))
+    assert shards.shard_cells == [300, 300, 300, 300, 80]
+    return shards
+
+
+def cell_ids(batch: Batch) -> list[int]:
+    return batch.genes[:, 0].tolist()
+
+
+def load(shards, **kwargs) -> list[Batch]:
+    args = dict(batch_size=16, mask_ratio=0.15, seed=3) | kwargs
+    return list(build_loader(shards, TOK, **args))
+
+
+def same(a: list[Batch], b: list[Batch]) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(x.genes, y.genes) and torch.equal(x.values, y.values) and torch.equal(x.masked, y.masked)
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_two_ranks_with_two_workers_each_cover_every_cell_exactly_once(tagged):
+    per_rank = [load(tagged, rank=r, world_size=2, num_workers=2) for r in range(2)]
+    assert [len(batches) for batches in per_rank] == [40, 40]  # 1280 / (2 ranks x 16)
+    seen = Counter(c for batches in per_rank for b in batches for c in cell_ids(b))
+    assert sorted(seen) == list(range(N_CELLS)) and set(seen.values()) == {1}
+
+
+def test_uneven_split_gives_every_rank_the_same_batches_and_no_cell_twice(tagged):
+    per_rank = [load(tagged, batch_size=24, rank=r, world_size=3) for r in range(3)]
+    assert [len(b) for b in per_rank] == [17, 17, 17]  # floor(1280 / (3 x 24))
+    seen = Counter(c for batches in per_rank for b in batches for c in cell_ids(b))
+    assert set(seen.values()) == {1} and N_CELLS - len(seen) < 3 * 24
+
+
+def test_batches_are_full_tokenized_and_masked(tagged):
+    batches = load(tagged, world_size=1)
+    assert len(batches) == N_CELLS // 16
+    for b in batches:
+        assert (
+            b.genes.dtype == torch.int64 and b.values.dtype == torch.float32 and b.masked.dtype == torch.bool
+        )
+        assert b.genes.shape == b.values.shape == b.masked.shape == (16, TOK.length)
+        assert (b.genes[:, 1:] == tagged.vocab_size).all()  # one gene per cell, the rest is padding
+        assert b.masked[:, 0].all() and not b.masked[:, 1:].any()
+        raw = torch.tensor([i % 7 + 1.0 for i in cell_ids(b)])
+        assert torch.allclose(b.values[:, 0], torch.log1p(raw * 1e4 / raw))  # library-size normalised
+
+
+def test_same_seed_and_epoch_give_the_same_batches_a_new_epoch_a_new_order(tagged):
+    first, again = load(tagged), load(tagged)
+    assert same(first, again)
+    other = load(tagged, epoch=1)
+    assert not same(first, other)
+    assert sorted(c for b in other for c in cell_ids(b)) == list(range(N_CELLS))
+    assert not same(first, load(tagged, seed=4))
+
+
+@pytest.mark.parametrize("num_workers, skip", [(0, 1), (0, 79), (2, 1), (2, 7), (2, 80)])
+def test_skip_batches_resumes_exactly_where_an_uninterrupted_run_would_be(tagged, num_workers, skip):
+    full = load(tagged, num_workers=num_workers)
+    assert len(full) == 80
+    resumed = build_loader(
+        tagged, TOK, batch_size=16, mask_ratio=0.15, seed=3, num_workers=num_workers, skip_batches=skip
+    )
+    assert len(resumed) == 80 - skip
+    assert same(list(resumed), full[skip:])
+
+
+def test_resampled_streams_successive_epochs_and_resumes_across_them(tagged):
+    epochs = [load(tagged, num_workers=2, epoch=e) for e in range(3)]
+    expected = epochs[0] + epochs[1] + epochs[2][:6]
+    stream = build_loader(tagged, TOK, batch_size=16, mask_ratio=0.15, seed=3, num_workers=2, resampled=True)
+    assert same(list(itertools.islice(stream, len(expected))), expected)
+    resumed = build_loader(
+        tagged, TOK, batch_size=16, mask_ratio=0.15, seed=3, num_workers=2, resampled=True, skip_batches=83
+    )
+    assert same(list(itertools.islice(resumed, 83)), expected[83:166])
+    with pytest.raises(TypeError, match="endless"):
+        len(stream)
+
+
+def test_stream_slices_cut_the_permuted_sequence_into_equal_runs():
+    cells = [300, 300, 300, 300, 80]
+    runs = [stream_slices(cells, seed=0, epoch=2, stream=s, cells_per_stream=256) for s in range(5)]
+    assert [sum(hi - lo for _, lo, hi in run) for run in runs] == [256] * 5
+    covered = Counter((shard, i) for run in runs for shard, lo, hi in run for i in range(lo, hi))
+    assert set(covered.values()) == {1} and len(covered) == 1280
+
+
+def test_loader_reads_a_path_and_reports_too_small_sets(tagged):
+    assert len(build_loader(tagged.directory, TOK, batch_size=640, mask_ratio=0.15, seed=0)) == 2
+    with pytest.raises(ValueError, match="fewer than one batch per stream"):
+        build_loader(tagged, TOK, batch_size=256, mask_ratio=0.15, seed=0, world_size=2, num_workers=3)
+    with pytest.raises(ValueError, match="rank must be in"):
+        build_loader(tagged, TOK, batch_size=16, mask_ratio=0.15, seed=0, rank=2, world_size=2)
