@@ -1,0 +1,114 @@
+"""Table I and Figure 3 from a study's results: the printed table, table1.csv and the PNGs."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: the study runs on headless machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+from scgraph.synthetic.config import BACKBONE_LABELS  # noqa: E402
+from scgraph.synthetic.train import Curve  # noqa: E402
+
+CSV_COLUMNS = ("beta", "sigma", "tf_loss", "gnn_loss", "ratio")
+#: The paper's colours in Figure 3: Transformer red, GNN green.
+COLOURS = {"transformer": "tab:red", "gnn": "tab:green"}
+
+
+@dataclass
+class SettingResult:
+    """Both models' test curves at one (beta, sigma), one curve per repeat."""
+
+    beta: float
+    sigma: float
+    curves: dict[str, list[Curve]] = field(default_factory=dict)
+
+    def loss(self, backbone: str) -> float:
+        """Best test MSE, averaged over repeats."""
+        best = [c.best for c in self.curves[backbone]]
+        return sum(best) / len(best)
+
+    @property
+    def ratio(self) -> float:
+        """GNN / TF: above 1 means the Transformer is better."""
+        return self.loss("gnn") / self.loss("transformer")
+
+    def row(self) -> dict[str, float]:
+        return {"beta": self.beta, "sigma": self.sigma, "tf_loss": self.loss("transformer"),
+                "gnn_loss": self.loss("gnn"), "ratio": self.ratio}
+
+
+def grid(results: list[SettingResult]) -> tuple[list[float], list[float]]:
+    """The betas and sigmas present, sorted."""
+    return sorted({r.beta for r in results}), sorted({r.sigma for r in results})
+
+
+def ratio_average(results: list[SettingResult], beta: float) -> float:
+    """The paper's Avg column: the ratio averaged over sigma at one beta."""
+    ratios = [r.ratio for r in results if r.beta == beta]
+    return sum(ratios) / len(ratios)
+
+
+def write_csv(results: list[SettingResult], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for r in sorted(results, key=lambda r: (r.beta, r.sigma)):
+            writer.writerow({k: f"{v:.6g}" for k, v in r.row().items()})
+
+
+def format_table(results: list[SettingResult], title: str) -> str:
+    """Table I in the paper's layout: per beta a TF, a GNN and a ratio line; sigma across; the
+    ratio averaged over sigma in the last column. A setting not (yet) run shows as '-'."""
+    betas, sigmas = grid(results)
+    by_key = {(r.beta, r.sigma): r for r in results}
+    header = f"{'beta':>5} {'':>5} " + " ".join(f"{'s=' + f'{s:g}':>7}" for s in sigmas) + f" {'Avg':>7}"
+    lines = [title, header, "-" * len(header)]
+    for beta in betas:
+        cells = [by_key.get((beta, s)) for s in sigmas]
+        for label, value in (("TF", lambda r: r.loss("transformer")), ("GNN", lambda r: r.loss("gnn")),
+                             ("ratio", lambda r: r.ratio)):
+            row = " ".join(f"{value(c):7.4f}" if c else f"{'-':>7}" for c in cells)
+            avg = f"{ratio_average(results, beta):7.3f}" if label == "ratio" else f"{'-':>7}"
+            lines.append(f"{f'{beta:g}' if label == 'TF' else '':>5} {label:>5} {row} {avg}")
+    return "\n".join(lines)
+
+
+def plot_best_loss_vs_beta(results: list[SettingResult], path: Path) -> None:
+    """Figure 3(a): best test loss against beta, one panel per sigma, one line per model."""
+    betas, sigmas = grid(results)
+    fig, axes = plt.subplots(1, len(sigmas), figsize=(3.2 * len(sigmas), 3.0), squeeze=False)
+    for ax, sigma in zip(axes[0], sigmas):
+        cells = sorted((r for r in results if r.sigma == sigma), key=lambda r: r.beta)
+        for backbone, label in BACKBONE_LABELS.items():
+            ax.plot([r.beta for r in cells], [r.loss(backbone) for r in cells], "o-",
+                    color=COLOURS[backbone], label=label)
+        ax.set(title=f"sigma = {sigma:g}", xlabel="beta", xticks=betas)
+    axes[0][0].set_ylabel("best test MSE")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(results: list[SettingResult], path: Path) -> None:
+    """Figure 3(b): test-loss curves at the smallest and largest beta (0 and 0.5 on the paper's
+    grid), at the smallest sigma, first repeat."""
+    betas, sigmas = grid(results)
+    by_key = {(r.beta, r.sigma): r for r in results}
+    ends = [b for b in dict.fromkeys((betas[0], betas[-1])) if (b, sigmas[0]) in by_key]
+    fig, axes = plt.subplots(1, len(ends), figsize=(4.5 * len(ends), 3.2), squeeze=False)
+    for ax, beta in zip(axes[0], ends):
+        for backbone, label in BACKBONE_LABELS.items():
+            losses = by_key[(beta, sigmas[0])].curves[backbone][0].test_losses
+            ax.plot(range(1, len(losses) + 1), losses, color=COLOURS[backbone], label=label)
+        ax.set(title=f"beta = {beta:g}, sigma = {sigmas[0]:g}", xlabel="epoch", ylabel="test MSE",
+               yscale="log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

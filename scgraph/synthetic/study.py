@@ -1,0 +1,146 @@
+"""The study runner: every (beta, sigma, repeat, backbone) as one task over a process pool, results
+gathered into Table I, written to OUT and logged to MLflow as they arrive.
+
+A task derives its dataset seed from (seed, repeat, beta, sigma) only, so both models of a setting
+see the same data, and a reduced grid reproduces the full grid's settings exactly. Each setting is
+logged and ``results.json`` rewritten the moment it completes, so an interrupted study keeps what
+it finished.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric
+from tqdm.auto import tqdm
+
+from scgraph.models.model import count_parameters
+from scgraph.synthetic.config import BACKBONE_LABELS, StudyConfig
+from scgraph.synthetic.report import (
+    SettingResult,
+    format_table,
+    plot_best_loss_vs_beta,
+    plot_curves,
+    ratio_average,
+    write_csv,
+)
+from scgraph.synthetic.train import Curve, Task, build_study_model, run_task, single_thread
+
+
+def tasks_of(cfg: StudyConfig) -> list[Task]:
+    return [Task(b, s, r, backbone) for b in cfg.betas for s in cfg.sigmas
+            for r in range(cfg.repeats) for backbone in BACKBONE_LABELS]
+
+
+def parameter_counts(cfg: StudyConfig) -> dict[str, int]:
+    """Trainable parameters per model, to show the comparison is at the same scale."""
+    counts = {}
+    for backbone, label in BACKBONE_LABELS.items():
+        model = build_study_model(cfg, backbone)
+        counts[f"params_{label.lower()}"] = count_parameters(model)["params_total"]
+    return counts
+
+
+class _Tracker:
+    """The study's MLflow parent run; one nested run per setting, logged as each completes."""
+
+    def __init__(self, cfg: StudyConfig) -> None:
+        mlflow.set_tracking_uri(cfg.tracking_uri)
+        if mlflow.get_experiment_by_name(cfg.experiment) is None:
+            # Keep artifacts beside the default sqlite store, not in ./mlruns of whatever the cwd is.
+            location = None if cfg.mlflow_uri else (cfg.out / "mlartifacts").resolve().as_uri()
+            mlflow.create_experiment(cfg.experiment, artifact_location=location)
+        mlflow.set_experiment(cfg.experiment)
+        self.client = mlflow.MlflowClient()
+        self.parent = mlflow.start_run(run_name=f"table1-{cfg.generator}")
+        mlflow.log_params(cfg.params())
+        mlflow.log_params(parameter_counts(cfg))
+
+    def log_setting(self, result: SettingResult) -> None:
+        now = int(time.time() * 1000)
+        with mlflow.start_run(run_name=f"beta={result.beta:g} sigma={result.sigma:g}", nested=True) as run:
+            mlflow.log_params({"beta": result.beta, "sigma": result.sigma})
+            metrics = [Metric(k, v, now, 0) for k, v in result.row().items() if k not in ("beta", "sigma")]
+            for backbone, label in BACKBONE_LABELS.items():
+                for r, curve in enumerate(result.curves[backbone]):
+                    suffix = f"_r{r}" if len(result.curves[backbone]) > 1 else ""
+                    key = f"{label.lower()}_test_loss{suffix}"
+                    metrics += [Metric(key, v, now, epoch) for epoch, v in enumerate(curve.test_losses, 1)]
+                    metrics.append(Metric(f"{label.lower()}_best_epoch{suffix}", curve.best_epoch, now, 0))
+            self.client.log_batch(run.info.run_id, metrics=metrics)
+
+    def finish(self, results: list[SettingResult], out: Path, seconds: float) -> None:
+        mlflow.log_metric("seconds", seconds)
+        for beta in sorted({r.beta for r in results}):
+            mlflow.log_metric(f"ratio_avg_beta_{beta:g}", ratio_average(results, beta))
+        for path in sorted(out.glob("*.csv")) + sorted(out.glob("*.png")) + sorted(out.glob("*.txt")):
+            mlflow.log_artifact(str(path))
+        mlflow.log_artifact(str(out / "results.json"))
+        mlflow.end_run()
+
+
+def _save_json(cfg: StudyConfig, results: list[SettingResult], path: Path) -> None:
+    payload = {"config": cfg.params(), "settings": [
+        {**r.row(), "curves": {b: [c.test_losses for c in cs] for b, cs in r.curves.items()}}
+        for r in sorted(results, key=lambda r: (r.beta, r.sigma))]}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+def _completed(cfg: StudyConfig):
+    """(task, curve) pairs as they finish: in a pool of ``cfg.workers`` processes, or in-process."""
+    tasks = tasks_of(cfg)
+    if cfg.workers == 1:
+        yield from (run_task(cfg, t) for t in tasks)
+        return
+    context = multiprocessing.get_context("spawn")  # no forked torch state in the workers
+    with ProcessPoolExecutor(cfg.workers, mp_context=context, initializer=single_thread) as pool:
+        futures = [pool.submit(run_task, cfg, t) for t in tasks]
+        for future in as_completed(futures):
+            yield future.result()
+
+
+def run_study(cfg: StudyConfig, *, progress: bool = True, log: bool = True) -> list[SettingResult]:
+    """Run the grid; write table1.csv, table1.txt, the figures and results.json under ``cfg.out``;
+    print Table I; log everything to MLflow unless ``log`` is False."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    tracker = _Tracker(cfg) if log else None
+    start = time.perf_counter()
+    pending: dict[tuple[float, float], list[tuple[Task, Curve]]] = defaultdict(list)
+    results: list[SettingResult] = []
+    per_setting = cfg.repeats * len(BACKBONE_LABELS)
+    with tqdm(total=len(cfg.betas) * len(cfg.sigmas), desc="settings", unit="setting",
+              disable=not progress) as bar:
+        for task, curve in _completed(cfg):
+            pending[task.setting].append((task, curve))
+            if len(pending[task.setting]) < per_setting:
+                continue
+            done = SettingResult(task.beta, task.sigma)
+            for t, c in sorted(pending.pop(task.setting), key=lambda tc: tc[0].repeat):
+                done.curves.setdefault(t.backbone, []).append(c)
+            results.append(done)
+            _save_json(cfg, results, cfg.out / "results.json")
+            if tracker:
+                tracker.log_setting(done)
+            bar.set_postfix(beta=f"{done.beta:g}", sigma=f"{done.sigma:g}", ratio=f"{done.ratio:.2f}")
+            bar.update()
+    seconds = time.perf_counter() - start
+    title = (f"Table I: best test MSE, generator {cfg.generator}, {cfg.samples} samples, "
+             f"{cfg.epochs} epochs, {cfg.repeats} repeat(s), {seconds / 60:.1f} min")
+    table = format_table(results, title)
+    print(table)
+    (cfg.out / "table1.txt").write_text(table + "\n")
+    write_csv(results, cfg.out / "table1.csv")
+    plot_best_loss_vs_beta(results, cfg.out / "fig3a_best_loss_vs_beta.png")
+    plot_curves(results, cfg.out / "fig3b_test_loss_curves.png")
+    if tracker:
+        tracker.finish(results, cfg.out, seconds)
+    return results

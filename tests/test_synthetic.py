@@ -1,0 +1,174 @@
+"""The synthetic study: generator family, the two small models, config/CLI, and the mechanism."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from scgraph.models.model import AttentionMixer, Block, FactorizedAdjacency, GraphMixer
+from scgraph.synthetic.cli import build_parser, main
+from scgraph.synthetic.config import StudyConfig
+from scgraph.synthetic.generators import (
+    GENERATORS,
+    ORDERS,
+    make_dataset,
+    static_coefficients,
+    values,
+)
+from scgraph.synthetic.models import build_synthetic_model, synthetic_model_config
+
+A, B, C, D = range(4)
+# Rows receive, columns send: W[t, s] is the static influence of token s on token t.
+W = torch.tensor([[0.0, 0.2, -0.4, 0.1],
+                  [0.3, 0.0, 0.5, -0.2],
+                  [-0.1, 0.4, 0.0, 0.2],
+                  [0.5, -0.3, 0.1, 0.0]], dtype=torch.float64)
+E = torch.tensor([[1.1, 2.2, 2.9, 4.05]], dtype=torch.float64)  # e_A .. e_D
+ORDER_CADB = torch.tensor([[C, A, D, B]])
+
+# Worked by hand for the order C A D B, alpha 0.1, beta 0.3 (values in position order):
+HAND_WORKED = {
+    # v_t = alpha p_t + e_t + sum_s (w_ts + beta (p_s - p_t)) e_s; e.g. A (p=1):
+    # 0.1 + 1.1 + (0.2 + 0.6) 2.2 + (-0.4 - 0.3) 2.9 + (0.1 + 0.3) 4.05 = 2.55
+    "simultaneous": [9.22, 2.55, 3.02, -1.015],
+    # v_k = alpha k + e_k + sum_{j<k} (w + beta (k - j)) v_j / 4; e.g. A: 1.2 + (-0.4 + 0.3) 2.9 / 4
+    "sequential": [2.9, 1.1275, 4.983, 3.8932625],
+    # v_k = alpha k + e_k + 2 beta v_{k-1}; e.g. A: 0.1 + 1.1 + 0.6 * 2.9
+    "predecessor": [2.9, 2.94, 6.014, 6.1084],
+    # v_k = alpha k + e_k + sum_{j<k} w v_j / 4 + 2 beta v_{k-1}; e.g. A: 1.2 - 0.4 * 2.9 / 4 + 1.74
+    "static_predecessor": [2.9, 2.65, 6.24375, 6.4953125],
+}
+
+
+@pytest.mark.parametrize("generator", GENERATORS)
+def test_generator_reproduces_hand_worked_sample(generator: str) -> None:
+    got = values(generator, ORDER_CADB, E, W, alpha=0.1, beta=0.3)
+    torch.testing.assert_close(got, torch.tensor([HAND_WORKED[generator]], dtype=torch.float64))
+
+
+def test_dataset_draws_all_24_orders_each_token_once_and_one_mask() -> None:
+    data = make_dataset("static_predecessor", 5000, beta=0.2, sigma=0.1, w=static_coefficients(0))
+    assert len(ORDERS) == 24
+    assert {tuple(o) for o in data.tokens.tolist()} == {tuple(o) for o in ORDERS.tolist()}
+    assert (data.tokens.sort(dim=1).values == torch.arange(4)).all()
+    assert (data.masked.sum(1) == 1).all()
+    assert set(data.masked.float().argmax(1).tolist()) == {0, 1, 2, 3}
+    train, test = data.split(0.7)
+    assert (len(train), len(test)) == (3500, 1500)
+
+
+def test_exogenous_values_follow_token_means_and_sigma() -> None:
+    # predecessor at alpha = beta = 0 is v = e, so the values show e's distribution per token.
+    data = make_dataset("predecessor", 20000, beta=0.0, sigma=0.3, w=static_coefficients(0), alpha=0.0)
+    by_token = torch.zeros(20000, 4).scatter_(1, data.tokens, data.values)
+    torch.testing.assert_close(by_token.mean(0), torch.tensor([1.0, 2.0, 3.0, 4.0]), atol=0.02, rtol=0)
+    torch.testing.assert_close(by_token.std(0), torch.full((4,), 0.3), atol=0.01, rtol=0)
+
+
+def _token_values_over_all_orders(generator: str, beta: float) -> torch.Tensor:
+    """(24, 4) value of each token (token-major) under every order, for one fixed e."""
+    v = values(generator, ORDERS, E.expand(24, 4), W, alpha=0.1, beta=beta)
+    return torch.zeros_like(v).scatter_(1, ORDERS, v)
+
+
+@pytest.mark.parametrize("generator", ["simultaneous", "predecessor"])
+def test_beta_zero_removes_every_dependence_on_relative_order(generator: str) -> None:
+    """At beta = 0 a token's value depends on its own absolute position only; at beta > 0 it also
+    depends on where the other tokens sit."""
+    positions = torch.argsort(ORDERS, dim=1)
+    for beta, independent in ((0.0, True), (0.3, False)):
+        by_token = _token_values_over_all_orders(generator, beta)
+        same_place = [by_token[positions[:, t] == p, t] for t, p in itertools.product(range(4), range(4))]
+        spread = max((v.max() - v.min()).item() for v in same_place)
+        assert (spread < 1e-12) == independent, (beta, spread)
+
+
+@pytest.mark.parametrize("generator", ["sequential", "static_predecessor"])
+def test_beta_zero_leaves_only_the_static_term_of_sequential_generators(generator: str) -> None:
+    """In the sequential family beta = 0 removes the distance and predecessor terms, but the static
+    term sums over the tokens generated *before* k, so the default generator still follows the
+    generation order at beta = 0 (SPEC §2's formula; why its beta = 0 gap is ~1.2, not 1.0)."""
+    only_static = values("sequential", ORDERS, E.expand(24, 4), W, alpha=0.1, beta=0.0)
+    torch.testing.assert_close(values(generator, ORDERS, E.expand(24, 4), W, alpha=0.1, beta=0.0),
+                               only_static)
+    a_second = _token_values_over_all_orders(generator, 0.0)[torch.argsort(ORDERS, dim=1)[:, A] == 1, A]
+    assert a_second.max() - a_second.min() > 0.1  # A's value depends on which token precedes it
+
+
+def test_synthetic_models_are_the_census_block_and_mixers() -> None:
+    tf = build_synthetic_model(synthetic_model_config("transformer"))
+    gnn = build_synthetic_model(synthetic_model_config("gnn"))
+    for model, mixer in ((tf, AttentionMixer), (gnn, GraphMixer)):
+        assert len(model.blocks) == 1 and isinstance(model.blocks[0], Block)
+        assert isinstance(model.blocks[0].mixer, mixer)
+        assert model.cfg.hidden == 8 and model.cfg.vocab_size == 4
+    adjacency = gnn.blocks[0].mixer.adjacency
+    assert isinstance(adjacency, FactorizedAdjacency) and adjacency.width == 4
+
+
+def test_rank_four_adjacency_expresses_any_4x4_matrix() -> None:
+    """U = A, V = I makes U V^T = A for an arbitrary A, and the fused mixer then computes exactly
+    softmax(A[g, g]) H W_v: the factorized adjacency is the paper's trainable 4 x 4 matrix."""
+    mixer = build_synthetic_model(synthetic_model_config("gnn")).blocks[0].mixer
+    target = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        mixer.adjacency.u.weight[:4] = target
+        mixer.adjacency.v.weight[:4] = torch.eye(4)
+    genes = ORDERS[[0, 5, 17]]
+    h = torch.randn(3, 4, 8)
+    mask = torch.ones(3, 1, 1, 4, dtype=torch.bool)
+    expected = mixer.out(torch.softmax(target[genes[:, :, None], genes[:, None, :]], -1) @ mixer.value(h))
+    torch.testing.assert_close(mixer(h, genes, mask), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixer.dense_reference(h, genes, mask), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["transformer", "gnn"])
+def test_position_embedding_is_what_breaks_permutation_equivariance(backbone: str) -> None:
+    """Without it a model sees a set (permuting the input permutes the output); with it, order."""
+    data = make_dataset("predecessor", 8, beta=0.5, sigma=0.1, w=static_coefficients(0))
+    perm = torch.tensor([2, 0, 3, 1])
+    for position_embedding in (False, True):
+        torch.manual_seed(0)
+        model = build_synthetic_model(synthetic_model_config(backbone),
+                                      position_embedding=position_embedding).eval()
+        out = model(data.tokens, data.values, data.masked)
+        permuted = model(data.tokens[:, perm], data.values[:, perm], data.masked[:, perm])
+        assert torch.allclose(permuted, out[:, perm], atol=1e-6) != position_embedding
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(generator="shuffled"), "generator must be one of"),
+    (dict(betas=(0.0, 1.5)), "betas must lie in"),
+    (dict(betas=()), "betas must hold at least one value"),
+    (dict(sigmas=(0.1, 0.0)), "sigmas must be > 0"),
+    (dict(sigmas=(0.1, 0.1)), "sigmas must not repeat"),
+    (dict(mu=(1.0, 2.0)), "mu must hold 4 means"),
+    (dict(samples=1), "samples (1) is too small"),
+    (dict(epochs=0), "epochs must be >= 1"),
+    (dict(train_fraction=1.0), "train_fraction must be in"),
+    (dict(hidden=6, heads=1), "hidden (6) must be divisible by the adjacency rank"),
+])
+def test_study_config_rejects_bad_arguments_in_one_line(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        StudyConfig(**kwargs)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for field in StudyConfig.__dataclass_fields__:
+        option = "--no-position-embedding" if field == "position_embedding" else \
+            "--" + field.replace("_", "-")
+        assert option in text, option
+    for action in build_parser()._actions:
+        assert action.help, action.dest
+
+
+def test_cli_reports_a_bad_argument_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--betas", "0,2"])
+    assert "betas must lie in" in capsys.readouterr().err
