@@ -131,26 +131,22 @@ def resolve_obs_options(
     return obs_filter, [c for c in columns if c != "soma_joinid"]
 
 
-def _jsonable(value: Any) -> Any:
-    """obs values as JSON types; missing values (NaN, None) become null."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
+#: A block's kept obs columns, one list of Python values per column.
+ObsColumns = dict[str, list[Any]]
 
 
-def _records(columns: dict[str, list[Any]], n: int) -> list[dict[str, Any]]:
-    """Column lists -> one JSON-ready dict per cell (also when no column is kept)."""
-    names = list(columns)
-    return (
-        [
-            {k: _jsonable(v) for k, v in zip(names, values, strict=True)}
-            for values in zip(*columns.values(), strict=True)
-        ]
-        if names
-        else [{} for _ in range(n)]
-    )
+def _python_values(column: Any) -> list[Any]:
+    """An Arrow column as Python values; census columns are dictionary-encoded, and mapping codes
+    through the (small) dictionary is far faster than ``to_pylist`` per cell."""
+    import pyarrow as pa
+
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_dictionary(column.type):
+        codes = column.indices.to_numpy(zero_copy_only=False)
+        return np.asarray(column.dictionary.to_pylist() + [None], dtype=object)[
+            np.where(column.indices.is_null().to_numpy(zero_copy_only=False), -1, codes)
+        ].tolist()
+    return column.to_numpy(zero_copy_only=False).tolist()
 
 
 class SomaSource:
@@ -176,6 +172,7 @@ class SomaSource:
         var = self._var.read(column_names=["soma_joinid", "feature_id", "feature_name"]).concat()
         var = var.sort_by("soma_joinid")
         self._var_joinids = var["soma_joinid"].to_numpy()
+        self._var_is_range = bool(np.array_equal(self._var_joinids, np.arange(len(self._var_joinids))))
         return Genes(
             [str(x) for x in var["feature_id"].to_pylist()], [str(x) for x in var["feature_name"].to_pylist()]
         )
@@ -184,23 +181,25 @@ class SomaSource:
         table = self._obs.read(column_names=["soma_joinid"], value_filter=obs_filter).concat()
         return np.sort(table["soma_joinid"].to_numpy())
 
-    def read_block(
-        self, joinids: np.ndarray, obs_columns: Sequence[str]
-    ) -> tuple[sp.csr_matrix, list[dict[str, Any]]]:
-        """Counts (cells in ``joinids`` order x var positions) and obs of sorted ``joinids``."""
+    def read_block(self, joinids: np.ndarray, obs_columns: Sequence[str]) -> tuple[sp.csr_matrix, ObsColumns]:
+        """Counts (cells in ``joinids`` order x var positions) and obs columns of sorted ``joinids``.
+        A contiguous run of joinids (the common case) is read as one range and needs no lookup."""
         if self._var_joinids is None:
             self.genes()
-        table = self._X.read(coords=(joinids,)).tables().concat()
-        rows = np.searchsorted(joinids, table["soma_dim_0"].to_numpy())
-        cols = np.searchsorted(self._var_joinids, table["soma_dim_1"].to_numpy())
+        first, contiguous = int(joinids[0]), int(joinids[-1]) - int(joinids[0]) + 1 == len(joinids)
+        coords = (slice(first, int(joinids[-1])),) if contiguous else (joinids,)
+        table = self._X.read(coords=coords).tables().concat()
+        dim0, dim1 = table["soma_dim_0"].to_numpy(), table["soma_dim_1"].to_numpy()
+        rows = dim0 - first if contiguous else np.searchsorted(joinids, dim0)
+        cols = dim1 if self._var_is_range else np.searchsorted(self._var_joinids, dim1)
         counts = sp.csr_matrix(
             (table["soma_data"].to_numpy(), (rows, cols)), shape=(len(joinids), len(self._var_joinids))
         )
-        obs = self._obs.read(coords=(joinids,), column_names=["soma_joinid", *obs_columns]).concat()
+        obs = self._obs.read(coords=coords, column_names=["soma_joinid", *obs_columns]).concat()
         obs = obs.sort_by("soma_joinid")
         if not np.array_equal(obs["soma_joinid"].to_numpy(), joinids):
             raise ValueError(f"{self.name}: obs has no row for some selected soma_joinid")
-        return counts, _records(obs.select(list(obs_columns)).to_pydict(), len(joinids))
+        return counts, {c: _python_values(obs[c]) for c in obs_columns}
 
 
 class H5adSource:
@@ -243,12 +242,10 @@ class H5adSource:
         mask = self._obs.reset_index(drop=True).eval(obs_filter, engine="python")
         return np.flatnonzero(np.asarray(mask, dtype=bool)).astype(np.int64)
 
-    def read_block(
-        self, joinids: np.ndarray, obs_columns: Sequence[str]
-    ) -> tuple[sp.csr_matrix, list[dict[str, Any]]]:
+    def read_block(self, joinids: np.ndarray, obs_columns: Sequence[str]) -> tuple[sp.csr_matrix, ObsColumns]:
         counts = sp.csr_matrix(self._X[joinids])
         obs = self._obs.iloc[joinids]
-        return counts, _records({c: obs[c].astype(object).tolist() for c in obs_columns}, len(joinids))
+        return counts, {c: obs[c].astype(object).tolist() for c in obs_columns}
 
 
 Source = SomaSource | H5adSource

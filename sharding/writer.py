@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import functools
 import glob
 import hashlib
 import json
@@ -33,11 +34,19 @@ from scgraph.data.shards import (
     TAR_END,
     ShardSet,
     content_identity,
-    encode_sample,
+    encode_block,
+    encode_obs,
     read_manifest,
 )
 from scgraph.data.vocab import MATCH_KEYS, GeneVocab
-from sharding.sources import Source, SourceSpec, check_raw_counts, open_source, resolve_obs_options
+from sharding.sources import (
+    ObsColumns,
+    Source,
+    SourceSpec,
+    check_raw_counts,
+    open_source,
+    resolve_obs_options,
+)
 
 TMP_SUFFIX = ".partial"
 
@@ -171,6 +180,29 @@ def _to_vocabulary(counts: sp.csr_matrix, gene_map: np.ndarray | None, vocab_siz
     return out
 
 
+def _jsonable(value: Any) -> Any:
+    """obs values as JSON types; missing values (NaN, None) become null."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+@functools.lru_cache(maxsize=65536)
+def _obs_bytes(names: tuple[str, ...], values: tuple[Any, ...]) -> bytes:
+    return encode_obs({k: _jsonable(v) for k, v in zip(names, values, strict=True)})
+
+
+def obs_json(columns: ObsColumns, n_cells: int) -> list[bytes]:
+    """Each cell's obs as JSON. Census obs columns are categorical, so cells repeat a few value
+    combinations: cached per combination, so encoding is a lookup for almost every cell."""
+    names = tuple(columns)
+    if not names:
+        return [encode_obs({})] * n_cells
+    return [_obs_bytes(names, values) for values in zip(*columns.values(), strict=True)]
+
+
 class _HashingFile:
     """Write-through file that hashes as it goes, so a shard's sha256 costs no second read."""
 
@@ -207,13 +239,9 @@ def write_shard(
             check_raw_counts(counts, [f"soma_joinid={j}" for j in block])
             counts = _to_vocabulary(counts, job.gene_map, job.vocab_size)
             nnz += counts.nnz
-            indptr, indices, data = counts.indptr, counts.indices, counts.data
             sink.write(
-                b"".join(
-                    encode_sample(
-                        j, indices[indptr[i] : indptr[i + 1]], data[indptr[i] : indptr[i + 1]], obs[i]
-                    )
-                    for i, j in enumerate(block)
+                encode_block(
+                    block.tolist(), counts.indptr, counts.indices, counts.data, obs_json(obs, len(block))
                 )
             )
             on_cells(len(block))
@@ -236,10 +264,23 @@ def write_shard(
     }
 
 
+def _manifest_text(payload: dict[str, Any]) -> str:
+    """One line per top-level key and per shard: readable, and written by the C JSON encoder
+    (``indent`` falls back to the pure-Python one, slow for a 60k-gene vocabulary every shard)."""
+    lines = []
+    for key, value in payload.items():
+        if key == "shards":
+            text = "[\n  " + ",\n  ".join(json.dumps(s) for s in value) + "\n ]" if value else "[]"
+        else:
+            text = json.dumps(value)
+        lines.append(f" {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
 def _write_json_atomic(path: str, payload: dict[str, Any]) -> None:
     tmp = f"{path}.{os.getpid()}{TMP_SUFFIX}"
     with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
+        f.write(_manifest_text(payload))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -345,7 +386,8 @@ def write_shards(
         obs_filter, obs_columns = resolve_obs_options(
             source.obs_columns, options.obs_filter, options.obs_columns
         )
-        vocab, gene_map, dropped = gene_mapping(GeneVocab(**asdict(source.genes())), options)
+        genes = source.genes()
+        vocab, gene_map, dropped = gene_mapping(GeneVocab(genes.feature_ids, genes.feature_names), options)
         plan = Plan(
             select_cells(source, obs_filter, options.max_cells, options.seed), options.cells_per_shard
         )
