@@ -132,3 +132,15 @@ def test_loader_reads_a_path_and_reports_too_small_sets(tagged):
         build_loader(tagged, TOK, batch_size=256, mask_ratio=0.15, seed=0, world_size=2, num_workers=3)
     with pytest.raises(ValueError, match="rank must be in"):
         build_loader(tagged, TOK, batch_size=16, mask_ratio=0.15, seed=0, rank=2, world_size=2)
+
+
+def test_decode_rows_refuses_gene_indices_outside_the_vocabulary():
+    import io
+
+    from scgraph.data.shards import CorruptShardError, decode_rows, encode_sample, iter_shard
+
+    blob = encode_sample(5, np.array([1, 9], dtype=np.int32), np.array([2.0, 3.0], dtype=np.float32), {})
+    samples = list(iter_shard(io.BytesIO(blob + b"\0" * 1024)))
+    np.testing.assert_array_equal(decode_rows(samples, 10).toarray(), [[0, 2, 0, 0, 0, 0, 0, 0, 0, 3]])
+    with pytest.raises(CorruptShardError, match="outside the vocabulary of 8 genes"):
+        decode_rows(samples, 8)

@@ -1,7 +1,7 @@
 """The streaming loader: shards -> tokenized, masked ``Batch``es, as a WebDataset stage chain.
 
-    epoch plan (split by node and worker) -> tar samples -> shuffle buffer -> skip -> decode -> batch
-    (tokenize + mask, vectorised over the batch)
+    epoch plan (split by node and worker) -> tar samples -> shuffle buffer -> skip -> batch
+    (decode, tokenize, mask: each vectorised over the batch)
 
 Splitting is by cell, not by shard: an epoch permutes the shard order (seeded by seed and epoch),
 lays the cells end to end, and cuts that sequence into ``world_size x streams`` equal runs of whole
@@ -32,7 +32,7 @@ import webdataset as wds
 from scgraph.config import TokenizerConfig
 from scgraph.data.batch import Batch, make_batch
 from scgraph.data.datasets import LabelledCounts
-from scgraph.data.shards import COUNTS, GENES, Cell, ShardSet, decode_cell, iter_shard
+from scgraph.data.shards import COUNTS, GENES, Cell, ShardSet, decode_cell, decode_rows, iter_shard
 
 DEFAULT_SHUFFLE_BUFFER = 4096
 
@@ -54,11 +54,6 @@ def stream_slices(
         if offset >= end:
             break
     return out
-
-
-def _arrays(sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    cell = decode_cell(sample)
-    return cell.genes, cell.counts
 
 
 def _seed(*key: int) -> int:
@@ -119,13 +114,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         counter = itertools.count(first_batch)
         vocab_size = self.shards.vocab_size
 
-        def collate(cells: list[tuple[np.ndarray, np.ndarray]]) -> Batch:
-            lengths = [len(g) for g, _ in cells]
-            indptr = np.concatenate(([0], np.cumsum(lengths)))
-            counts = sp.csr_matrix(
-                (np.concatenate([c for _, c in cells]), np.concatenate([g for g, _ in cells]), indptr),
-                shape=(len(cells), vocab_size),
-            )
+        def collate(samples: list[dict[str, Any]]) -> Batch:
+            counts = decode_rows(samples, vocab_size)
             rng = np.random.default_rng([self.seed, epoch, stream, next(counter)])
             return make_batch(counts, self.tok, vocab_size, self.mask_ratio, rng)
 
@@ -155,7 +145,6 @@ class ShardStream(torch.utils.data.IterableDataset):
             )
         stages += [
             lambda samples: itertools.islice(samples, skip * self.batch_size, None),
-            wds.map(_arrays),
             wds.batched(
                 self.batch_size, collation_fn=self._collate(epoch, global_stream, skip), partial=False
             ),
