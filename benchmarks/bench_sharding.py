@@ -167,7 +167,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work)
     print(f"\n{n_cells:,} cells, {vocab:,} genes, {nnz / n_cells:.0f} genes/cell, {os.cpu_count()} CPUs\n")
-    print("| what | cells/s | bytes/cell | peak RSS MiB |\n|---|---:|---:|---:|")
+    print("| what | cells/s | bytes/cell | peak RSS MiB (main process) |\n|---|---:|---:|---:|")
     for what, rate, size, rss in rows:
         print(f"| {what} | {rate:,.0f} | {size} | {rss} |")
     write_rate = max(r[1] for r in rows if r[0].startswith("sharding write"))
