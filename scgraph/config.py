@@ -137,7 +137,8 @@ SELECTIONS = ("random", "top")
 class TokenizerConfig:
     """How a cell's raw counts become model input (applied at load time, never stored in shards).
 
-    ``seq_len`` counts genes; a CLS token, when on, is prepended on top of them.
+    ``seq_len`` counts genes; a CLS token, when on, is prepended on top of them. ``cls_token``
+    left as None follows the model: on when the cell embedding is the CLS output.
     """
 
     seq_len: int = 512
@@ -145,7 +146,7 @@ class TokenizerConfig:
     target_sum: float = 1e4
     n_bins: int | None = None
     selection: str = "random"
-    cls_token: bool = False
+    cls_token: bool | None = None
 
     def __post_init__(self) -> None:
         _positive("seq_len", self.seq_len)
@@ -158,7 +159,7 @@ class TokenizerConfig:
     @property
     def length(self) -> int:
         """Tokens per cell after tokenization (genes plus the optional CLS)."""
-        return self.seq_len + int(self.cls_token)
+        return self.seq_len + int(bool(self.cls_token))
 
 
 @dataclass
@@ -196,6 +197,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        if self.tokenizer.cls_token is None:
+            self.tokenizer.cls_token = self.model.cell_embedding == "cls"
         if self.model.cell_embedding == "cls" and not self.tokenizer.cls_token:
             raise ValueError(
                 "model.cell_embedding is 'cls' but tokenizer.cls_token is off: "
@@ -209,8 +212,3 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def flat(self) -> dict[str, Any]:
-        """``section.field`` keys, the form MLflow params take."""
-        return {f"{section}.{k}": v for section, values in self.to_dict().items()
-                for k, v in values.items()}

@@ -53,7 +53,7 @@ def run_demo(settings: DemoSettings) -> dict[str, dict[str, float]]:
             model=ModelConfig(backbone=backbone, preset=settings.preset, vocab_size=vocab,
                               hidden=settings.hidden, layers=settings.layers, heads=settings.heads,
                               adjacency_rank=settings.adjacency_rank),
-            tokenizer=TokenizerConfig(seq_len=settings.seq_len, cls_token=True),
+            tokenizer=TokenizerConfig(seq_len=settings.seq_len),
             train=TrainConfig(lr=settings.lr, batch_size=settings.batch_size, max_steps=settings.steps,
                               seed=settings.seed))
         torch.manual_seed(settings.seed)

@@ -59,7 +59,7 @@ def test_iterate_batches_is_reproducible(cbmc):
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"model": ModelConfig(backbone="gnn", preset="scbenchmark"), "tokenizer": TokenizerConfig()},
+    ({"model": ModelConfig(backbone="gnn", preset="scbenchmark"), "tokenizer": TokenizerConfig(cls_token=False)},
      "cell_embedding is 'cls' but tokenizer.cls_token is off"),
     ({"model": ModelConfig(value_encoder="bins", cell_embedding="mean", preset="symmetric")},
      "value_encoder is 'bins' but tokenizer.n_bins is not set"),
@@ -79,7 +79,6 @@ def test_bad_train_config_is_a_clear_value_error(kwargs, message):
         TrainConfig(**kwargs)
 
 
-def test_run_config_flattens_for_mlflow():
-    flat = RunConfig(model=ModelConfig(preset="symmetric")).flat()
-    assert flat["model.backbone"] == "transformer" and flat["model.mlp_ratio"] == 4.0
-    assert flat["train.lr"] == 2e-4 and flat["tokenizer.seq_len"] == 512
+def test_run_config_resolves_the_cls_token_from_the_cell_embedding():
+    assert RunConfig().tokenizer.cls_token is True  # scbenchmark: CLS cell embedding
+    assert RunConfig(model=ModelConfig(preset="symmetric")).tokenizer.cls_token is False

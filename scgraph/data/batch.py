@@ -15,33 +15,37 @@ from scgraph.data.tokenize import tokenize
 
 @dataclass
 class Batch:
-    genes: torch.Tensor   # (B, L) int64
+    genes: torch.Tensor  # (B, L) int64
     values: torch.Tensor  # (B, L) float32, the true values (targets at masked positions)
     masked: torch.Tensor  # (B, L) bool, positions to predict
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.genes.to(device, non_blocking=True), self.values.to(device, non_blocking=True),
-                     self.masked.to(device, non_blocking=True))
+        return Batch(
+            self.genes.to(device, non_blocking=True),
+            self.values.to(device, non_blocking=True),
+            self.masked.to(device, non_blocking=True),
+        )
 
     def __len__(self) -> int:
         return self.genes.shape[0]
 
 
-def make_batch(counts: sp.spmatrix, tok: TokenizerConfig, vocab_size: int, mask_ratio: float,
-               rng: np.random.Generator) -> Batch:
+def make_batch(
+    counts: sp.spmatrix, tok: TokenizerConfig, vocab_size: int, mask_ratio: float, rng: np.random.Generator
+) -> Batch:
     """Tokenize and mask a block of cells (rows of ``counts``) with one rng."""
     tokens = tokenize(counts, tok, vocab_size, rng)
     masked = mask_values(tokens.genes, vocab_size, mask_ratio, rng)
-    return Batch(torch.from_numpy(tokens.genes), torch.from_numpy(tokens.values),
-                 torch.from_numpy(masked))
+    return Batch(torch.from_numpy(tokens.genes), torch.from_numpy(tokens.values), torch.from_numpy(masked))
 
 
-def iterate_batches(counts: sp.spmatrix, tok: TokenizerConfig, vocab_size: int, batch_size: int,
-                    mask_ratio: float, seed: int):
+def iterate_batches(
+    counts: sp.spmatrix, tok: TokenizerConfig, vocab_size: int, batch_size: int, mask_ratio: float, seed: int
+):
     """Endless, reproducible shuffled epochs over an in-memory matrix (tests, demo, small data)."""
     counts = sp.csr_matrix(counts)
     rng = np.random.default_rng(seed)
     while True:
         order = rng.permutation(counts.shape[0])
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield make_batch(counts[order[start:start + batch_size]], tok, vocab_size, mask_ratio, rng)
+            yield make_batch(counts[order[start : start + batch_size]], tok, vocab_size, mask_ratio, rng)

@@ -42,5 +42,6 @@ def load_cbmc(drop_non_cell_types: bool = True) -> LabelledCounts:
         keep = ~np.isin(labels, CBMC_DROPPED_LABELS)
         counts, labels = counts[keep], labels[keep]
     gene_ids = np.array([f"CBMC_G{i:03d}" for i in range(counts.shape[1])])
-    return LabelledCounts(counts=counts, labels=labels, gene_ids=gene_ids, gene_names=gene_ids.copy(),
-                          name="cbmc")
+    return LabelledCounts(
+        counts=counts, labels=labels, gene_ids=gene_ids, gene_names=gene_ids.copy(), name="cbmc"
+    )

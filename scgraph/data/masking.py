@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def mask_values(genes: np.ndarray, vocab_size: int, ratio: float,
-                rng: np.random.Generator) -> np.ndarray:
+def mask_values(genes: np.ndarray, vocab_size: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
     """(n, L) bool: ``round(ratio * n_genes)`` positions per cell, at least one when the cell has a
     gene, chosen uniformly among its genes (never pad or CLS, whose ids are >= vocab_size)."""
     is_gene = genes < vocab_size

@@ -43,8 +43,7 @@ def _normalise(matrix: sp.csr_matrix, cfg: TokenizerConfig) -> np.ndarray:
         return data.astype(np.float32)
     totals = np.asarray(matrix.sum(axis=1)).ravel()
     rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
-    scale = np.divide(cfg.target_sum, totals, out=np.zeros_like(totals, dtype=np.float64),
-                      where=totals > 0)
+    scale = np.divide(cfg.target_sum, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
     return np.log1p(data * scale[rows]).astype(np.float32)
 
 
@@ -63,8 +62,9 @@ def bin_values(values: np.ndarray, n_genes: np.ndarray, n_bins: int) -> np.ndarr
     return out
 
 
-def tokenize(matrix: sp.spmatrix, cfg: TokenizerConfig, vocab_size: int,
-             rng: np.random.Generator | None = None) -> Tokens:
+def tokenize(
+    matrix: sp.spmatrix, cfg: TokenizerConfig, vocab_size: int, rng: np.random.Generator | None = None
+) -> Tokens:
     """Tokenize every cell (row) of ``matrix``: select up to ``seq_len`` non-zero genes (random,
     seeded by ``rng``; or top by expression, ties broken by gene id), pad, optionally prepend CLS.
 
@@ -88,7 +88,7 @@ def tokenize(matrix: sp.spmatrix, cfg: TokenizerConfig, vocab_size: int,
     keep = order[rank < cfg.seq_len]
     kept_rows, slot = rows[keep], rank[rank < cfg.seq_len]
 
-    offset = int(cfg.cls_token)
+    offset = int(bool(cfg.cls_token))
     genes = np.full((n, cfg.length), vocab_size, dtype=np.int64)
     vals = np.zeros((n, cfg.length), dtype=np.float32)
     genes[kept_rows, slot + offset] = matrix.indices[keep]

@@ -44,7 +44,8 @@ class ValueEncoder(nn.Module):
             return self.net(values.round().long().clamp(0, self.net.num_embeddings - 1))
         if self.clamp is not None:
             values = values.clamp(max=self.clamp)
-        return self.net(values.unsqueeze(-1))
+        dtype = next(self.net.parameters()).dtype  # bf16/fp16 engines cast weights, not the data
+        return self.net(values.unsqueeze(-1).to(dtype))
 
 
 class InputEmbedding(nn.Module):
@@ -300,17 +301,26 @@ class CellModel(nn.Module):
 
 
 def mvp_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over masked positions only (Eq. 5); 0 for a batch with nothing masked."""
-    weight = masked.to(pred.dtype)
-    return ((pred - target.to(pred.dtype)) ** 2 * weight).sum() / weight.sum().clamp(min=1.0)
+    """Mean squared error over masked positions only (Eq. 5), in float32 whatever the model's
+    precision; 0 for a batch with nothing masked."""
+    weight = masked.float()
+    return ((pred.float() - target.float()) ** 2 * weight).sum() / weight.sum().clamp(min=1.0)
 
 
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Total and adjacency (U, V / F, F', M) parameter counts, each shared tensor counted once."""
-    total = sum(p.numel() for p in model.parameters())
-    adjacency = {id(p): p.numel() for m in model.modules() if isinstance(m, tuple(ADJACENCIES.values()))
-                 for p in m.parameters()}
-    return {"params_total": total, "params_adjacency": sum(adjacency.values())}
+def count_parameters(model: CellModel) -> dict[str, int]:
+    """Parameter counts per part, each shared tensor counted once: the input embeddings, the
+    adjacency factors (U, V or F, F', M), the rest of the blocks, and the total."""
+    def distinct(modules) -> dict[int, int]:
+        return {id(p): p.numel() for m in modules for p in m.parameters()}
+
+    adjacency = distinct(m for m in model.modules() if isinstance(m, tuple(ADJACENCIES.values())))
+    blocks = distinct(model.blocks)
+    return {
+        "params_total": sum(distinct([model]).values()),
+        "params_embeddings": sum(distinct([model.embed]).values()),
+        "params_adjacency": sum(adjacency.values()),
+        "params_blocks": sum(v for k, v in blocks.items() if k not in adjacency),
+    }
 
 
 def build_model(cfg: ModelConfig) -> CellModel:

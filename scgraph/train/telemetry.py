@@ -14,6 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from scgraph.config import ModelConfig
+from scgraph.data.batch import Batch
 from scgraph.models.model import CellModel, mvp_loss
 
 
@@ -53,29 +54,117 @@ class FlopCount:
         return 3 * self.analytic_forward
 
 
-def full_length_cells(cfg: ModelConfig, batch: int, length: int, seed: int = 0):
+def full_length_batch(cfg: ModelConfig, batch: int, length: int, seed: int = 0) -> Batch:
     """Cells with ``length`` distinct genes each, no padding: the cost of a full sequence."""
-    gen = torch.Generator().manual_seed(seed)
     if length > cfg.vocab_size:
         raise ValueError(f"length {length} exceeds the vocabulary ({cfg.vocab_size} genes)")
+    gen = torch.Generator().manual_seed(seed)
     genes = torch.stack([torch.randperm(cfg.vocab_size, generator=gen)[:length] for _ in range(batch)])
-    values = torch.rand(batch, length, generator=gen) * 5
-    masked = torch.rand(batch, length, generator=gen) < 0.15
-    return genes, values, masked
+    return Batch(genes=genes, values=torch.rand(batch, length, generator=gen) * 5,
+                 masked=torch.rand(batch, length, generator=gen) < 0.15)
 
 
-def measure_flops(model: CellModel, length: int, batch: int = 2) -> FlopCount:
-    """Forward and forward+backward FLOPs per cell, counted by ``FlopCounterMode`` (math SDPA)."""
-    genes, values, masked = full_length_cells(model.cfg, batch, length)
-    device = next(model.parameters()).device
-    genes, values, masked = genes.to(device), values.to(device), masked.to(device)
+def measure_flops(model: CellModel, batch: Batch) -> FlopCount:
+    """Forward and forward+backward FLOPs per cell of ``batch``, counted by ``FlopCounterMode``
+    under the math attention backend. Dense kernels cost the same for padded and full cells."""
+    batch = batch.to(next(model.parameters()).device)
     with sdpa_kernel(SDPBackend.MATH):
-        with FlopCounterMode(display=False) as fwd:
-            with torch.no_grad():
-                model(genes, values, masked)
+        with FlopCounterMode(display=False) as fwd, torch.no_grad():
+            model(batch.genes, batch.values, batch.masked)
         with FlopCounterMode(display=False) as both:
-            mvp_loss(model(genes, values, masked), values, masked).backward()
+            mvp_loss(model(batch.genes, batch.values, batch.masked), batch.values, batch.masked).backward()
     model.zero_grad(set_to_none=True)
-    return FlopCount(forward=fwd.get_total_flops() / batch,
-                     forward_backward=both.get_total_flops() / batch,
-                     analytic_forward=float(analytic_forward_flops(model.cfg, length)))
+    return FlopCount(forward=fwd.get_total_flops() / len(batch),
+                     forward_backward=both.get_total_flops() / len(batch),
+                     analytic_forward=float(analytic_forward_flops(model.cfg, batch.genes.shape[1])))
+
+
+def _tensors(obj: object, depth: int = 3):
+    """Tensors held by ``obj`` directly or inside lists, tuples and dicts (a few levels deep)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth > 0 and isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item, depth - 1)
+    elif depth > 0 and isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item, depth - 1)
+
+
+class StorageCounter:
+    """Bytes of distinct storages. Views (an expanded U[g], a slice of a flat ZeRO buffer) share
+    their base's storage, so each storage is counted once. Use one counter per set of tensors
+    alive at the same moment: a freed storage's address is reused by later tensors. ``exclude``
+    holds addresses counted elsewhere (the parameters, alive throughout)."""
+
+    def __init__(self, exclude: set[int] | None = None) -> None:
+        self.seen: set[int] = set(exclude or ())
+
+    def add(self, tensors) -> int:
+        total = 0
+        for t in tensors:
+            if t.device.type == "meta" or t.numel() == 0:
+                continue
+            storage = t.untyped_storage()
+            if storage.data_ptr() in self.seen or storage.nbytes() == 0:
+                continue
+            self.seen.add(storage.data_ptr())
+            total += storage.nbytes()
+        return total
+
+
+def parameter_tensors(module: torch.nn.Module):
+    """What a rank holds of each parameter: its ZeRO-3 partition when partitioned, else itself."""
+    for p in module.parameters():
+        yield getattr(p, "ds_tensor", p)
+
+
+def optimizer_tensors(optimizer: object):
+    """The base optimizer's state and master weights (DeepSpeed wraps it as ``.optimizer``)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in getattr(inner, "state", {}).values():
+        yield from _tensors(state)
+    for group in getattr(inner, "param_groups", []):
+        yield from group["params"]
+
+
+def optimizer_state_bytes(optimizer: object) -> int:
+    """Bytes of the base optimizer's state (Adam moments) on this rank: what ZeRO partitions."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return StorageCounter().add(t for state in getattr(inner, "state", {}).values() for t in _tensors(state))
+
+
+def gradient_tensors(module: torch.nn.Module, optimizer: object):
+    """Gradients held after backward: on parameters, and in the ZeRO optimizer's partition buffers
+    (attributes whose name mentions grad), which is where stages 1-3 keep them."""
+    for p in module.parameters():
+        if p.grad is not None:
+            yield p.grad
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for group in getattr(inner, "param_groups", []):
+        for p in group["params"]:
+            if p.grad is not None:
+                yield p.grad
+    for name, value in vars(optimizer).items() if optimizer is not inner else ():
+        if "grad" in name.lower():
+            yield from _tensors(value)
+
+
+class SavedTensors:
+    """Context manager: bytes of distinct storages saved for backward during a forward pass."""
+
+    def __init__(self, exclude: StorageCounter) -> None:
+        self.counter = exclude
+        self.bytes = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        self.bytes += self.counter.add([t])
+        return t
+
+    def __enter__(self) -> SavedTensors:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)

@@ -1,0 +1,72 @@
+"""The DeepSpeed config: read, reconcile with the scgraph config, validate before any work starts.
+
+One source of truth per setting: the global batch (``train.batch_size``, the paper's 256) and the
+learning rate come from the scgraph config; the micro-batch per rank comes from the DeepSpeed JSON
+unless ``--micro-batch-size`` overrides it; gradient accumulation is derived so that
+micro x accumulation x world = global batch, and any explicit value that disagrees is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from scgraph.config import TrainConfig
+
+
+def load_ds_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def precision(ds: dict[str, Any]) -> str:
+    if ds.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if ds.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+def resolve_ds_config(ds: dict[str, Any], train: TrainConfig, world_size: int, *,
+                      micro_batch_size: int | None = None, on_cpu: bool = False) -> dict[str, Any]:
+    """A complete, consistent DeepSpeed config for this world size (the input is not modified)."""
+    ds = copy.deepcopy(ds)
+    micro = micro_batch_size or ds.get("train_micro_batch_size_per_gpu")
+    if not micro or micro <= 0:
+        raise ValueError("set train_micro_batch_size_per_gpu in the DeepSpeed config or pass --micro-batch-size")
+    per_step = micro * world_size
+    if train.batch_size % per_step:
+        raise ValueError(
+            f"global batch {train.batch_size} is not a multiple of micro-batch {micro} x world size "
+            f"{world_size} = {per_step}: change --batch-size or --micro-batch-size")
+    accumulation = train.batch_size // per_step
+    for key, derived in (("gradient_accumulation_steps", accumulation), ("train_batch_size", train.batch_size)):
+        given = ds.get(key)
+        if given not in (None, "auto") and int(given) != derived:
+            raise ValueError(
+                f"DeepSpeed config sets {key}={given} but micro-batch {micro} x world size {world_size} "
+                f"x accumulation for global batch {train.batch_size} needs {key}={derived}")
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = accumulation
+    ds["train_batch_size"] = train.batch_size
+    if train.grad_clip is not None:
+        ds["gradient_clipping"] = train.grad_clip
+    if "optimizer" in ds:
+        ds["optimizer"].setdefault("params", {})
+        ds["optimizer"]["params"]["lr"] = train.lr
+        ds["optimizer"]["params"]["weight_decay"] = train.weight_decay
+    if on_cpu and precision(ds) == "fp16":
+        raise ValueError("fp16 is not supported by DeepSpeed on CPU: use a bf16 or fp32 config "
+                         "(ds_configs/cpu_zero2.json, cpu_zero3.json)")
+    return ds

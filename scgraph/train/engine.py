@@ -1,0 +1,421 @@
+"""DeepSpeed pretraining: one trainer, one loop, the backbone a config value.
+
+Lifecycle (torchtune's recipe protocol): ``setup`` -> ``load_checkpoint`` -> ``train`` (which
+calls ``save_checkpoint``) -> ``cleanup``. A checkpoint restores everything: model, optimizer and
+scheduler (DeepSpeed), step, epoch and the number of batches consumed in it (the loader skips
+exactly those), and the MLflow run, so an interrupted run continues as if it never stopped.
+Runs under the ``deepspeed`` launcher, ``torchrun``, or plain ``python`` (world size 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from scgraph.config import RunConfig
+from scgraph.data.loader import build_loader
+from scgraph.data.shards import ShardSet
+from scgraph.models.model import build_model, count_parameters
+from scgraph.plots import line_plot
+from scgraph.train.dsconfig import load_ds_config, precision, resolve_ds_config, zero_stage
+from scgraph.train.loop import mvp_loss_on
+from scgraph.train.telemetry import (
+    SavedTensors,
+    StorageCounter,
+    gradient_tensors,
+    measure_flops,
+    optimizer_state_bytes,
+    optimizer_tensors,
+    parameter_tensors,
+)
+from scgraph.train.tracking import Tracker, flatten, git_commit
+
+CHECKPOINTS = "checkpoints"
+SCGRAPH_META = "scgraph.json"
+
+
+@dataclass
+class PretrainConfig:
+    """A pretraining run: the model/data/optimiser settings plus where data and results live."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    shards: str = ""
+    output: str = "runs/pretrain"
+    deepspeed_config: str | None = None
+    micro_batch_size: int | None = None
+    epochs: int | None = None
+    checkpoint_every: int = 500
+    resume: bool = False
+    mlflow_uri: str | None = None
+    experiment: str = "scgraph"
+    run_name: str | None = None
+    num_workers: int = 0
+    shuffle_buffer: int = 4096
+    flops_cells: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise ValueError("--shards is required: a shard directory written by `python -m sharding write`")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0; got {self.epochs}")
+        if self.checkpoint_every <= 0:
+            raise ValueError(f"checkpoint_every must be > 0; got {self.checkpoint_every}")
+        if self.micro_batch_size is not None and self.micro_batch_size <= 0:
+            raise ValueError(f"micro_batch_size must be > 0; got {self.micro_batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0; got {self.num_workers}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join (or, as plain ``python``, create) the process group: NCCL on GPUs, gloo on CPU."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _latest_tag(ckpt_dir: Path) -> str | None:
+    latest = ckpt_dir / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def read_checkpoint_meta(ckpt_dir: Path, tag: str) -> dict[str, Any]:
+    path = ckpt_dir / tag / SCGRAPH_META
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt_dir / tag} has no {SCGRAPH_META}: not an scgraph checkpoint")
+    return json.loads(path.read_text())
+
+
+class MemoryMeter:
+    """Peak training memory of this rank. CUDA: ``max_memory_allocated``. CPU: the measured bytes
+    of parameters, tensors saved for backward, gradients, and optimizer state (with master
+    weights) in the first optimizer step, each category counted when all its tensors are alive."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.param_storages: set[int] = set()
+        self.parts: dict[str, int] = {}
+        self._activations: SavedTensors | None = None
+
+    def _count(self, tensors) -> int:
+        return StorageCounter(exclude=self.param_storages).add(tensors)
+
+    def before_forward(self, module: torch.nn.Module) -> None:
+        if "params" not in self.parts:
+            counter = StorageCounter()
+            self.parts["params"] = counter.add(parameter_tensors(module))
+            self.param_storages = counter.seen
+            self._activations = SavedTensors(StorageCounter(exclude=self.param_storages))
+            self._activations.__enter__()
+
+    def after_forward(self) -> None:
+        if self._activations is not None:
+            self._activations.__exit__(None, None, None)
+            self.parts["activations"] = self._activations.bytes
+            self._activations = None
+
+    def after_backward(self, module: torch.nn.Module, optimizer: object) -> None:
+        if "gradients" not in self.parts:
+            self.parts["gradients"] = self._count(gradient_tensors(module, optimizer))
+
+    def after_step(self, optimizer: object) -> None:
+        if "optimizer" not in self.parts:
+            self.parts["optimizer"] = self._count(optimizer_tensors(optimizer))
+
+    def metrics(self) -> dict[str, float]:
+        out = {f"memory_{k}_bytes": float(v) for k, v in self.parts.items()}
+        if self.device.type == "cuda":
+            out["peak_memory_bytes"] = float(torch.cuda.max_memory_allocated(self.device))
+        else:
+            out["peak_memory_bytes"] = float(sum(self.parts.values()))
+        return out
+
+
+class Pretrainer:
+    """Masked value pretraining of one backbone under a DeepSpeed engine."""
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        self.cfg = cfg
+        self.output = Path(cfg.output)
+        self.ckpt_dir = self.output / CHECKPOINTS
+        self.step = 0
+        self.epoch = 0
+        self.consumed = 0  # micro-batches consumed in the current epoch, on each rank
+        self.losses: list[tuple[int, float]] = []
+        self.tracker = Tracker(active=False)
+
+    # -- setup -------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.shards = ShardSet.open(cfg.shards)
+        run = cfg.run
+        if run.model.vocab_size != self.shards.vocab_size:  # the vocabulary is the shard set's
+            run = dataclasses.replace(run, model=dataclasses.replace(run.model, vocab_size=self.shards.vocab_size))
+            self.cfg = cfg = dataclasses.replace(cfg, run=run)
+        ds_raw = load_ds_config(cfg.deepspeed_config) if cfg.deepspeed_config else {
+            "train_micro_batch_size_per_gpu": cfg.micro_batch_size or run.train.batch_size}
+        self.rank, self.world, self.device = init_distributed()
+        self.ds = resolve_ds_config(ds_raw, run.train, self.world, micro_batch_size=cfg.micro_batch_size,
+                                    on_cpu=self.device.type == "cpu")
+        self.micro = self.ds["train_micro_batch_size_per_gpu"]
+        self.accumulation = self.ds["gradient_accumulation_steps"]
+        tag = _latest_tag(self.ckpt_dir)
+        if tag and not cfg.resume:
+            raise ValueError(f"{self.ckpt_dir} already holds checkpoints (latest {tag}): pass --resume to "
+                             "continue that run, or choose a new --output")
+        self.resume_tag = tag if cfg.resume else None
+        if self.resume_tag:
+            self._check_compatible(read_checkpoint_meta(self.ckpt_dir, self.resume_tag))
+
+        torch.manual_seed(run.train.seed)
+        model = build_model(run.model)
+        self.params = count_parameters(model)
+        self.flops = self._measure_flops(run)
+        client_optimizer = None
+        if "optimizer" not in self.ds:
+            client_optimizer = torch.optim.AdamW(model.parameters(), lr=run.train.lr,
+                                                 weight_decay=run.train.weight_decay)
+        import deepspeed
+
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_optimizer,
+                                                    model_parameters=model.parameters(), config=self.ds)
+        self.batches_per_epoch = self._loader(0, 0).batches_per_epoch
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{self.shards.n_cells} cells are too few for one micro-batch of {self.micro} "
+                             f"on each of {self.world} ranks")
+        self.max_steps = (cfg.epochs * self.batches_per_epoch // self.accumulation if cfg.epochs
+                          else run.train.max_steps)
+        self.memory = MemoryMeter(self.device)
+
+    def _check_compatible(self, meta: dict[str, Any]) -> None:
+        saved = meta["run"]["model"]
+        current = dataclasses.asdict(self.cfg.run.model)
+        if saved["vocab_size"] != current["vocab_size"]:
+            raise ValueError(f"the checkpoint's vocabulary has {saved['vocab_size']} genes but the shard set "
+                             f"{self.cfg.shards} has {current['vocab_size']}: resume needs the same shards")
+        changed = sorted(k for k in current if saved.get(k) != current[k])
+        if changed:
+            raise ValueError("the model config differs from the checkpoint's in " + ", ".join(
+                f"{k} ({saved.get(k)!r} -> {current[k]!r})" for k in changed))
+        if meta["shards_identity"] != self.shards.identity:
+            raise ValueError(f"the checkpoint was trained on shard set {meta['shards_identity']}, "
+                             f"not {self.shards.identity} ({self.cfg.shards})")
+
+    def _loader(self, epoch: int, skip: int):
+        run = self.cfg.run
+        return build_loader(self.shards, run.tokenizer, batch_size=self.micro, mask_ratio=run.train.mask_ratio,
+                            seed=run.train.seed, rank=self.rank, world_size=self.world,
+                            num_workers=self.cfg.num_workers, shuffle_buffer=self.cfg.shuffle_buffer,
+                            epoch=epoch, skip_batches=skip)
+
+    def _measure_flops(self, run: RunConfig):
+        """FLOPs on real cells (the first batch of the epoch), on a CPU fp32 copy of the model."""
+        batch = next(iter(build_loader(self.shards, run.tokenizer, batch_size=self.cfg.flops_cells,
+                                       mask_ratio=run.train.mask_ratio, seed=run.train.seed,
+                                       shuffle_buffer=self.cfg.flops_cells)))
+        return measure_flops(build_model(run.model), batch)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def load_checkpoint(self) -> None:
+        if not self.resume_tag:
+            if self.cfg.resume and self.rank == 0:
+                print(f"scgraph: no checkpoint in {self.ckpt_dir}: starting from scratch", flush=True)
+            self._start_tracking(run_id=None)
+            return
+        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=self.resume_tag)
+        if client is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / self.resume_tag}")
+        self.step, self.epoch, self.consumed = client["step"], client["epoch"], client["consumed"]
+        self.losses = [tuple(x) for x in client.get("losses", [])]
+        self._start_tracking(run_id=client.get("mlflow_run_id"))
+        if self.rank == 0:
+            print(f"scgraph: resumed {self.resume_tag} at step {self.step} (epoch {self.epoch}, "
+                  f"{self.consumed} batches into it)", flush=True)
+
+    def save_checkpoint(self) -> None:
+        tag = f"step{self.step:08d}"
+        client = {"step": self.step, "epoch": self.epoch, "consumed": self.consumed,
+                  "losses": self.losses, "mlflow_run_id": self.tracker.run_id}
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
+        if self.rank == 0:
+            meta = {"run": self.cfg.run.to_dict(), "shards": str(Path(self.cfg.shards).resolve()),
+                    "shards_identity": self.shards.identity, "feature_ids": self.shards.feature_ids,
+                    "feature_names": self.shards.feature_names, "step": self.step,
+                    "zero_stage": zero_stage(self.ds), "precision": precision(self.ds)}
+            (self.ckpt_dir / tag / SCGRAPH_META).write_text(json.dumps(meta))
+        dist.barrier()
+        self.last_tag = tag
+
+    # -- tracking ----------------------------------------------------------------------------
+    def _start_tracking(self, run_id: str | None) -> None:
+        cfg = self.cfg
+        self.tracker = Tracker(active=self.rank == 0)
+        params = flatten("", {"run": cfg.run.to_dict(), "deepspeed": self.ds}) | {
+            "shards": cfg.shards, "world_size": self.world, "micro_batch_size": self.micro,
+            "gradient_accumulation_steps": self.accumulation, "max_steps": self.max_steps,
+            "device": self.device.type, "precision": precision(self.ds), "zero_stage": zero_stage(self.ds)}
+        tags = {"backbone": cfg.run.model.backbone, "preset": cfg.run.model.preset,
+                "shards_identity": self.shards.identity, "git_commit": git_commit(Path(__file__).parent),
+                "output": str(self.output.resolve())}
+        self.tracker.start(cfg.mlflow_uri, cfg.experiment, cfg.run_name, params if run_id is None else {},
+                           tags, run_id=run_id)
+        if run_id is None:
+            self.tracker.metrics(dict(self.params) | {
+                "flops_per_cell": self.flops.forward_backward,
+                "flops_per_cell_analytic": self.flops.analytic_forward_backward,
+                "flops_forward_per_cell": self.flops.forward,
+                "flops_forward_per_cell_analytic": self.flops.analytic_forward}, step=0)
+            if self.rank == 0:
+                self.output.mkdir(parents=True, exist_ok=True)
+                resolved = self.output / "resolved_config.json"
+                resolved.write_text(json.dumps({"pretrain": dataclasses.asdict(cfg), "deepspeed": self.ds},
+                                               indent=2, default=str))
+                self.tracker.artifact(resolved, "config")
+                if cfg.deepspeed_config:
+                    self.tracker.artifact(cfg.deepspeed_config, "config")
+
+    # -- training ----------------------------------------------------------------------------
+    def _batches(self):
+        """Micro-batches from the saved data position onwards, epoch after epoch."""
+        while True:
+            for batch in self._loader(self.epoch, self.consumed):
+                self.consumed += 1
+                yield batch
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+    def _mean_over_ranks(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return (t / self.world).tolist()
+
+    def train(self) -> None:
+        engine, train = self.engine, self.cfg.run.train
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.max_steps, initial=self.step, desc=f"pretrain {self.cfg.run.model.backbone}",
+                   disable=self.rank != 0, unit="step")
+        window_loss, window_micro, window_cells, window_tokens = 0.0, 0, 0, 0
+        window_start = time.perf_counter()
+        measuring = self.step == 0
+        batches = self._batches()
+        while self.step < self.max_steps:
+            batch = next(batches).to(self.device)
+            boundary = engine.is_gradient_accumulation_boundary()
+            if measuring:
+                self.memory.before_forward(engine.module)
+            loss = mvp_loss_on(engine, batch)
+            if measuring:
+                self.memory.after_forward()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"MVP loss became {value} at step {self.step + 1} on rank {self.rank}")
+            engine.backward(loss)
+            if measuring and boundary:
+                self.memory.after_backward(engine.module, engine.optimizer)
+            engine.step()
+            window_loss += value
+            window_micro += 1
+            window_cells += len(batch)
+            window_tokens += int((batch.genes < self.cfg.run.model.vocab_size).sum())
+            if not boundary:
+                continue
+            self.step += 1
+            bar.update()
+            if measuring:
+                self.memory.after_step(engine.optimizer)
+                self.tracker.metrics(self.memory.metrics(), step=self.step)
+                measuring = False
+            if self.step % train.log_every == 0 or self.step == self.max_steps:
+                elapsed = time.perf_counter() - window_start
+                loss_mean, cells, tokens = self._mean_over_ranks([window_loss / window_micro, window_cells,
+                                                                  window_tokens])
+                metrics = {"loss": loss_mean, "lr": engine.get_lr()[0],
+                           "cells_per_s": cells * self.world / elapsed, "tokens_per_s": tokens * self.world / elapsed,
+                           "epoch": self.epoch}
+                norm = engine.get_global_grad_norm()
+                if norm is not None:
+                    metrics["grad_norm"] = float(norm)
+                if self.device.type == "cuda":
+                    metrics["peak_memory_bytes"] = float(torch.cuda.max_memory_allocated(self.device))
+                self.tracker.metrics(metrics, step=self.step)
+                self.losses.append((self.step, loss_mean))
+                bar.set_postfix(loss=f"{loss_mean:.4f}", cells_s=f"{metrics['cells_per_s']:.0f}")
+                window_loss, window_micro, window_cells, window_tokens = 0.0, 0, 0, 0
+                window_start = time.perf_counter()
+            if self.step % self.cfg.checkpoint_every == 0 and self.step < self.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.rank != 0:
+            return
+        if self.losses:
+            steps, losses = zip(*self.losses)
+            curve = line_plot({self.cfg.run.model.backbone: (steps, losses)}, self.output / "loss_curve.png",
+                              title="Masked value prediction", xlabel="step", ylabel="MVP loss (MSE)")
+            self.tracker.artifact(curve)
+        reference = self.output / "final_checkpoint.json"
+        reference.write_text(json.dumps({"checkpoint_dir": str(self.ckpt_dir.resolve()), "tag": self.last_tag,
+                                         "step": self.step}, indent=2))
+        self.tracker.artifact(reference)
+        final = self.losses[-1][1] if self.losses else float("nan")
+        print(f"scgraph: {self.cfg.run.model.backbone} trained {self.step} steps on {self.world} rank(s), "
+              f"final MVP loss {final:.4f}; checkpoint {self.ckpt_dir / self.last_tag}", flush=True)
+
+    def cleanup(self, failed: bool = False) -> None:
+        self.tracker.end(failed=failed)
+        if dist.is_initialized():
+            if not failed:
+                dist.barrier()
+            dist.destroy_process_group()
+
+
+def run_pretraining(cfg: PretrainConfig) -> int:
+    """The whole lifecycle; returns the process exit code (0 only when this rank finished)."""
+    trainer = Pretrainer(cfg)
+    try:
+        trainer.setup()
+        trainer.load_checkpoint()
+        trainer.train()
+    except BaseException as err:  # mark the MLflow run FAILED, say why in one line, exit non-zero
+        trainer.cleanup(failed=True)
+        if isinstance(err, (ValueError, FileNotFoundError)):
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return 2
+        raise
+    state = optimizer_state_bytes(trainer.engine.optimizer)
+    trainer.cleanup()
+    print(f"scgraph: rank {trainer.rank}/{trainer.world} finished (optimizer state {state} bytes)", flush=True)
+    return 0
