@@ -12,5 +12,6 @@ def mask_values(genes: np.ndarray, vocab_size: int, ratio: float, rng: np.random
     n_genes = is_gene.sum(axis=1)
     n_mask = np.where(n_genes > 0, np.maximum(1, np.rint(ratio * n_genes)), 0).astype(np.int64)
     key = np.where(is_gene, rng.random(genes.shape), np.inf)
-    rank = np.argsort(np.argsort(key, axis=1, kind="stable"), axis=1, kind="stable")
-    return rank < n_mask[:, None]
+    # the n_mask smallest keys of each row: at or below the row's n_mask-th smallest key
+    threshold = np.take_along_axis(np.sort(key, axis=1), np.maximum(n_mask - 1, 0)[:, None], axis=1)
+    return (key <= threshold) & (n_mask > 0)[:, None]

@@ -78,12 +78,17 @@ def tokenize(
     values = _normalise(matrix, cfg)
     counts = np.diff(matrix.indptr)
     rows = np.repeat(np.arange(n), counts)
-    if cfg.selection == "random":
+    if cfg.selection == "top":  # highest expression first, ties by gene id
+        order = np.lexsort((matrix.indices, -values, rows))
+    else:
         if rng is None:
             raise ValueError("random gene selection needs an rng (numpy Generator) for reproducibility")
-        order = np.lexsort((rng.random(values.size), rows))
-    else:  # highest expression first, ties by gene id
-        order = np.lexsort((matrix.indices, -values, rows))
+        # Only cells with more genes than seq_len need a random subset: shuffle within just those
+        # rows (row + U[0,1) keeps each row's block in place), and leave the rest in stored order.
+        order = np.arange(values.size)
+        over = np.flatnonzero(np.repeat(counts > cfg.seq_len, counts))
+        if over.size:
+            order[over] = over[np.argsort(rows[over] + rng.random(over.size), kind="stable")]
     rank = np.arange(values.size) - matrix.indptr[rows[order]]
     keep = order[rank < cfg.seq_len]
     kept_rows, slot = rows[keep], rank[rank < cfg.seq_len]
