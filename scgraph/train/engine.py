@@ -28,6 +28,7 @@ from scgraph.data.loader import build_loader
 from scgraph.data.shards import ShardSet
 from scgraph.models.model import build_model, count_parameters
 from scgraph.plots import line_plot
+from scgraph.train.checkpoint import CHECKPOINTS, SCGRAPH_META, read_meta
 from scgraph.train.dsconfig import load_ds_config, precision, resolve_ds_config, zero_stage
 from scgraph.train.loop import mvp_loss_on
 from scgraph.train.telemetry import (
@@ -40,9 +41,6 @@ from scgraph.train.telemetry import (
     parameter_tensors,
 )
 from scgraph.train.tracking import Tracker, flatten, git_commit
-
-CHECKPOINTS = "checkpoints"
-SCGRAPH_META = "scgraph.json"
 
 
 @dataclass
@@ -107,13 +105,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
 def _latest_tag(ckpt_dir: Path) -> str | None:
     latest = ckpt_dir / "latest"
     return latest.read_text().strip() if latest.is_file() else None
-
-
-def read_checkpoint_meta(ckpt_dir: Path, tag: str) -> dict[str, Any]:
-    path = ckpt_dir / tag / SCGRAPH_META
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt_dir / tag} has no {SCGRAPH_META}: not an scgraph checkpoint")
-    return json.loads(path.read_text())
 
 
 class MemoryMeter:
@@ -195,7 +186,7 @@ class Pretrainer:
                              "continue that run, or choose a new --output")
         self.resume_tag = tag if cfg.resume else None
         if self.resume_tag:
-            self._check_compatible(read_checkpoint_meta(self.ckpt_dir, self.resume_tag))
+            self._check_compatible(read_meta(self.ckpt_dir, self.resume_tag))
 
         torch.manual_seed(run.train.seed)
         model = build_model(run.model)
