@@ -262,7 +262,9 @@ class Pretrainer:
             meta = {"run": self.cfg.run.to_dict(), "shards": str(Path(self.cfg.shards).resolve()),
                     "shards_identity": self.shards.identity, "feature_ids": self.shards.feature_ids,
                     "feature_names": self.shards.feature_names, "step": self.step,
-                    "zero_stage": zero_stage(self.ds), "precision": precision(self.ds)}
+                    "zero_stage": zero_stage(self.ds), "precision": precision(self.ds),
+                    "mlflow_run_id": self.tracker.run_id, "mlflow_uri": self.cfg.mlflow_uri,
+                    "experiment": self.cfg.experiment}
             (self.ckpt_dir / tag / SCGRAPH_META).write_text(json.dumps(meta))
         dist.barrier()
         self.last_tag = tag
