@@ -1,4 +1,4 @@
-"""``python -m sharding {write,verify,build-soma}``: parse, call the library, print one summary line.
+"""``python -m sharding {write,merge,verify,build-soma}``: parse, call the library, print one summary line.
 
 Errors a user can fix (bad filter, missing column, empty query, non-count data, a foreign output
 directory, a damaged shard) end the command with one line on stderr and exit status 2 (1 for a
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from scgraph.data.vocab import MATCH_KEYS
 from sharding.layout import build_census_layout_from_h5ad
+from sharding.merge import merge_parts
 from sharding.sources import DEFAULT_OBS_COLUMNS, H5AD_MATRICES, PRIMARY_FILTER, SourceSpec
 from sharding.verify import verify
 from sharding.writer import WriteOptions, write_shards
@@ -132,7 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="cells read from the source per block: memory is a few blocks (default: %(default)s)",
     )
+    write.add_argument(
+        "--slice",
+        metavar="I/N",
+        help="write only part I (0-based) of N of the selected cells' shards: task I of a job array of N "
+        "(e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT), each into its own --out; 'merge' joins "
+        "the N parts into the shard set one process would write",
+    )
     write.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    merge = commands.add_parser(
+        "merge",
+        help="join the parts of a job array (write --slice I/N) into one shard set",
+        description="Check that the parts come from one write command and cover every slice once, move their "
+        "shards into --out, write the merged manifest and remove the emptied parts. The result equals "
+        "the shard set a single write would give (same shards, manifest and identity). Re-running an "
+        "interrupted merge finishes it.",
+    )
+    merge.add_argument("--out", required=True, metavar="DIR", help="the merged shard set (new or empty)")
+    merge.add_argument("parts", nargs="+", metavar="PART", help="the part directories, one per slice")
 
     check = commands.add_parser(
         "verify",
@@ -182,11 +201,17 @@ def _write(args: argparse.Namespace) -> int:
         seed=args.seed,
         vocab_from=args.vocab_from,
         match_genes_by=args.match_genes_by,
+        slice=args.slice,
     )
     report = write_shards(
         spec, args.out, options, workers=args.workers, block_cells=args.block_cells, progress=not args.quiet
     )
     print(report.summary())
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    print(merge_parts(args.out, args.parts).summary())
     return 0
 
 
@@ -209,7 +234,7 @@ def _build_soma(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run = {"write": _write, "verify": _verify, "build-soma": _build_soma}[args.command]
+    run = {"write": _write, "merge": _merge, "verify": _verify, "build-soma": _build_soma}[args.command]
     try:
         return run(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:

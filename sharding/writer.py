@@ -3,6 +3,9 @@
 The plan (which cells go to which shard) is a pure function of the command and the source: the
 selected soma_joinids, sorted, cut into runs of ``cells_per_shard``. So a re-run after a kill
 recomputes the same plan, skips the shards the manifest lists as complete and writes the rest.
+A slice ``I/N`` (one task of a job array) writes only its contiguous share of the plan's shards,
+under their global names: the N parts hold exactly the shards one process would write, and
+``sharding.merge`` joins them into that same shard set.
 A shard is written under a temporary name and renamed when complete; the manifest is replaced
 atomically after every shard; so whatever the moment of a SIGKILL, the directory holds only
 complete shards and a manifest that lists a subset of them.
@@ -55,6 +58,20 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
+def parse_slice(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N: task I of N (e.g. $SLURM_ARRAY_TASK_ID of an array of N)."""
+    index, sep, count = text.partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        i, n = int(index), int(count)
+    except ValueError:
+        raise ValueError(f"--slice must be I/N with integers 0 <= I < N (e.g. 0/4); got {text!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--slice must be I/N with 0 <= I < N; got {text!r}")
+    return i, n
+
+
 @dataclass(frozen=True)
 class WriteOptions:
     """What, besides the source, decides the output: a re-run must repeat these exactly."""
@@ -66,6 +83,8 @@ class WriteOptions:
     seed: int = 0
     vocab_from: str | None = None  # a shard set whose gene vocabulary to write in
     match_genes_by: str = "feature_id"
+    slice: str | None = None  # "I/N": write only part I of N of the plan's shards
+
 
     def __post_init__(self) -> None:
         if self.cells_per_shard < 1:
@@ -76,6 +95,8 @@ class WriteOptions:
             raise ValueError(
                 f"--match-genes-by must be one of {', '.join(MATCH_KEYS)}; got {self.match_genes_by!r}"
             )
+        if self.slice is not None:
+            parse_slice(self.slice)
 
 
 @dataclass
@@ -120,8 +141,12 @@ class ShardJob:
 
 @dataclass
 class Plan:
+    """All selected cells cut into shards; ``slice`` (I/N) picks the shards this run writes. The
+    digest covers every selected cell, so the parts of one job array can be checked to agree."""
+
     joinids: np.ndarray
     cells_per_shard: int
+    slice: str | None = None
     digest: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -130,6 +155,22 @@ class Plan:
     @property
     def n_shards(self) -> int:
         return -(-len(self.joinids) // self.cells_per_shard)
+
+    @property
+    def shard_indices(self) -> range:
+        """This run's shards: contiguous, so each part reads its cells sequentially, and balanced
+        by shard, so parts take equal time."""
+        if self.slice is None:
+            return range(self.n_shards)
+        i, n = parse_slice(self.slice)
+        return range(self.n_shards * i // n, self.n_shards * (i + 1) // n)
+
+    def record(self) -> dict[str, Any]:
+        """What the manifest says of the plan."""
+        out: dict[str, Any] = {"cells": len(self.joinids), "shards": self.n_shards, "joinids_sha256": self.digest}
+        if self.slice is not None:
+            out["slice"] = self.slice
+        return out
 
     def shard(self, index: int) -> np.ndarray:
         return self.joinids[index * self.cells_per_shard : (index + 1) * self.cells_per_shard]
@@ -277,7 +318,8 @@ def _manifest_text(payload: dict[str, Any]) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-def _write_json_atomic(path: str, payload: dict[str, Any]) -> None:
+def write_manifest(path: str, payload: dict[str, Any]) -> None:
+    """Replace the manifest atomically: a reader (or a resumed run) never sees half of one."""
     tmp = f"{path}.{os.getpid()}{TMP_SUFFIX}"
     with open(tmp, "w") as f:
         f.write(_manifest_text(payload))
@@ -286,7 +328,8 @@ def _write_json_atomic(path: str, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old then, new now`` for each key whose value differs."""
     return [
         f"{k}: {old.get(k)!r} then, {new.get(k)!r} now"
         for k in sorted(set(old) | set(new))
@@ -312,7 +355,7 @@ def existing_shards(out: str, command: dict[str, Any], plan: Plan) -> dict[int, 
             f"(choose an empty or new directory)"
         )
     manifest = read_manifest(out)
-    diffs = _differences(manifest.get("command", {}), command)
+    diffs = differences(manifest.get("command", {}), command)
     if diffs:
         raise FileExistsError(
             f"--out {out} holds shards from a different command ({'; '.join(diffs)}); "
@@ -327,11 +370,17 @@ def existing_shards(out: str, command: dict[str, Any], plan: Plan) -> dict[int, 
 
 
 def build_manifest(
-    command: dict[str, Any], vocab: GeneVocab, plan: Plan, shards: dict[int, dict[str, Any]]
+    command: dict[str, Any],
+    vocabulary: dict[str, list[str]],
+    plan: dict[str, Any],
+    expected: range,
+    shards: dict[int, dict[str, Any]],
 ) -> dict[str, Any]:
+    """The manifest of a shard set whose ``plan`` (``Plan.record()``) expects shards ``expected``
+    and that holds ``shards`` (index -> record): totals, and the identity once complete. Written
+    by the writer after every shard and by ``merge`` for the joined parts."""
     listed = [shards[i] for i in sorted(shards)]
-    complete = len(listed) == plan.n_shards
-    vocabulary = {"feature_id": vocab.feature_ids, "feature_name": vocab.feature_names}
+    complete = sorted(shards) == list(expected)
     return {
         "format": FORMAT,
         "tool": {"name": "scgraph.sharding", "version": __version__},
@@ -339,7 +388,7 @@ def build_manifest(
         "obs_filter": command["obs_filter"],
         "obs_columns": command["obs_columns"],
         "command": command,
-        "plan": {"cells": len(plan.joinids), "shards": plan.n_shards, "joinids_sha256": plan.digest},
+        "plan": plan,
         "complete": complete,
         "identity": content_identity(vocabulary, listed) if complete else None,
         "totals": {
@@ -389,7 +438,9 @@ def write_shards(
         genes = source.genes()
         vocab, gene_map, dropped = gene_mapping(GeneVocab(genes.feature_ids, genes.feature_names), options)
         plan = Plan(
-            select_cells(source, obs_filter, options.max_cells, options.seed), options.cells_per_shard
+            select_cells(source, obs_filter, options.max_cells, options.seed),
+            options.cells_per_shard,
+            options.slice,
         )
         command = {
             "source": spec.describe(),
@@ -404,12 +455,22 @@ def write_shards(
         os.makedirs(out, exist_ok=True)
         jobs = [
             ShardJob(i, plan.shard(i), out, obs_columns, gene_map, len(vocab), block_cells)
-            for i in range(plan.n_shards)
+            for i in plan.shard_indices
             if i not in done
         ]
         resumed = len(done)
+        vocabulary = {"feature_id": vocab.feature_ids, "feature_name": vocab.feature_names}
+        manifest_path = os.path.join(out, MANIFEST_NAME)
+
+        def save_manifest() -> None:
+            write_manifest(
+                manifest_path, build_manifest(command, vocabulary, plan.record(), plan.shard_indices, done)
+            )
+
+        if not plan.shard_indices:  # a slice with no shard (more tasks than shards) still says it is done
+            save_manifest()
         bar = tqdm(
-            total=len(plan.joinids),
+            total=sum(len(plan.shard(i)) for i in plan.shard_indices),
             initial=sum(s["cells"] for s in done.values()),
             unit="cell",
             unit_scale=True,
@@ -420,7 +481,7 @@ def write_shards(
 
         def finished(record: dict[str, Any]) -> None:
             done[record["index"]] = record
-            _write_json_atomic(os.path.join(out, MANIFEST_NAME), build_manifest(command, vocab, plan, done))
+            save_manifest()
 
         try:
             if workers == 1 or len(jobs) <= 1:
