@@ -31,15 +31,7 @@ from scgraph.plots import line_plot
 from scgraph.train.checkpoint import CHECKPOINTS, SCGRAPH_META, read_meta
 from scgraph.train.dsconfig import load_ds_config, precision, resolve_ds_config, zero_stage
 from scgraph.train.loop import mvp_loss_on
-from scgraph.train.telemetry import (
-    SavedTensors,
-    StorageCounter,
-    gradient_tensors,
-    measure_flops,
-    optimizer_state_bytes,
-    optimizer_tensors,
-    parameter_tensors,
-)
+from scgraph.train.telemetry import MemoryMeter, measure_flops, optimizer_state_bytes
 from scgraph.train.tracking import Tracker, flatten, git_commit
 
 
@@ -105,51 +97,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
 def _latest_tag(ckpt_dir: Path) -> str | None:
     latest = ckpt_dir / "latest"
     return latest.read_text().strip() if latest.is_file() else None
-
-
-class MemoryMeter:
-    """Peak training memory of this rank. CUDA: ``max_memory_allocated``. CPU: the measured bytes
-    of parameters, tensors saved for backward, gradients, and optimizer state (with master
-    weights) in the first optimizer step, each category counted when all its tensors are alive."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.param_storages: set[int] = set()
-        self.parts: dict[str, int] = {}
-        self._activations: SavedTensors | None = None
-
-    def _count(self, tensors) -> int:
-        return StorageCounter(exclude=self.param_storages).add(tensors)
-
-    def before_forward(self, module: torch.nn.Module) -> None:
-        if "params" not in self.parts:
-            counter = StorageCounter()
-            self.parts["params"] = counter.add(parameter_tensors(module))
-            self.param_storages = counter.seen
-            self._activations = SavedTensors(StorageCounter(exclude=self.param_storages))
-            self._activations.__enter__()
-
-    def after_forward(self) -> None:
-        if self._activations is not None:
-            self._activations.__exit__(None, None, None)
-            self.parts["activations"] = self._activations.bytes
-            self._activations = None
-
-    def after_backward(self, module: torch.nn.Module, optimizer: object) -> None:
-        if "gradients" not in self.parts:
-            self.parts["gradients"] = self._count(gradient_tensors(module, optimizer))
-
-    def after_step(self, optimizer: object) -> None:
-        if "optimizer" not in self.parts:
-            self.parts["optimizer"] = self._count(optimizer_tensors(optimizer))
-
-    def metrics(self) -> dict[str, float]:
-        out = {f"memory_{k}_bytes": float(v) for k, v in self.parts.items()}
-        if self.device.type == "cuda":
-            out["peak_memory_bytes"] = float(torch.cuda.max_memory_allocated(self.device))
-        else:
-            out["peak_memory_bytes"] = float(sum(self.parts.values()))
-        return out
 
 
 class Pretrainer:

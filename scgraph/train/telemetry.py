@@ -1,12 +1,15 @@
-"""FLOPs per cell, measured and analytic, for the paper's Table II cost columns.
+"""The paper's Table II cost columns: FLOPs per cell (measured and analytic) and training memory.
 
 ``FlopCounterMode`` counts zero FLOPs for the fused CPU ``scaled_dot_product_attention`` kernel, so
 the measurement runs under the math backend, which is counted. The analytic count sits beside it as
 a cross-check; both count matrix products only (multiply-add = 2 FLOPs), as the paper does.
+Memory on CPU is measured by the distinct storages each category holds (no allocator statistics
+exist there); on CUDA by ``max_memory_allocated``.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -168,3 +171,98 @@ class SavedTensors:
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
+
+
+class MemoryMeter:
+    """Peak training memory of this rank. CUDA: ``max_memory_allocated``. CPU: the measured bytes
+    of parameters, tensors saved for backward, gradients, and optimizer state (with master
+    weights) in the first optimizer step, each category counted when all its tensors are alive."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.param_storages: set[int] = set()
+        self.parts: dict[str, int] = {}
+        self._activations: SavedTensors | None = None
+
+    def _count(self, tensors) -> int:
+        return StorageCounter(exclude=self.param_storages).add(tensors)
+
+    def before_forward(self, module: torch.nn.Module) -> None:
+        if "params" not in self.parts:
+            counter = StorageCounter()
+            self.parts["params"] = counter.add(parameter_tensors(module))
+            self.param_storages = counter.seen
+            self._activations = SavedTensors(StorageCounter(exclude=self.param_storages))
+            self._activations.__enter__()
+
+    def after_forward(self) -> None:
+        if self._activations is not None:
+            self._activations.__exit__(None, None, None)
+            self.parts["activations"] = self._activations.bytes
+            self._activations = None
+
+    def after_backward(self, module: torch.nn.Module, optimizer: object) -> None:
+        if "gradients" not in self.parts:
+            self.parts["gradients"] = self._count(gradient_tensors(module, optimizer))
+
+    def after_step(self, optimizer: object) -> None:
+        if "optimizer" not in self.parts:
+            self.parts["optimizer"] = self._count(optimizer_tensors(optimizer))
+
+    def metrics(self) -> dict[str, float]:
+        out = {f"memory_{k}_bytes": float(v) for k, v in self.parts.items()}
+        if self.device.type == "cuda":
+            out["peak_memory_bytes"] = float(torch.cuda.max_memory_allocated(self.device))
+        else:
+            out["peak_memory_bytes"] = float(sum(self.parts.values()))
+        return out
+
+
+@dataclass
+class StepCost:
+    """What one training step of a model costs on this device."""
+
+    peak_memory_bytes: float
+    memory: dict[str, float]
+    cells_per_s: float
+
+
+def measure_training_step(model: CellModel, batch: Batch, *, timed_steps: int = 2, lr: float = 2e-4) -> StepCost:
+    """Peak memory of a first AdamW step (MemoryMeter) and cells/s over ``timed_steps`` more.
+
+    Wrap the call in ``sdpa_kernel(SDPBackend.MATH)`` to cost the non-fused attention the paper used.
+    """
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    meter = MemoryMeter(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step(measure: bool) -> None:
+        if measure:
+            meter.before_forward(model)
+        loss = mvp_loss(model(batch.genes, batch.values, batch.masked), batch.values, batch.masked)
+        if measure:
+            meter.after_forward()
+        loss.backward()
+        if measure:
+            meter.after_backward(model, optimizer)
+        optimizer.step()
+        if measure:
+            meter.after_step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+
+    step(measure=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(timed_steps):
+        step(measure=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    metrics = meter.metrics()
+    return StepCost(peak_memory_bytes=metrics.pop("peak_memory_bytes"), memory=metrics,
+                    cells_per_s=timed_steps * len(batch) / seconds if seconds else float("nan"))
