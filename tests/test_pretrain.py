@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -198,3 +199,17 @@ def test_explicit_accumulation_that_disagrees_with_the_world_size_is_refused():
     with pytest.raises(ValueError, match="fp16 is not supported by DeepSpeed on CPU"):
         resolve_ds_config({"train_micro_batch_size_per_gpu": 8, "fp16": {"enabled": True}},
                           TrainConfig(batch_size=8), world_size=1, on_cpu=True)
+
+
+def test_run_that_fails_midway_is_marked_failed_and_exits_nonzero(shards, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(shards, broken)
+    for shard in sorted(broken.glob("*.tar")):  # cut every shard in half: setup reads fine, training fails
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    store = f"sqlite:///{tmp_path}/m.db"
+    proc = launch(["--backbone", "gnn", "--max-steps", "50", *common(str(broken), store, "broken", tmp_path / "out",
+                                                                     "cpu_zero2.json")], ranks=1)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "shard" in proc.stderr
+    (run,) = runs(store, "broken")
+    assert run.info.status == "FAILED"

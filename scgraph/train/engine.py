@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from scgraph.config import RunConfig
+from scgraph.data.batch import Batch
 from scgraph.data.loader import build_loader
 from scgraph.data.shards import ShardSet
 from scgraph.models.model import build_model, count_parameters
@@ -97,6 +98,23 @@ def init_distributed() -> tuple[int, int, torch.device]:
 def _latest_tag(ckpt_dir: Path) -> str | None:
     latest = ckpt_dir / "latest"
     return latest.read_text().strip() if latest.is_file() else None
+
+
+@dataclass
+class _Window:
+    """What happened since the last log line: the source of loss and throughput metrics."""
+
+    loss: float = 0.0
+    micro: int = 0
+    cells: int = 0
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, batch: Batch, vocab_size: int) -> None:
+        self.loss += loss
+        self.micro += 1
+        self.cells += len(batch)
+        self.tokens += int((batch.genes < vocab_size).sum())
 
 
 class Pretrainer:
@@ -258,63 +276,65 @@ class Pretrainer:
         dist.all_reduce(t)
         return (t / self.world).tolist()
 
+    def _micro_step(self, batch: Batch, measure: bool, boundary: bool) -> float:
+        """Forward, backward and (at an accumulation boundary) the optimizer step of one micro-batch;
+        ``measure`` records the memory of each phase (first optimizer step only)."""
+        engine = self.engine
+        if measure:
+            self.memory.before_forward(engine.module)
+        loss = mvp_loss_on(engine, batch)
+        if measure:
+            self.memory.after_forward()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"MVP loss became {value} at step {self.step + 1} on rank {self.rank}")
+        engine.backward(loss)
+        if measure and boundary:
+            self.memory.after_backward(engine.module, engine.optimizer)
+        engine.step()
+        if measure and boundary:
+            self.memory.after_step(engine.optimizer)
+            self.tracker.metrics(self.memory.metrics(), step=self.step + 1)
+        return value
+
+    def _log(self, window: _Window) -> dict[str, float]:
+        elapsed = time.perf_counter() - window.start
+        loss, cells, tokens = self._mean_over_ranks([window.loss / window.micro, window.cells, window.tokens])
+        metrics = {"loss": loss, "lr": self.engine.get_lr()[0], "cells_per_s": cells * self.world / elapsed,
+                   "tokens_per_s": tokens * self.world / elapsed, "epoch": self.epoch}
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            metrics["grad_norm"] = float(norm)
+        if self.device.type == "cuda":
+            metrics["peak_memory_bytes"] = float(torch.cuda.max_memory_allocated(self.device))
+        self.tracker.metrics(metrics, step=self.step)
+        self.losses.append((self.step, loss))
+        return metrics
+
     def train(self) -> None:
-        engine, train = self.engine, self.cfg.run.train
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=self.max_steps, initial=self.step, desc=f"pretrain {self.cfg.run.model.backbone}",
-                   disable=self.rank != 0, unit="step")
-        window_loss, window_micro, window_cells, window_tokens = 0.0, 0, 0, 0
-        window_start = time.perf_counter()
+        vocab = self.cfg.run.model.vocab_size
         measuring = self.step == 0
+        window = _Window()
         batches = self._batches()
-        while self.step < self.max_steps:
-            batch = next(batches).to(self.device)
-            boundary = engine.is_gradient_accumulation_boundary()
-            if measuring:
-                self.memory.before_forward(engine.module)
-            loss = mvp_loss_on(engine, batch)
-            if measuring:
-                self.memory.after_forward()
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"MVP loss became {value} at step {self.step + 1} on rank {self.rank}")
-            engine.backward(loss)
-            if measuring and boundary:
-                self.memory.after_backward(engine.module, engine.optimizer)
-            engine.step()
-            window_loss += value
-            window_micro += 1
-            window_cells += len(batch)
-            window_tokens += int((batch.genes < self.cfg.run.model.vocab_size).sum())
-            if not boundary:
-                continue
-            self.step += 1
-            bar.update()
-            if measuring:
-                self.memory.after_step(engine.optimizer)
-                self.tracker.metrics(self.memory.metrics(), step=self.step)
+        with tqdm(total=self.max_steps, initial=self.step, desc=f"pretrain {self.cfg.run.model.backbone}",
+                  disable=self.rank != 0, unit="step") as bar:
+            while self.step < self.max_steps:
+                batch = next(batches).to(self.device)
+                boundary = self.engine.is_gradient_accumulation_boundary()
+                window.add(self._micro_step(batch, measuring, boundary), batch, vocab)
+                if not boundary:
+                    continue
+                self.step += 1
                 measuring = False
-            if self.step % train.log_every == 0 or self.step == self.max_steps:
-                elapsed = time.perf_counter() - window_start
-                loss_mean, cells, tokens = self._mean_over_ranks([window_loss / window_micro, window_cells,
-                                                                  window_tokens])
-                metrics = {"loss": loss_mean, "lr": engine.get_lr()[0],
-                           "cells_per_s": cells * self.world / elapsed, "tokens_per_s": tokens * self.world / elapsed,
-                           "epoch": self.epoch}
-                norm = engine.get_global_grad_norm()
-                if norm is not None:
-                    metrics["grad_norm"] = float(norm)
-                if self.device.type == "cuda":
-                    metrics["peak_memory_bytes"] = float(torch.cuda.max_memory_allocated(self.device))
-                self.tracker.metrics(metrics, step=self.step)
-                self.losses.append((self.step, loss_mean))
-                bar.set_postfix(loss=f"{loss_mean:.4f}", cells_s=f"{metrics['cells_per_s']:.0f}")
-                window_loss, window_micro, window_cells, window_tokens = 0.0, 0, 0, 0
-                window_start = time.perf_counter()
-            if self.step % self.cfg.checkpoint_every == 0 and self.step < self.max_steps:
-                self.save_checkpoint()
-        bar.close()
+                bar.update()
+                if self.step % self.cfg.run.train.log_every == 0 or self.step == self.max_steps:
+                    metrics = self._log(window)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", cells_s=f"{metrics['cells_per_s']:.0f}")
+                    window = _Window()
+                if self.step % self.cfg.checkpoint_every == 0 and self.step < self.max_steps:
+                    self.save_checkpoint()
         self.save_checkpoint()
         self._finish()
 
