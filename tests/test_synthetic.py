@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import itertools
 
 import pytest
@@ -18,6 +19,7 @@ from scgraph.synthetic.generators import (
     values,
 )
 from scgraph.synthetic.models import build_synthetic_model, synthetic_model_config
+from scgraph.synthetic.study import run_study
 
 A, B, C, D = range(4)
 # Rows receive, columns send: W[t, s] is the static influence of token s on token t.
@@ -160,9 +162,8 @@ def test_cli_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     text = capsys.readouterr().out
-    for field in StudyConfig.__dataclass_fields__:
-        option = "--no-position-embedding" if field == "position_embedding" else \
-            "--" + field.replace("_", "-")
+    for name, field in StudyConfig.__dataclass_fields__.items():
+        option = ("--no-" if field.default is True else "--") + name.replace("_", "-")
         assert option in text, option
     for action in build_parser()._actions:
         assert action.help, action.dest
@@ -172,3 +173,36 @@ def test_cli_reports_a_bad_argument_by_name(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit):
         main(["--betas", "0,2"])
     assert "betas must lie in" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~20 s: MLflow builds its sqlite schema
+def test_study_writes_table_figures_and_logs_every_setting_to_mlflow(tmp_path) -> None:
+    cfg = StudyConfig(betas=(0.0, 0.5), sigmas=(0.1,), samples=300, epochs=2, workers=1, out=tmp_path)
+    results = run_study(cfg, progress=False)
+    with open(tmp_path / "table1.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["beta", "sigma", "tf_loss", "gnn_loss", "ratio"]
+    assert [(float(r["beta"]), float(r["sigma"])) for r in rows] == [(0.0, 0.1), (0.5, 0.1)]
+    for row, result in zip(rows, sorted(results, key=lambda r: r.beta)):
+        assert float(row["ratio"]) == pytest.approx(float(row["gnn_loss"]) / float(row["tf_loss"]), rel=1e-4)
+        assert float(row["tf_loss"]) == pytest.approx(min(result.curves["transformer"][0].test_losses),
+                                                      rel=1e-4)
+    for png in ("fig3a_best_loss_vs_beta.png", "fig3b_test_loss_curves.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+    import mlflow  # the tracking store the study wrote: a sqlite database under OUT
+    client = mlflow.MlflowClient(cfg.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.data.params["generator"] == "static_predecessor"
+    assert parent.data.params["betas"] == "0,0.5"
+    assert {"ratio_avg_beta_0", "ratio_avg_beta_0.5"} <= set(parent.data.metrics)
+    assert sorted(float(r.data.params["beta"]) for r in children) == [0.0, 0.5]
+    for child in children:
+        assert {"tf_loss", "gnn_loss", "ratio"} <= set(child.data.metrics)
+        history = client.get_metric_history(child.info.run_id, "gnn_test_loss")
+        assert [m.step for m in history] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"table1.csv", "fig3a_best_loss_vs_beta.png", "fig3b_test_loss_curves.png"} <= artifacts
+

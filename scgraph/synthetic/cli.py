@@ -53,10 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feed-forward width / hidden in the Block (0: no feed-forward, the paper's "
                         "'single layer' between linear input and output layers)")
     p.add_argument("--block-layout", default=d.block_layout, choices=BLOCK_LAYOUTS,
-                   help="layout of the shared Block (pre_norm: the symmetric preset's)")
+                   help="layout of the shared Block (post_norm: the mixer reads the linear input layer's "
+                        "output, as in the paper; see scgraph/synthetic/models.py)")
     p.add_argument("--heads", type=int, default=d.heads, help="Transformer attention heads")
     p.add_argument("--no-position-embedding", dest="position_embedding", action="store_false",
                    help="drop the learned absolute-position embedding from both models")
+    p.add_argument("--no-standardize", dest="standardize", action="store_false",
+                   help="feed raw values instead of values standardized by the training set's mean "
+                        "and std (losses are reported in the generator's units either way)")
     p.add_argument("--workers", type=int, default=d.workers,
                    help="parallel processes, one thread each (1: run in this process)")
     p.add_argument("--out", default=str(d.out), help="output directory")

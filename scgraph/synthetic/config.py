@@ -34,10 +34,11 @@ class StudyConfig:
     w_seed: int = 0
     seed: int = 0
     hidden: int = 8
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = 0.0
     heads: int = 1
-    block_layout: str = "pre_norm"
+    block_layout: str = "post_norm"
     position_embedding: bool = True
+    standardize: bool = True
     workers: int = 2
     out: Path = Path("runs/synthetic")
     mlflow_uri: str | None = None

@@ -108,6 +108,10 @@ class SyntheticData:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    def standardized(self, mean: float, std: float) -> SyntheticData:
+        """Values as (v - mean) / std; tokens and mask unchanged."""
+        return SyntheticData(self.tokens, (self.values - mean) / std, self.masked)
+
     def split(self, train_fraction: float) -> tuple[SyntheticData, SyntheticData]:
         """Head/tail split; the samples are i.i.d., so this is a random split."""
         n = round(len(self) * train_fraction)

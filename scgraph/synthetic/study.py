@@ -18,6 +18,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import mlflow
+import torch
 from mlflow.entities import Metric
 from tqdm.auto import tqdm
 
@@ -35,7 +36,9 @@ from scgraph.synthetic.train import Curve, Task, build_study_model, run_task, si
 
 
 def tasks_of(cfg: StudyConfig) -> list[Task]:
-    return [Task(b, s, r, backbone) for b in cfg.betas for s in cfg.sigmas
+    """Sigma-major, smallest first: an interrupted study has whole Table I columns, the paper's
+    headline sigma = 0.1 column first."""
+    return [Task(b, s, r, backbone) for s in sorted(cfg.sigmas) for b in sorted(cfg.betas)
             for r in range(cfg.repeats) for backbone in BACKBONE_LABELS]
 
 
@@ -99,7 +102,12 @@ def _completed(cfg: StudyConfig):
     """(task, curve) pairs as they finish: in a pool of ``cfg.workers`` processes, or in-process."""
     tasks = tasks_of(cfg)
     if cfg.workers == 1:
-        yield from (run_task(cfg, t) for t in tasks)
+        threads = torch.get_num_threads()
+        single_thread()
+        try:
+            yield from (run_task(cfg, t) for t in tasks)
+        finally:
+            torch.set_num_threads(threads)
         return
     context = multiprocessing.get_context("spawn")  # no forked torch state in the workers
     with ProcessPoolExecutor(cfg.workers, mp_context=context, initializer=single_thread) as pool:

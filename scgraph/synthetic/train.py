@@ -34,15 +34,19 @@ class Curve:
 
 
 @torch.no_grad()
-def evaluate(model: CellModel, data: SyntheticData) -> float:
+def evaluate(model: CellModel, data: SyntheticData, loss_scale: float = 1.0) -> float:
     model.eval()
     pred = model(data.tokens, data.values, data.masked)
-    return mvp_loss(pred, data.values, data.masked).item()
+    return mvp_loss(pred, data.values, data.masked).item() * loss_scale
 
 
 def train_model(model: CellModel, train: SyntheticData, test: SyntheticData, *, epochs: int,
-                batch_size: int, lr: float, seed: int) -> Curve:
-    """Adam for ``epochs`` shuffled passes (the last short batch kept), test loss after each."""
+                batch_size: int, lr: float, seed: int, loss_scale: float = 1.0) -> Curve:
+    """Adam for ``epochs`` shuffled passes (the last short batch kept), test loss after each.
+
+    ``loss_scale`` converts the test MSE back to the generator's units when the data were
+    standardized (std**2), so Table I is comparable whatever the models were fed.
+    """
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)  # fewer kernel launches
     losses = []
@@ -55,7 +59,7 @@ def train_model(model: CellModel, train: SyntheticData, test: SyntheticData, *, 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        losses.append(evaluate(model, test))
+        losses.append(evaluate(model, test, loss_scale))
     return Curve(losses)
 
 
@@ -90,13 +94,18 @@ def run_task(cfg: StudyConfig, task: Task) -> tuple[Task, Curve]:
     data = make_dataset(cfg.generator, cfg.samples, beta=task.beta, sigma=task.sigma,
                         w=static_coefficients(cfg.w_seed), alpha=cfg.alpha, mu=cfg.mu, seed=seed)
     train, test = data.split(cfg.train_fraction)
+    std = 1.0
+    if cfg.standardize:
+        mean, std = train.values.mean().item(), train.values.std().item()
+        train, test = train.standardized(mean, std), test.standardized(mean, std)
     torch.manual_seed(seed)
     model = build_study_model(cfg, task.backbone)
     curve = train_model(model, train, test, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                        seed=seed)
+                        seed=seed, loss_scale=std ** 2)
     return task, curve
 
 
 def single_thread() -> None:
-    """One intra-op thread per worker: two workers on two cores beat one process on both."""
+    """One intra-op thread: the tensors are tiny, so extra threads only add synchronisation, and
+    two single-thread workers on two cores beat one process on both."""
     torch.set_num_threads(1)
