@@ -20,6 +20,7 @@ from scgraph.synthetic.generators import (
 )
 from scgraph.synthetic.models import build_synthetic_model, synthetic_model_config
 from scgraph.synthetic.study import run_study
+from scgraph.synthetic.train import evaluate
 
 A, B, C, D = range(4)
 # Rows receive, columns send: W[t, s] is the static influence of token s on token t.
@@ -206,3 +207,15 @@ def test_study_writes_table_figures_and_logs_every_setting_to_mlflow(tmp_path) -
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"table1.csv", "fig3a_best_loss_vs_beta.png", "fig3b_test_loss_curves.png"} <= artifacts
 
+
+
+def test_standardized_training_reports_test_loss_in_the_generators_units() -> None:
+    """A model fed (v - m) / s predicts p; its loss in the generator's units is that of m + s p."""
+    data = make_dataset("static_predecessor", 64, beta=0.5, sigma=0.1, w=static_coefficients(0))
+    mean, std = 5.0, 3.0
+    model = build_synthetic_model(synthetic_model_config("gnn")).eval()
+    scaled = data.standardized(mean, std)
+    with torch.no_grad():
+        pred = mean + std * model(scaled.tokens, scaled.values, scaled.masked)
+    expected = ((pred - data.values)[data.masked] ** 2).mean().item()
+    assert evaluate(model, scaled, loss_scale=std ** 2) == pytest.approx(expected, rel=1e-5)
