@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "MLflow.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--generator", default=d.generator, choices=GENERATORS,
-                   help="value generator of SPEC §2 (static_predecessor reproduces the paper's shape)")
+                   help="value generator of SPEC §2 (static_predecessor: SPEC's default, the closest to "
+                        "the paper's shape when SPEC tried them)")
     p.add_argument("--betas", type=_floats, default=d.betas, metavar="B,B,...",
                    help=f"relative-position coefficients, each in [{BETA_RANGE[0]:g}, {BETA_RANGE[1]:g}]")
     p.add_argument("--sigmas", type=_floats, default=d.sigmas, metavar="S,S,...",
@@ -57,15 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "output, as in the paper; see scgraph/synthetic/models.py)")
     p.add_argument("--heads", type=int, default=d.heads, help="Transformer attention heads")
     p.add_argument("--no-position-embedding", dest="position_embedding", action="store_false",
-                   help="drop the learned absolute-position embedding from both models")
+                   help="drop the learned absolute-position embedding from both models (embedding on: "
+                        "%(default)s)")
     p.add_argument("--no-standardize", dest="standardize", action="store_false",
                    help="feed raw values instead of values standardized by the training set's mean "
-                        "and std (losses are reported in the generator's units either way)")
+                        "and std (losses are reported in the generator's units either way; standardize: "
+                        "%(default)s)")
     p.add_argument("--workers", type=int, default=d.workers,
                    help="parallel processes, one thread each (1: run in this process)")
     p.add_argument("--out", default=str(d.out), help="output directory")
     p.add_argument("--mlflow-uri", default=None,
-                   help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
+                   help="MLflow tracking URI; None means sqlite:///OUT/mlflow.db")
     p.add_argument("--experiment", default=d.experiment, help="MLflow experiment name")
     return p
 
