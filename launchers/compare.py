@@ -1,0 +1,8 @@
+"""The paper's Table II from the MLflow runs of an experiment: see --help."""
+
+import sys
+
+from scgraph.eval.cli import compare_main
+
+if __name__ == "__main__":
+    sys.exit(compare_main())

@@ -1,0 +1,2 @@
+"""Evaluation of pretrained encoders: the paper's linear probe with its controls, figures, and the
+Table II comparison across MLflow runs."""
