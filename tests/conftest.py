@@ -83,3 +83,57 @@ def pbmc_h5ad(tmp_path_factory, pbmc) -> str:
     path = os.path.join(tmp_path_factory.mktemp("h5ad"), "pbmc68k.h5ad")
     pbmc.write_h5ad(path)
     return path
+
+
+#: The demo pipeline at test size: 2 layers, hidden 32, L 64, 3 steps on 2 CPU ranks, 400 held-out cells.
+TINY_DEMO = dict(hidden=32, layers=2, heads=4, adjacency_rank=8, seq_len=64, batch_size=16, micro_batch_size=4,
+                 steps=3, held_out_cells=400, repeats=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """The demo's own steps, run once: the real CBMC cells as a census-layout collection with a
+    held-out split, shards of each split through the census path, and both backbones pretrained
+    with the real deepspeed launcher into one MLflow store. Tests probe and compare on these."""
+    from scgraph.config import BACKBONES
+    from scgraph.demo import Demo, DemoSettings
+
+    demo = Demo(DemoSettings(out=str(tmp_path_factory.mktemp("demo")), experiment="tiny", **TINY_DEMO))
+    demo.build_census()
+    demo.write_shards("shards_pretrain", demo.pretrain_shards, "pretrain")
+    demo.write_shards("shards_heldout", demo.heldout_shards, "heldout", demo.pretrain_shards)
+    for backbone in BACKBONES:
+        demo.pretrain(backbone)
+    return demo
+
+
+@pytest.fixture(scope="session")
+def heldout_h5ad(tiny_demo) -> str:
+    """The demo's held-out cells as an .h5ad with the label in obs 'cell_type', plus 20 genes the
+    model never saw (copies of real genes' counts under new ids)."""
+    adata = ad.read_h5ad(tiny_demo.root / "cbmc.h5ad")
+    held = adata[adata.obs["split"] == "heldout"]
+    extra = ad.AnnData(X=held.X[:, :20], obs=held.obs, var=pd.DataFrame(index=[f"UNSEEN{i:02d}" for i in range(20)]))
+    cells = ad.concat([held, extra], axis=1, merge="first")
+    cells.obs = held.obs.rename(columns={"label": "cell_type"})
+    path = tiny_demo.root / "heldout_extra_genes.h5ad"
+    cells.write_h5ad(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def probes(tiny_demo, heldout_h5ad) -> dict[str, dict]:
+    """Both backbones probed on the held-out cells: the GNN by the demo's probe step (the real
+    launchers/probe.py on the held-out shards), the Transformer in-process from the .h5ad, with
+    --export. Returns each probe.json."""
+    import json
+
+    from scgraph.eval.cli import probe_main
+
+    tiny_demo.probe("gnn")
+    out = tiny_demo.root / "probe" / "transformer"
+    code = probe_main(["--checkpoint", str(tiny_demo.pretrain_output("transformer")), "--data", heldout_h5ad,
+                       "--dataset-name", "cbmc", "--repeats", "2", "--out", str(out), "--tsne-cells", "200",
+                       "--export", str(out / "exported.h5ad"), "--quiet"])
+    assert code == 0
+    return {b: json.loads((tiny_demo.root / "probe" / b / "probe.json").read_text()) for b in ("gnn", "transformer")}
