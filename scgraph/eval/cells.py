@@ -114,8 +114,9 @@ def _read_soma(uri: str, organism: str) -> Cells:
     with open_source(SourceSpec(kind, uri, organism=organism)) as source:
         genes = source.genes()
         joinids = source.select(None)
-        columns = [c for c in source.obs_columns if c != "soma_joinid"]
-        counts, obs = source.read_block(joinids, columns) if len(joinids) else (sp.csr_matrix((0, 0)), {})
+        if not len(joinids):
+            raise ValueError(f"--data {uri} holds no cells")
+        counts, obs = source.read_block(joinids, [c for c in source.obs_columns if c != "soma_joinid"])
     counts = sp.csr_matrix(counts, dtype=np.float32)
     frame = pd.DataFrame(obs, index=pd.Index([str(j) for j in joinids], name="soma_joinid"))
     var = pd.DataFrame({"feature_name": genes.feature_names},

@@ -150,24 +150,29 @@ def _percent(mean: float, std: float | None = None) -> str:
     return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
 
 
+def _signed(difference: float) -> str:
+    """A GNN − TF difference in accuracy points; blank where there is none (the TF rows)."""
+    return f"{100 * difference:+.2f}" if math.isfinite(difference) else ""
+
+
 def _header(table: Table) -> list[str]:
     return ["Settings", "Model", "FLOPs/cell", "Mem", *table.datasets, "Average", "GNN − TF"]
 
 
 def _averages(table: Table) -> list[list[str]]:
     """The paper's closing 'Average' rows: each backbone's mean over settings, per dataset."""
-    lines = []
+    stats: dict[str, tuple[list[float], float]] = {}
     for backbone in sorted({r.backbone for r in table.rows}, key=lambda b: _ORDER.get(b, len(_ORDER))):
         rows = [r for r in table.rows if r.backbone == backbone]
-        means = [np.mean([r.accuracy[d][0] for r in rows if d in r.accuracy] or [math.nan]) for d in table.datasets]
-        average = float(np.nanmean([r.average(table.datasets) for r in rows]))
-        lines.append((backbone, means, average))
-    by_name = {name: (means, average) for name, means, average in lines}
+        means = [float(np.mean([r.accuracy[d][0] for r in rows if d in r.accuracy] or [math.nan]))
+                 for d in table.datasets]
+        stats[backbone] = (means, float(np.nanmean([r.average(table.datasets) for r in rows])))
     out = []
-    for backbone, means, average in lines:
-        diff = average - by_name["transformer"][1] if backbone == "gnn" and "transformer" in by_name else math.nan
+    for backbone, (means, average) in stats.items():
+        tf = stats.get("transformer")
+        diff = average - tf[1] if backbone == "gnn" and tf else math.nan
         out.append(["Average", _model(backbone), "", "", *[_percent(m) for m in means], _percent(average),
-                    f"{100 * diff:+.2f}" if math.isfinite(diff) else ""])
+                    _signed(diff)])
     return out
 
 
@@ -182,7 +187,7 @@ def table_rows(table: Table) -> list[list[str]]:
         diff = table.difference(row)
         out.append([table.setting(row), _model(row.backbone), _si(row.flops), _si(row.memory, "B"),
                      *[_percent(*row.accuracy[d]) if d in row.accuracy else "–" for d in table.datasets],
-                     _percent(row.average(table.datasets)), f"{100 * diff:+.2f}" if math.isfinite(diff) else ""])
+                     _percent(row.average(table.datasets)), _signed(diff)])
     if len(table.settings()) > 1:
         out += _averages(table)
     return out

@@ -127,10 +127,11 @@ def run_probe(opts: ProbeOptions) -> dict[str, Any]:
         return LinearProbe(epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, seed=seed,
                            standardize=opts.standardize)
 
-    split = dict(repeats=opts.repeats, seed=opts.seed, test_fraction=opts.test_fraction)
-    scores = {"pretrained": evaluate(probe, embeddings[keep], y, **split),
-              "random_encoder": evaluate(probe, baseline, y, **split),
-              "logistic_regression": evaluate(logistic_regression, log1p_cp10k(match.counts[keep]), y, **split)}
+    split = dict(repeats=opts.repeats, seed=opts.seed, test_fraction=opts.test_fraction, progress=opts.progress)
+    scores = {"pretrained": evaluate(probe, embeddings[keep], y, desc=f"probe ({backbone})", **split),
+              "random_encoder": evaluate(probe, baseline, y, desc="probe (random encoder)", **split),
+              "logistic_regression": evaluate(logistic_regression, log1p_cp10k(match.counts[keep]), y,
+                                              desc="logistic regression", **split)}
     size = (len(keep), len(classes), match.matched)
     dataset = opts.dataset_name or cells.name
     report: dict[str, Any] = _summary(scores["pretrained"], *size) | {

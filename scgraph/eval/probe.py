@@ -17,7 +17,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
+from tqdm.auto import tqdm
 
 
 class Classifier(Protocol):
@@ -167,7 +169,7 @@ class Scores:
 
 
 def evaluate(make: Callable[[int], Classifier], X: Any, y: np.ndarray, *, repeats: int = 5, seed: int = 0,
-             test_fraction: float = 0.3) -> Scores:
+             test_fraction: float = 0.3, desc: str | None = None, progress: bool = False) -> Scores:
     """Fit ``make(seed_i)`` on the train part of split i and score it on the test part, for
     ``repeats`` seeds; split i depends only on (y, seed + i), so every classifier evaluated with
     the same arguments sees the same splits and their scores compare repeat by repeat."""
@@ -175,7 +177,7 @@ def evaluate(make: Callable[[int], Classifier], X: Any, y: np.ndarray, *, repeat
         raise ValueError(f"repeats must be >= 1; got {repeats}")
     classes = np.unique(y)
     scores = Scores()
-    for i in range(repeats):
+    for i in tqdm(range(repeats), desc=desc, unit="repeat", disable=not progress, leave=False):
         train, test = stratified_split(y, test_fraction, seed + i)
         prediction = make(seed + i).fit(X[train], y[train]).predict(X[test])
         scores.accuracy.append(float((prediction == y[test]).mean()))
@@ -196,8 +198,6 @@ def log1p_cp10k(counts: sp.spmatrix) -> sp.csr_matrix:
     return sp.csr_matrix(out, dtype=np.float32)
 
 
-def logistic_regression(seed: int):
+def logistic_regression(seed: int) -> LogisticRegression:
     """The expression-only control: what a linear model reaches without any encoder."""
-    from sklearn.linear_model import LogisticRegression
-
     return LogisticRegression(max_iter=1000, random_state=seed)
