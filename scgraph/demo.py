@@ -32,6 +32,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from scgraph.config import BACKBONES, PRESETS
 from scgraph.data.datasets import load_cbmc
@@ -51,7 +52,8 @@ def _help(text: str) -> dict:
 class DemoSettings:
     """Small enough for a 2-core machine in minutes; every field is a command-line option."""
 
-    out: str = field(default="runs/demo", **_help("output directory (reused by a second run)"))
+    out: str = field(default="runs/demo", **_help("output directory; a second run with the same settings reuses "
+                                                  "its finished steps (use a new one after changing model settings)"))
     experiment: str = field(default="scgraph-demo", **_help("MLflow experiment"))
     preset: str = field(default="scbenchmark", **_help(f"architecture preset: {' or '.join(PRESETS)}"))
     hidden: int = field(default=64, **_help("hidden size of both backbones"))
@@ -110,8 +112,6 @@ class Demo:
     def command(self, name: str, cmd: list[str], *, progress_total: int | None = None) -> str:
         """Run ``cmd`` from the repository root with its output in ``logs/<name>.log``; return its
         stdout. ``progress_total``: follow the command's own tqdm bar (on stderr) with one here."""
-        from tqdm.auto import tqdm
-
         self.logs.mkdir(parents=True, exist_ok=True)
         log_path = self.logs / f"{name}.log"
         print(f"  $ {shlex.join(cmd)}", flush=True)
