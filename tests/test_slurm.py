@@ -89,7 +89,8 @@ def pretrained(cluster, sharded, work):
     env = {"DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "BACKBONE": "gnn", "SHARDS": str(work / "shards"),
            "DS_CONFIG": "ds_configs/cpu_zero2.json", "OUTPUT": str(work / "run"),
            "MLFLOW_URI": f"sqlite:///{work}/mlflow.db"}
-    job = cluster.sbatch("--ntasks-per-node", "2", "--output", f"{work}/pretrain-%j.out", "slurm/pretrain.sbatch",
+    job = cluster.sbatch("--ntasks-per-node", "2", "--cpus-per-task", "1", "--output", f"{work}/pretrain-%j.out",
+                         "slurm/pretrain.sbatch",
                          *SMALL, "--max-steps", str(STEPS), "--checkpoint-every", str(CHECKPOINT_EVERY),
                          "--experiment", "slurm", env=env, cwd=ROOT)
     first = work / "run" / "checkpoints" / f"step{CHECKPOINT_EVERY:08d}" / "scgraph.json"
