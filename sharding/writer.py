@@ -85,7 +85,6 @@ class WriteOptions:
     match_genes_by: str = "feature_id"
     slice: str | None = None  # "I/N": write only part I of N of the plan's shards
 
-
     def __post_init__(self) -> None:
         if self.cells_per_shard < 1:
             raise ValueError(f"--cells-per-shard must be >= 1; got {self.cells_per_shard}")
