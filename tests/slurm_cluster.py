@@ -150,12 +150,17 @@ class SlurmCluster:
     def stop(self) -> None:
         """``scontrol shutdown`` stops both daemons; munged is ours, ended by its pid."""
         if self.conf.is_file():
+            pids = []
+            for pid_file in ("slurmctld.pid", "slurmd.pid"):  # read first: the daemons remove them
+                with contextlib.suppress(FileNotFoundError, ValueError):
+                    pids.append(int((self.dir / pid_file).read_text()))
             subprocess.run(["scontrol", "shutdown"], env=self.env, capture_output=True, timeout=60)
-            for pid_file in ("slurmctld.pid", "slurmd.pid"):
-                _wait_gone(self.dir / pid_file)
+            for pid in pids:
+                _wait_exit(pid)
         if self._munged_pid is not None:
             with contextlib.suppress(ProcessLookupError):  # munged may be gone already
                 os.kill(self._munged_pid, signal.SIGTERM)
+            _wait_exit(self._munged_pid)  # it writes its seed file on the way out
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def sbatch(self, *args: str, env: dict[str, str] | None = None, cwd: str | Path | None = None) -> str:
@@ -203,11 +208,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _wait_gone(pid_file: Path, timeout: float = 30) -> None:
+def _wait_exit(pid: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    try:
-        pid = int(pid_file.read_text())
-    except (FileNotFoundError, ValueError):
-        return
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
