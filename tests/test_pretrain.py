@@ -22,6 +22,7 @@ import scipy.sparse as sp
 
 from scgraph.config import TrainConfig
 from scgraph.train.dsconfig import resolve_ds_config
+from scgraph.train.options import build_parser, config_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--hidden", "32", "--layers", "2", "--heads", "4", "--adjacency-rank", "8", "--seq-len", "64",
@@ -121,12 +122,14 @@ def test_deepspeed_zero2_gnn_run_logs_metrics_and_telemetry_to_mlflow(uninterrup
     assert (out / "checkpoints" / "step00000006" / "scgraph.json").is_file()
 
 
-def test_deepspeed_zero3_transformer_run_trains(shards, store, tmp_path):
-    proc = launch(["--backbone", "transformer", "--max-steps", "3",
-                   *common(shards, store, "zero3", tmp_path / "tf", "cpu_zero3.json")])
+@pytest.mark.parametrize("backbone", ["transformer", "gnn"])
+def test_deepspeed_zero3_run_trains_each_backbone(backbone, shards, store, tmp_path):
+    """Stage 3 partitions the parameters themselves, the GNN's G x r adjacency factors included."""
+    proc = launch(["--backbone", backbone, "--max-steps", "3",
+                   *common(shards, store, f"zero3-{backbone}", tmp_path / backbone, "cpu_zero3.json")])
     assert_ok(proc)
-    (run,) = runs(store, "zero3")
-    assert run.data.tags["backbone"] == "transformer"
+    (run,) = runs(store, f"zero3-{backbone}")
+    assert run.data.tags["backbone"] == backbone
     assert run.data.params["deepspeed.zero_optimization.stage"] == "3"
     assert run.data.metrics["loss"] > 0 and run.data.metrics["peak_memory_bytes"] > 0
 
@@ -213,3 +216,16 @@ def test_run_that_fails_midway_is_marked_failed_and_exits_nonzero(shards, tmp_pa
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "shard" in proc.stderr
     (run,) = runs(store, "broken")
     assert run.info.status == "FAILED"
+
+
+def test_yaml_config_is_overridden_by_flags_and_unknown_keys_are_refused(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  backbone: gnn\n  hidden: 64\n  heads: 4\ntrain:\n  lr: 0.001\n"
+                      "shards: /data/shards\ncheckpoint_every: 7\n")
+    args = build_parser().parse_args(["--config", str(config), "--hidden", "32", "--seq-len", "128"])
+    cfg = config_from_args(args)
+    assert (cfg.run.model.backbone, cfg.run.model.hidden, cfg.run.tokenizer.seq_len) == ("gnn", 32, 128)
+    assert (cfg.run.train.lr, cfg.shards, cfg.checkpoint_every) == (0.001, "/data/shards", 7)
+    config.write_text("model:\n  hiden: 64\n")
+    with pytest.raises(ValueError, match="unknown model field\\(s\\) hiden"):
+        config_from_args(build_parser().parse_args(["--config", str(config)]))

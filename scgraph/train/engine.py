@@ -219,10 +219,9 @@ class Pretrainer:
                   f"{self.consumed} batches into it)", flush=True)
 
     def save_checkpoint(self) -> None:
+        """scgraph.json goes first: DeepSpeed moves its ``latest`` pointer only after writing its own
+        files, so a kill at any moment leaves ``latest`` on a complete, resumable checkpoint."""
         tag = f"step{self.step:08d}"
-        client = {"step": self.step, "epoch": self.epoch, "consumed": self.consumed,
-                  "losses": self.losses, "mlflow_run_id": self.tracker.run_id}
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
         if self.rank == 0:
             meta = {"run": self.cfg.run.to_dict(), "shards": str(Path(self.cfg.shards).resolve()),
                     "shards_identity": self.shards.identity, "feature_ids": self.shards.feature_ids,
@@ -230,7 +229,12 @@ class Pretrainer:
                     "zero_stage": zero_stage(self.ds), "precision": precision(self.ds),
                     "mlflow_run_id": self.tracker.run_id, "mlflow_uri": self.cfg.mlflow_uri,
                     "experiment": self.cfg.experiment}
+            (self.ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
             (self.ckpt_dir / tag / SCGRAPH_META).write_text(json.dumps(meta))
+        dist.barrier()
+        client = {"step": self.step, "epoch": self.epoch, "consumed": self.consumed,
+                  "losses": self.losses, "mlflow_run_id": self.tracker.run_id}
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
         dist.barrier()
         self.last_tag = tag
 
