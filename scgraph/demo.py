@@ -20,7 +20,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +37,7 @@ from scgraph.config import BACKBONES, PRESETS
 from scgraph.data.datasets import load_cbmc
 from scgraph.data.shards import ShardSet
 from scgraph.eval.evaluate import format_report
+from scgraph.train.engine import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL_KEY = "cell_type"
@@ -182,11 +182,8 @@ class Demo:
         final = output / "final_checkpoint.json"
         if final.is_file() and json.loads(final.read_text())["step"] >= s.steps:
             return False
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
         cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(s.ranks), "--master_port",
-               str(port), "launchers/pretrain.py", "--backbone", backbone, "--preset", s.preset,
+               str(free_port()), "launchers/pretrain.py", "--backbone", backbone, "--preset", s.preset,
                "--hidden", str(s.hidden), "--layers", str(s.layers), "--heads", str(s.heads),
                "--adjacency-rank", str(s.adjacency_rank), "--seq-len", str(s.seq_len),
                "--batch-size", str(s.batch_size), "--micro-batch-size", str(s.micro_batch_size), "--lr", str(s.lr),

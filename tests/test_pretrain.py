@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import scipy.sparse as sp
 
 from scgraph.config import TrainConfig
 from scgraph.train.dsconfig import resolve_ds_config
+from scgraph.train.engine import free_port
 from scgraph.train.options import build_parser, config_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,18 +30,12 @@ SMALL = ["--hidden", "32", "--layers", "2", "--heads", "4", "--adjacency-rank", 
 pytestmark = pytest.mark.slow
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(args: list[str], ranks: int = 2, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run launchers/pretrain.py under the deepspeed launcher (ranks > 1) or as plain python."""
     env = os.environ | {"DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     if ranks > 1:
         cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(ranks),
-               "--master_port", str(_port()), "launchers/pretrain.py", *args]
+               "--master_port", str(free_port()), "launchers/pretrain.py", *args]
     else:
         cmd = [sys.executable, "launchers/pretrain.py", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

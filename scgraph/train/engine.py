@@ -68,7 +68,8 @@ class PretrainConfig:
             raise ValueError(f"num_workers must be >= 0; got {self.num_workers}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on this host, for a rendezvous (MASTER_PORT / --master_port)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -78,7 +79,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     """Join (or, as plain ``python``, create) the process group: NCCL on GPUs, gloo on CPU."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
