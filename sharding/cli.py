@@ -129,9 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument(
         "--block-cells",
         type=_positive_int,
-        default=1024,
         metavar="N",
-        help="cells read from the source per block: memory is a few blocks (default: %(default)s)",
+        help="cells read from the source per block, cut on a grid of N soma_joinids: memory is a few "
+        "blocks (default: the X array's tile extent along cells, 2048 in the census, so no two blocks "
+        "decode the same tiles; 2048 for an .h5ad)",
     )
     write.add_argument(
         "--slice",

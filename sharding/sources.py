@@ -9,6 +9,7 @@ SOMA experiment); an .h5ad is read in backed mode so its matrix is never loaded 
 from __future__ import annotations
 
 import ast
+import json
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -79,8 +80,8 @@ class Genes:
     feature_names: list[str]
 
 
-def check_raw_counts(matrix: sp.csr_matrix, cell_names: Sequence[Any]) -> None:
-    """Shards store raw counts; refuse anything else, naming the first bad cell and the defect."""
+def raw_count_defect(matrix: sp.csr_matrix) -> tuple[int, str] | None:
+    """(row, what) of the first cell whose counts are not raw counts, or None."""
     data = matrix.data
     defects = (
         ("NaN or infinite values", ~np.isfinite(data)),
@@ -89,8 +90,15 @@ def check_raw_counts(matrix: sp.csr_matrix, cell_names: Sequence[Any]) -> None:
     )
     for what, bad in defects:
         if bad.any():
-            row = int(np.searchsorted(matrix.indptr, int(np.argmax(bad)), side="right") - 1)
-            raise ValueError(f"counts of cell {cell_names[row]} contain {what}")
+            return int(np.searchsorted(matrix.indptr, int(np.argmax(bad)), side="right") - 1), what
+    return None
+
+
+def check_raw_counts(matrix: sp.csr_matrix, cell_names: Sequence[Any]) -> None:
+    """Shards store raw counts; refuse anything else, naming the first bad cell and the defect."""
+    defect = raw_count_defect(matrix)
+    if defect is not None:
+        raise ValueError(f"counts of cell {cell_names[defect[0]]} contain {defect[1]}")
 
 
 def filter_columns(expr: str) -> set[str]:
@@ -182,24 +190,46 @@ class SomaSource:
         return np.sort(table["soma_joinid"].to_numpy())
 
     def read_block(self, joinids: np.ndarray, obs_columns: Sequence[str]) -> tuple[sp.csr_matrix, ObsColumns]:
-        """Counts (cells in ``joinids`` order x var positions) and obs columns of sorted ``joinids``.
-        A contiguous run of joinids (the common case) is read as one range and needs no lookup."""
+        """Counts (cells in ``joinids`` order x var positions) and obs columns of sorted ``joinids``."""
+        return self.read_counts(joinids), self.read_obs(joinids, obs_columns)
+
+    @property
+    def tile_rows(self) -> int | None:
+        """X's tile extent along cells. TileDB decodes whole tiles: a read of part of a band of
+        this many cells costs as much as the whole band, so the writer's blocks follow this grid."""
+        try:
+            dims = json.loads(self._X.schema_config_options().dims)
+            return int(dims["soma_dim_0"]["tile"])
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return None
+
+    @staticmethod
+    def _coords(joinids: np.ndarray) -> tuple[Any, bool]:
+        """A contiguous run of joinids (the common case) is read as one range and needs no lookup."""
+        first, last = int(joinids[0]), int(joinids[-1])
+        contiguous = last - first + 1 == len(joinids)
+        return ((slice(first, last),) if contiguous else (joinids,)), contiguous
+
+    def read_counts(self, joinids: np.ndarray) -> sp.csr_matrix:
+        """Counts of sorted ``joinids``: cells in ``joinids`` order x var positions."""
         if self._var_joinids is None:
             self.genes()
-        first, contiguous = int(joinids[0]), int(joinids[-1]) - int(joinids[0]) + 1 == len(joinids)
-        coords = (slice(first, int(joinids[-1])),) if contiguous else (joinids,)
+        coords, contiguous = self._coords(joinids)
         table = self._X.read(coords=coords).tables().concat()
-        dim0, dim1 = table["soma_dim_0"].to_numpy(), table["soma_dim_1"].to_numpy()
-        rows = dim0 - first if contiguous else np.searchsorted(joinids, dim0)
+        dim0, dim1, data = (table[c].to_numpy() for c in ("soma_dim_0", "soma_dim_1", "soma_data"))
+        del table
+        rows = dim0 - int(joinids[0]) if contiguous else np.searchsorted(joinids, dim0)
         cols = dim1 if self._var_is_range else np.searchsorted(self._var_joinids, dim1)
-        counts = sp.csr_matrix(
-            (table["soma_data"].to_numpy(), (rows, cols)), shape=(len(joinids), len(self._var_joinids))
-        )
+        return sp.csr_matrix((data, (rows, cols)), shape=(len(joinids), len(self._var_joinids)))
+
+    def read_obs(self, joinids: np.ndarray, obs_columns: Sequence[str]) -> ObsColumns:
+        """The ``obs_columns`` of sorted ``joinids``, one list of Python values per column."""
+        coords, _ = self._coords(joinids)
         obs = self._obs.read(coords=coords, column_names=["soma_joinid", *obs_columns]).concat()
         obs = obs.sort_by("soma_joinid")
         if not np.array_equal(obs["soma_joinid"].to_numpy(), joinids):
             raise ValueError(f"{self.name}: obs has no row for some selected soma_joinid")
-        return counts, {c: _python_values(obs[c]) for c in obs_columns}
+        return {c: _python_values(obs[c]) for c in obs_columns}
 
 
 class H5adSource:
@@ -242,10 +272,17 @@ class H5adSource:
         mask = self._obs.reset_index(drop=True).eval(obs_filter, engine="python")
         return np.flatnonzero(np.asarray(mask, dtype=bool)).astype(np.int64)
 
+    tile_rows = None  # backed rows cost the same however a read is cut
+
     def read_block(self, joinids: np.ndarray, obs_columns: Sequence[str]) -> tuple[sp.csr_matrix, ObsColumns]:
-        counts = sp.csr_matrix(self._X[joinids])
+        return self.read_counts(joinids), self.read_obs(joinids, obs_columns)
+
+    def read_counts(self, joinids: np.ndarray) -> sp.csr_matrix:
+        return sp.csr_matrix(self._X[joinids])
+
+    def read_obs(self, joinids: np.ndarray, obs_columns: Sequence[str]) -> ObsColumns:
         obs = self._obs.iloc[joinids]
-        return counts, {c: obs[c].astype(object).tolist() for c in obs_columns}
+        return {c: obs[c].astype(object).tolist() for c in obs_columns}
 
 
 Source = SomaSource | H5adSource

@@ -21,8 +21,10 @@ import hashlib
 import json
 import multiprocessing
 import os
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -46,12 +48,18 @@ from sharding.sources import (
     ObsColumns,
     Source,
     SourceSpec,
-    check_raw_counts,
     open_source,
+    raw_count_defect,
     resolve_obs_options,
 )
 
 TMP_SUFFIX = ".partial"
+#: Cells per block when the source has no tile grid to follow (the census's X tile extent).
+DEFAULT_BLOCK_CELLS = 2048
+#: Cells whose obs are read with one query.
+OBS_CHUNK_CELLS = 65_536
+#: Blocks read ahead of the encoder, and encoded pieces queued for the file writer.
+QUEUE_DEPTH = 2
 
 
 def shard_name(index: int) -> str:
@@ -135,7 +143,7 @@ class ShardJob:
     obs_columns: list[str]
     gene_map: np.ndarray | None  # source var position -> vocabulary index (-1: dropped); None: identity
     vocab_size: int
-    block_cells: int
+    block_cells: int | None  # None: the source's tile extent along cells (DEFAULT_BLOCK_CELLS if none)
 
 
 @dataclass
@@ -243,15 +251,112 @@ def obs_json(columns: ObsColumns, n_cells: int) -> list[bytes]:
     return [_obs_bytes(names, values) for values in zip(*columns.values(), strict=True)]
 
 
+def merge_runs(bounds: list[int], limit: int) -> list[slice]:
+    """Consecutive runs ``bounds[i]:bounds[i + 1]`` joined while a join holds at most ``limit``
+    items (a run longer than ``limit`` stays alone)."""
+    out, start, previous = [], bounds[0], bounds[0]
+    for end in bounds[1:]:
+        if end - start > limit and previous > start:
+            out.append(slice(start, previous))
+            start = previous
+        previous = end
+    out.append(slice(start, bounds[-1]))
+    return out
+
+
+def cut_blocks(joinids: np.ndarray, block_cells: int) -> list[slice]:
+    """The positions of sorted ``joinids`` read with one query each. Blocks follow the grid of
+    ``block_cells`` consecutive soma_joinids, so with X's tile extent no two blocks decode the same
+    tiles (reading part of a band of tiles costs as much as all of it: cutting a shard's 10,000
+    cells into 1,024-cell blocks read X three times slower); a sparse selection joins consecutive
+    bands while a block holds at most ``block_cells`` cells, so few cells do not mean many queries."""
+    if not len(joinids):
+        return []
+    band_starts = np.flatnonzero(np.diff(joinids // block_cells)) + 1
+    return merge_runs([0, *band_starts.tolist(), len(joinids)], block_cells)
+
+
+@dataclass
+class Block:
+    """Consecutive selected cells read together: counts in the output vocabulary, obs as JSON."""
+
+    joinids: np.ndarray
+    counts: sp.csr_matrix
+    obs: list[bytes]
+    defect: tuple[int, str] | None = None  # (row, message) of the first cell without raw counts
+
+
+def read_blocks(
+    source: Source, joinids: np.ndarray, job: ShardJob, block_cells: int
+) -> Iterator[Block]:
+    """``joinids`` block by block. obs are read for up to ``OBS_CHUNK_CELLS`` cells at once (an obs
+    query costs about 10 ms whatever its size); a defect in the counts is attached to its block,
+    not raised, so the shards before the bad cell are still completed."""
+    blocks = cut_blocks(joinids, block_cells)
+    for chunk in merge_runs([0, *[b.stop for b in blocks]], OBS_CHUNK_CELLS):
+        obs = obs_json(source.read_obs(joinids[chunk], job.obs_columns), chunk.stop - chunk.start)
+        for part in blocks:
+            if not chunk.start <= part.start < chunk.stop:
+                continue
+            ids = joinids[part]
+            counts = source.read_counts(ids)
+            defect = raw_count_defect(counts)
+            if defect is not None:
+                defect = (defect[0], f"counts of cell soma_joinid={ids[defect[0]]} contain {defect[1]}")
+            counts = _to_vocabulary(counts, job.gene_map, job.vocab_size)
+            yield Block(ids, counts, obs[part.start - chunk.start : part.stop - chunk.start], defect)
+
+
+def prefetch(items: Iterator[Any], depth: int = QUEUE_DEPTH) -> Iterator[Any]:
+    """``items`` produced on a background thread, up to ``depth`` ahead. TileDB reads release the
+    GIL, so the next block is read while this one is encoded and written. Closing the generator
+    (or an error on either side) stops the thread."""
+    slots: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(message: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(message, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as err:  # handed to the consumer, raised there
+            put(("error", err))
+
+    thread = threading.Thread(target=produce, name="shard-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = slots.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 class _HashingFile:
     """Write-through file that hashes as it goes, so a shard's sha256 costs no second read."""
 
     def __init__(self, path: str) -> None:
+        self.path = path
         self._file = open(path, "wb")
         self.sha256 = hashlib.sha256()
         self.size = 0
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Any) -> None:
         self._file.write(data)
         self.sha256.update(data)
         self.size += len(data)
@@ -261,47 +366,139 @@ class _HashingFile:
         os.fsync(self._file.fileno())
         self._file.close()
 
+    def discard(self) -> None:
+        self._file.close()
+        os.unlink(self.path)
 
-def write_shard(
-    source: Source, job: ShardJob, on_cells: Callable[[int], None] = lambda n: None
-) -> dict[str, Any]:
-    """Stream ``job``'s cells block by block into a temporary tar, then rename it into place.
-    Memory: one block of counts and obs. On any error the temporary file is removed."""
-    name = shard_name(job.index)
-    final = os.path.join(job.out, name)
-    tmp = f"{final}.{os.getpid()}{TMP_SUFFIX}"
-    sink = _HashingFile(tmp)
-    nnz = 0
+
+class ShardFiles:
+    """Shards written on a background thread: file writes and sha256 release the GIL, so they run
+    beside encoding. A shard is written under a temporary name, fsynced and renamed into place
+    there, then ``on_done`` gets its record; shards finish in the order they were begun. After an
+    error on either side the partial shard is removed and every earlier shard is still finished."""
+
+    def __init__(self, out: str, on_done: Callable[[dict[str, Any]], None]) -> None:
+        self._out, self._on_done = out, on_done
+        self._messages: queue.Queue = queue.Queue(QUEUE_DEPTH)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self._thread.start()
+
+    def begin(self, job: ShardJob) -> None:
+        self._put("begin", job)
+
+    def write(self, data: Any, nnz: int) -> None:
+        self._put("data", (data, nnz))
+
+    def end(self) -> None:
+        self._put("end", None)
+
+    def close(self) -> None:
+        """Wait for every shard begun to be finished; raise the writer thread's error, if any."""
+        self._put("close", None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        """Finish the shards already ended, remove the partial one, stop the thread."""
+        self._messages.put(("close", None))
+        self._thread.join()
+
+    def _put(self, kind: str, payload: Any) -> None:
+        if self._error is not None:
+            raise self._error
+        self._messages.put((kind, payload))
+
+    def _run(self) -> None:
+        job, sink, tmp, nnz = None, None, "", 0
+        while True:
+            kind, payload = self._messages.get()
+            if kind == "close":
+                if sink is not None:  # begun, never ended: not a complete shard
+                    sink.discard()
+                return
+            if self._error is not None:
+                continue  # drain, so the main thread never blocks on a full queue
+            try:
+                if kind == "begin":
+                    job, nnz = payload, 0
+                    tmp = os.path.join(self._out, f"{shard_name(job.index)}.{os.getpid()}{TMP_SUFFIX}")
+                    sink = _HashingFile(tmp)
+                elif kind == "data":
+                    sink.write(payload[0])
+                    nnz += payload[1]
+                else:
+                    sink.write(TAR_END)
+                    sink.close()
+                    final = os.path.join(self._out, shard_name(job.index))
+                    os.replace(tmp, final)
+                    done, sink = sink, None
+                    self._on_done(
+                        {
+                            "index": job.index,
+                            "name": shard_name(job.index),
+                            "cells": len(job.joinids),
+                            "nnz": int(nnz),
+                            "bytes": done.size,
+                            "sha256": done.sha256.hexdigest(),
+                            "first_joinid": int(job.joinids[0]),
+                            "last_joinid": int(job.joinids[-1]),
+                        }
+                    )
+            except BaseException as err:
+                self._error = err
+                if sink is not None:
+                    sink.discard()
+                    sink = None
+
+
+def write_run(
+    source: Source,
+    jobs: list[ShardJob],
+    on_done: Callable[[dict[str, Any]], None],
+    on_cells: Callable[[int], None] = lambda n: None,
+) -> None:
+    """Write consecutive shards ``jobs`` in one pass over the source: a block that straddles two
+    shards is read once. Three stages overlap: reading (a thread), encoding (here), writing and
+    hashing (a thread). Memory: a few blocks of counts and obs, whatever the number of cells."""
+    first = jobs[0]
+    block_cells = first.block_cells or source.tile_rows or DEFAULT_BLOCK_CELLS
+    joinids = np.concatenate([job.joinids for job in jobs])
+    files = ShardFiles(first.out, on_done)
     try:
-        for start in range(0, len(job.joinids), job.block_cells):
-            block = job.joinids[start : start + job.block_cells]
-            counts, obs = source.read_block(block, job.obs_columns)
-            check_raw_counts(counts, [f"soma_joinid={j}" for j in block])
-            counts = _to_vocabulary(counts, job.gene_map, job.vocab_size)
-            nnz += counts.nnz
-            sink.write(
-                encode_block(
-                    block.tolist(), counts.indptr, counts.indices, counts.data, obs_json(obs, len(block))
-                )
-            )
-            on_cells(len(block))
-        sink.write(TAR_END)
-        sink.close()
-        os.replace(tmp, final)
+        with contextlib.closing(prefetch(read_blocks(source, joinids, first, block_cells))) as blocks:
+            pending = iter(jobs)
+            job, filled = next(pending), 0
+            files.begin(job)
+            for block in blocks:
+                at = 0
+                while at < len(block.joinids):
+                    take = min(len(block.joinids) - at, len(job.joinids) - filled)
+                    if block.defect is not None and at <= block.defect[0] < at + take:
+                        raise ValueError(block.defect[1])
+                    indptr = block.counts.indptr[at : at + take + 1]
+                    files.write(
+                        encode_block(
+                            block.joinids[at : at + take].tolist(),
+                            indptr,
+                            block.counts.indices,
+                            block.counts.data,
+                            block.obs[at : at + take],
+                        ),
+                        int(indptr[-1] - indptr[0]),
+                    )
+                    on_cells(take)
+                    at, filled = at + take, filled + take
+                    if filled == len(job.joinids):
+                        files.end()
+                        job, filled = next(pending, None), 0
+                        if job is not None:
+                            files.begin(job)
+        files.close()
     except BaseException:
-        sink.close()
-        os.unlink(tmp)
+        files.abort()
         raise
-    return {
-        "index": job.index,
-        "name": name,
-        "cells": len(job.joinids),
-        "nnz": int(nnz),
-        "bytes": sink.size,
-        "sha256": sink.sha256.hexdigest(),
-        "first_joinid": int(job.joinids[0]),
-        "last_joinid": int(job.joinids[-1]),
-    }
 
 
 def _manifest_text(payload: dict[str, Any]) -> str:
@@ -411,8 +608,21 @@ def _init_worker(spec: SourceSpec) -> None:
     _WORKER_SOURCE = _WORKER_STACK.enter_context(open_source(spec))
 
 
-def _write_in_worker(job: ShardJob) -> dict[str, Any]:
-    return write_shard(_WORKER_SOURCE, job)
+def _write_in_worker(jobs: list[ShardJob]) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = []
+    write_run(_WORKER_SOURCE, jobs, records.append)
+    return records
+
+
+def consecutive(jobs: list[ShardJob]) -> list[list[ShardJob]]:
+    """``jobs`` cut where a shard index is skipped (a resumed run): each part is one pass."""
+    runs: list[list[ShardJob]] = []
+    for job in jobs:
+        if runs and runs[-1][-1].index + 1 == job.index:
+            runs[-1].append(job)
+        else:
+            runs.append([job])
+    return runs
 
 
 def write_shards(
@@ -421,7 +631,7 @@ def write_shards(
     options: WriteOptions = WriteOptions(),
     *,
     workers: int = 1,
-    block_cells: int = 1024,
+    block_cells: int | None = None,
     progress: bool = True,
 ) -> WriteReport:
     """The ``write`` command. Checks everything it can (columns, filter, vocabulary, the output
@@ -484,8 +694,8 @@ def write_shards(
 
         try:
             if workers == 1 or len(jobs) <= 1:
-                for job in jobs:
-                    finished(write_shard(source, job, bar.update))
+                for run in consecutive(jobs):
+                    write_run(source, run, finished, bar.update)
             else:
                 pool = cf.ProcessPoolExecutor(
                     workers,
@@ -494,10 +704,10 @@ def write_shards(
                     initargs=(spec,),
                 )
                 try:
-                    for future in cf.as_completed([pool.submit(_write_in_worker, job) for job in jobs]):
-                        record = future.result()
-                        finished(record)
-                        bar.update(record["cells"])
+                    for future in cf.as_completed([pool.submit(_write_in_worker, [job]) for job in jobs]):
+                        for record in future.result():
+                            finished(record)
+                            bar.update(record["cells"])
                 finally:  # on an error, stop at once rather than after every queued shard
                     pool.shutdown(wait=True, cancel_futures=True)
         finally:
