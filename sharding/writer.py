@@ -39,11 +39,11 @@ from scgraph.data.shards import (
     TAR_END,
     ShardSet,
     content_identity,
-    encode_block,
     encode_obs,
     read_manifest,
 )
 from scgraph.data.vocab import MATCH_KEYS, GeneVocab
+from sharding.encode import encode_cells
 from sharding.sources import (
     ObsColumns,
     Source,
@@ -479,8 +479,8 @@ def write_run(
                         raise ValueError(block.defect[1])
                     indptr = block.counts.indptr[at : at + take + 1]
                     files.write(
-                        encode_block(
-                            block.joinids[at : at + take].tolist(),
+                        encode_cells(
+                            block.joinids[at : at + take],
                             indptr,
                             block.counts.indices,
                             block.counts.data,
@@ -600,18 +600,51 @@ def build_manifest(
 
 _WORKER_STACK = contextlib.ExitStack()  # holds a worker's open source until the process exits
 _WORKER_SOURCE: Any = None
+_WORKER_RECORDS: Any = None
 
 
-def _init_worker(spec: SourceSpec) -> None:
-    """Each worker process opens the source once and keeps it for all its shards."""
-    global _WORKER_SOURCE
+def _init_worker(spec: SourceSpec, records: Any) -> None:
+    """Each worker process opens the source once and keeps it for all its shards; it sends each
+    finished shard's record back at once, so the manifest follows every shard, as with one process."""
+    global _WORKER_SOURCE, _WORKER_RECORDS
     _WORKER_SOURCE = _WORKER_STACK.enter_context(open_source(spec))
+    _WORKER_RECORDS = records
 
 
-def _write_in_worker(jobs: list[ShardJob]) -> list[dict[str, Any]]:
-    records: list[dict[str, Any]] = []
-    write_run(_WORKER_SOURCE, jobs, records.append)
-    return records
+def _write_in_worker(jobs: list[ShardJob]) -> None:
+    for run in consecutive(jobs):
+        write_run(_WORKER_SOURCE, run, _WORKER_RECORDS.put)
+
+
+def _write_in_pool(
+    spec: SourceSpec, jobs: list[ShardJob], workers: int, finished: Callable[[dict[str, Any]], None]
+) -> None:
+    """``jobs`` cut into 2 x ``workers`` contiguous parts (each read in one pass; more parts than
+    workers so a slow one is not waited for), written by ``workers`` processes."""
+    context = multiprocessing.get_context("spawn")
+    records = context.Queue()
+    parts = [list(part) for part in np.array_split(np.array(jobs, dtype=object), min(len(jobs), 2 * workers))]
+    pool = cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(spec, records))
+    try:
+        futures = [pool.submit(_write_in_worker, part) for part in parts]
+        expected = len(jobs)
+        while expected:
+            try:
+                record = records.get(timeout=0.2)
+            except queue.Empty:
+                for future in futures:
+                    if future.done():
+                        future.result()  # a worker's error, raised here
+                continue
+            finished(record)
+            expected -= 1
+    finally:  # on an error, stop at once rather than after every queued part
+        pool.shutdown(wait=True, cancel_futures=True)
+        while True:  # shards finished meanwhile are complete: list them
+            try:
+                finished(records.get_nowait())
+            except queue.Empty:
+                break
 
 
 def consecutive(jobs: list[ShardJob]) -> list[list[ShardJob]]:
@@ -697,19 +730,12 @@ def write_shards(
                 for run in consecutive(jobs):
                     write_run(source, run, finished, bar.update)
             else:
-                pool = cf.ProcessPoolExecutor(
-                    workers,
-                    mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_init_worker,
-                    initargs=(spec,),
-                )
-                try:
-                    for future in cf.as_completed([pool.submit(_write_in_worker, [job]) for job in jobs]):
-                        for record in future.result():
-                            finished(record)
-                            bar.update(record["cells"])
-                finally:  # on an error, stop at once rather than after every queued shard
-                    pool.shutdown(wait=True, cancel_futures=True)
+
+                def finished_in_pool(record: dict[str, Any]) -> None:
+                    finished(record)
+                    bar.update(record["cells"])
+
+                _write_in_pool(spec, jobs, workers, finished_in_pool)
         finally:
             bar.close()
             if created and not done:

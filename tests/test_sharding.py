@@ -18,6 +18,7 @@ from scgraph.data.loader import iter_cells, load_labelled
 from scgraph.data.shards import MANIFEST_NAME, ShardSet, decode_npy, encode_npy, iter_shard
 from sharding.cli import build_parser, main
 from sharding.verify import verify
+from sharding.writer import cut_blocks, prefetch
 
 
 def write(*args: str) -> int:
@@ -171,6 +172,72 @@ def test_workers_write_byte_identical_shards(cbmc_census, tmp_path):
     assert write(*args, "--out", two, "--workers", "2") == 0
     assert digests(one) == digests(two)
     assert ShardSet.open(one).identity == ShardSet.open(two).identity
+
+
+@pytest.mark.parametrize("block_cells", ["7", "100", "2048"])
+def test_block_size_and_tile_grid_do_not_change_the_shards(cbmc_census, tmp_path, block_cells):
+    """Blocks straddle shards (read once, split between them) and, with a filter, join sparse
+    bands; the bytes written are the same whatever the cut."""
+    args = ("--census-uri", cbmc_census, "--cells-per-shard", "700", "--obs-filter", "cell_type != 'B'")
+    reference, other = str(tmp_path / "reference"), str(tmp_path / "other")
+    assert write(*args, "--out", reference, "--block-cells", "1000000") == 0
+    assert write(*args, "--out", other, "--block-cells", block_cells) == 0
+    assert digests(reference) == digests(other)
+
+
+def test_blocks_follow_the_tile_grid_and_join_sparse_bands():
+    contiguous = np.arange(1000, 6000)
+    assert [(contiguous[b][0], contiguous[b][-1]) for b in cut_blocks(contiguous, 2048)] == [
+        (1000, 2047),
+        (2048, 4095),
+        (4096, 5999),
+    ]
+    sparse = np.arange(0, 200_000, 50)  # 41 cells per band of 2048 soma_joinids
+    blocks = cut_blocks(sparse, 2048)
+    assert all(b.stop - b.start <= 2048 for b in blocks) and sum(b.stop - b.start for b in blocks) == 4000
+    assert len(blocks) == 2 and sparse[blocks[1].start] % 2048 < 50  # joined bands, cut at a band edge
+
+
+def test_encode_cells_is_byte_for_byte_the_reference_encoder():
+    from scgraph.data.shards import encode_block
+    from sharding.encode import encode_cells
+
+    rng = np.random.default_rng(0)
+    matrix = sp.random(300, 5000, density=0.02, format="csr", random_state=1, dtype=np.float32)
+    matrix.data = np.rint(matrix.data * 50)
+    matrix.indptr[1:4] = matrix.indptr[0]  # cells without any count
+    matrix = sp.csr_matrix((matrix.data[matrix.indptr[0] :], matrix.indices, matrix.indptr), shape=matrix.shape)
+    keys = np.sort(rng.choice(10**15, size=300, replace=False))
+    keys[:3] = [0, 9, 10]
+    obs = [b'{"cell_type":"%d"}' % i * (i % 60) for i in range(300)]  # empty, short and > 512 bytes
+    expected = encode_block(keys.tolist(), matrix.indptr, matrix.indices, matrix.data, obs)
+    assert encode_cells(keys, matrix.indptr, matrix.indices, matrix.data, obs).tobytes() == expected
+    pieces = [  # rows of a block split between two shards
+        encode_cells(keys[a:b], matrix.indptr[a : b + 1], matrix.indices, matrix.data, obs[a:b]).tobytes()
+        for a, b in ((0, 117), (117, 300))
+    ]
+    assert b"".join(pieces) == expected
+
+
+def test_reader_thread_errors_reach_the_writer_and_closing_stops_it():
+    def failing():
+        yield 1
+        raise ValueError("counts of cell soma_joinid=3 contain NaN")
+
+    with pytest.raises(ValueError, match="soma_joinid=3"):
+        list(prefetch(failing()))
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(len(produced))
+            yield produced[-1]
+
+    items = prefetch(endless(), depth=2)
+    assert next(items) == 0
+    items.close()  # joins the thread: it no longer produces
+    count = len(produced)
+    assert count <= 5 and len(produced) == count
 
 
 def test_rerun_of_a_complete_set_writes_nothing_and_keeps_it(cbmc_census, tmp_path, capsys):
