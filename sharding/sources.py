@@ -216,10 +216,12 @@ class SomaSource:
             self.genes()
         coords, contiguous = self._coords(joinids)
         table = self._X.read(coords=coords).tables().concat()
-        dim0, dim1, data = (table[c].to_numpy() for c in ("soma_dim_0", "soma_dim_1", "soma_data"))
-        del table
-        rows = dim0 - int(joinids[0]) if contiguous else np.searchsorted(joinids, dim0)
-        cols = dim1 if self._var_is_range else np.searchsorted(self._var_joinids, dim1)
+        data, dim0, dim1 = (table[c].to_numpy() for c in ("soma_data", "soma_dim_0", "soma_dim_1"))
+        del table  # each column's buffer is freed with its array: int32 positions replace them
+        rows = (dim0 - joinids[0] if contiguous else np.searchsorted(joinids, dim0)).astype(np.int32)
+        del dim0
+        cols = (dim1 if self._var_is_range else np.searchsorted(self._var_joinids, dim1)).astype(np.int32)
+        del dim1
         return sp.csr_matrix((data, (rows, cols)), shape=(len(joinids), len(self._var_joinids)))
 
     def read_obs(self, joinids: np.ndarray, obs_columns: Sequence[str]) -> ObsColumns:

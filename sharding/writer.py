@@ -59,7 +59,7 @@ DEFAULT_BLOCK_CELLS = 2048
 #: Cells whose obs are read with one query.
 OBS_CHUNK_CELLS = 65_536
 #: Blocks read ahead of the encoder, and encoded pieces queued for the file writer.
-QUEUE_DEPTH = 2
+QUEUE_DEPTH = 1
 
 
 def shard_name(index: int) -> str:

@@ -373,6 +373,20 @@ def test_nan_counts_are_refused_and_complete_shards_are_kept(tmp_path, capsys):
         ShardSet.open(out)
 
 
+@pytest.mark.slow
+def test_a_workers_error_is_one_line_and_the_other_workers_shards_are_kept(tmp_path, capsys):
+    counts = generated_counts(300, 50, 10)
+    counts.data[counts.indptr[250] + 3] = np.nan
+    path = str(tmp_path / "nan.h5ad")
+    generated_anndata(counts).write_h5ad(path)
+    out = str(tmp_path / "shards")
+    assert write("--h5ad", path, "--out", out, "--cells-per-shard", "100", "--workers", "2") == 2
+    err = capsys.readouterr().err
+    assert err == "error: counts of cell soma_joinid=250 contain NaN or infinite values\n"
+    assert sorted(os.listdir(out)) == [MANIFEST_NAME, "shard-000000.tar", "shard-000001.tar"]
+    assert [s["cells"] for s in json.load(open(os.path.join(out, MANIFEST_NAME)))["shards"]] == [100, 100]
+
+
 def test_non_empty_output_of_a_different_command_is_refused_and_kept(cbmc_census, tmp_path, capsys):
     out = str(tmp_path / "shards")
     assert write("--census-uri", cbmc_census, "--out", out, "--max-cells", "300") == 0
