@@ -9,6 +9,13 @@ under their global names: the N parts hold exactly the shards one process would 
 A shard is written under a temporary name and renamed when complete; the manifest is replaced
 atomically after every shard; so whatever the moment of a SIGKILL, the directory holds only
 complete shards and a manifest that lists a subset of them.
+
+Speed: a run of consecutive shards is one pass over the source, in blocks cut on the grid of X's
+tiles along cells (TileDB decodes whole tiles, so a block that covered part of a band of tiles
+would pay for all of it, and its neighbour again). Reading, encoding and writing overlap: a
+thread reads the next block (TileDB releases the GIL) and another writes and hashes the previous
+one while this thread encodes. Each stage holds at most one queued block, so memory stays a few
+blocks whatever the number of cells.
 """
 
 from __future__ import annotations
