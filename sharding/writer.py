@@ -300,18 +300,19 @@ def read_blocks(
     query costs about 10 ms whatever its size); a defect in the counts is attached to its block,
     not raised, so the shards before the bad cell are still completed."""
     blocks = cut_blocks(joinids, block_cells)
-    for chunk in merge_runs([0, *[b.stop for b in blocks]], OBS_CHUNK_CELLS):
-        obs = obs_json(source.read_obs(joinids[chunk], job.obs_columns), chunk.stop - chunk.start)
-        for part in blocks:
-            if not chunk.start <= part.start < chunk.stop:
-                continue
-            ids = joinids[part]
-            counts = source.read_counts(ids)
-            defect = raw_count_defect(counts)
-            if defect is not None:
-                defect = (defect[0], f"counts of cell soma_joinid={ids[defect[0]]} contain {defect[1]}")
-            counts = _to_vocabulary(counts, job.gene_map, job.vocab_size)
-            yield Block(ids, counts, obs[part.start - chunk.start : part.stop - chunk.start], defect)
+    chunks = iter(merge_runs([0, *[b.stop for b in blocks]], OBS_CHUNK_CELLS))  # whole blocks each
+    chunk, obs = slice(0, 0), []
+    for part in blocks:
+        if part.start >= chunk.stop:
+            chunk = next(chunks)
+            obs = obs_json(source.read_obs(joinids[chunk], job.obs_columns), chunk.stop - chunk.start)
+        ids = joinids[part]
+        counts = source.read_counts(ids)
+        defect = raw_count_defect(counts)
+        if defect is not None:
+            defect = (defect[0], f"counts of cell soma_joinid={ids[defect[0]]} contain {defect[1]}")
+        counts = _to_vocabulary(counts, job.gene_map, job.vocab_size)
+        yield Block(ids, counts, obs[part.start - chunk.start : part.stop - chunk.start], defect)
 
 
 def prefetch(items: Iterator[Any], depth: int = QUEUE_DEPTH) -> Iterator[Any]:
