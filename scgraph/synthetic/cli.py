@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from scgraph.config import BLOCK_LAYOUTS
-from scgraph.synthetic.config import BETA_RANGE, StudyConfig
+from scgraph.synthetic.config import BETA_RANGE, INITS, StudyConfig
 from scgraph.synthetic.generators import GENERATORS
 from scgraph.synthetic.study import run_study
 
@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-position-embedding", dest="position_embedding", action="store_false",
                    help="drop the learned absolute-position embedding from both models (embedding on: "
                         "%(default)s)")
+    p.add_argument("--init", default=d.init, choices=INITS,
+                   help="initialisation of the Linear layers: pytorch (PyTorch's default, as the paper's "
+                        "nn layers) or census (N(0, 0.02), the large models'; slow to leave the flat "
+                        "attention saddle at hidden 8)")
     p.add_argument("--no-standardize", dest="standardize", action="store_false",
                    help="feed raw values instead of values standardized by the training set's mean "
                         "and std (losses are reported in the generator's units either way; standardize: "

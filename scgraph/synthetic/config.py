@@ -14,6 +14,7 @@ from scgraph.synthetic.generators import DEFAULT_GENERATOR, GENERATORS, N_TOKENS
 #: predecessor term 2 beta v_{k-1} amplifies every step and values grow geometrically.
 BETA_RANGE = (0.0, 1.0)
 BACKBONE_LABELS = {"transformer": "TF", "gnn": "GNN"}
+INITS = ("pytorch", "census")
 
 
 @dataclass
@@ -38,6 +39,7 @@ class StudyConfig:
     heads: int = 1
     block_layout: str = "post_norm"
     position_embedding: bool = True
+    init: str = "pytorch"
     standardize: bool = True
     workers: int = 2
     out: Path = Path("runs/synthetic")
@@ -50,6 +52,8 @@ class StudyConfig:
         if self.block_layout not in BLOCK_LAYOUTS:
             raise ValueError(f"block_layout must be one of {', '.join(BLOCK_LAYOUTS)}; "
                              f"got {self.block_layout!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}; got {self.init!r}")
         self.betas, self.sigmas, self.mu = tuple(self.betas), tuple(self.sigmas), tuple(self.mu)
         for name, grid in (("betas", self.betas), ("sigmas", self.sigmas)):
             if not grid:

@@ -85,7 +85,7 @@ def build_study_model(cfg: StudyConfig, backbone: str) -> CellModel:
     """The study's model for ``backbone``, freshly initialised from torch's global seed."""
     model_cfg = synthetic_model_config(backbone, hidden=cfg.hidden, mlp_ratio=cfg.mlp_ratio,
                                        heads=cfg.heads, block_layout=cfg.block_layout)
-    return build_synthetic_model(model_cfg, position_embedding=cfg.position_embedding)
+    return build_synthetic_model(model_cfg, position_embedding=cfg.position_embedding, init=cfg.init)
 
 
 def run_task(cfg: StudyConfig, task: Task) -> tuple[Task, Curve]:
