@@ -219,3 +219,21 @@ def test_standardized_training_reports_test_loss_in_the_generators_units() -> No
         pred = mean + std * model(scaled.tokens, scaled.values, scaled.masked)
     expected = ((pred - data.values)[data.masked] ** 2).mean().item()
     assert evaluate(model, scaled, loss_scale=std ** 2) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.slow  # ~80 s on two quiet cores
+def test_mechanism_transformer_uses_relative_position_the_gnn_cannot(tmp_path) -> None:
+    """The study's claim on a reduced setting (10,000 samples, 100 epochs, lr 1e-2 so both models
+    converge in that budget, two datasets per setting): without a relative-position effect the
+    two models tie; with a strong one the static adjacency costs the GNN at least 2x.
+
+    Why the gap is ~2-3x here and not the paper's 16x: both models see absolute positions, so the
+    GNN still learns the order-dependent mean of the masked value; what it cannot do is weight a
+    sender's value by where the sender sits. For this generator at sigma = 0.1, beta = 0.5 the
+    best linear predictor from order and values has MSE 0.0062, from the order alone 0.0245.
+    """
+    cfg = StudyConfig(betas=(0.0, 0.5), sigmas=(0.1,), samples=10_000, epochs=100, lr=1e-2, repeats=2,
+                      workers=2, out=tmp_path)
+    by_beta = {r.beta: r for r in run_study(cfg, progress=False, log=False)}
+    assert 1 / 1.5 <= by_beta[0.0].ratio <= 1.5, by_beta[0.0].row()
+    assert by_beta[0.5].ratio >= 2.0, by_beta[0.5].row()
