@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from scgraph.models.model import AttentionMixer, Block, FactorizedAdjacency, GraphMixer
+from scgraph.synthetic.bounds import floors
 from scgraph.synthetic.cli import build_parser, main
 from scgraph.synthetic.config import StudyConfig
 from scgraph.synthetic.generators import (
@@ -100,6 +101,20 @@ def test_beta_zero_leaves_only_the_static_term_of_sequential_generators(generato
     assert a_second.max() - a_second.min() > 0.1  # A's value depends on which token precedes it
 
 
+def test_error_floors_match_the_hand_derived_predecessor_chain() -> None:
+    """predecessor at beta = 0.5 is a random walk v_k = alpha k + e_k + v_{k-1}: given its
+    neighbours a value is known to sigma^2 / 2 (first and middle positions) or sigma^2 (last),
+    0.625 sigma^2 on average; from the order alone to (k + 1) sigma^2, 2.5 sigma^2 on average."""
+    sigma = 0.2
+    got = floors("predecessor", beta=0.5, sigma=sigma, w=W, alpha=0.1, mu=(1.0, 2.0, 3.0, 4.0))
+    assert got.order_and_values == pytest.approx(0.625 * sigma ** 2, rel=0.03)
+    assert got.order_only == pytest.approx(2.5 * sigma ** 2, rel=0.03)
+    assert got.ratio == pytest.approx(4.0, rel=0.05)
+    at_zero = floors("predecessor", beta=0.0, sigma=sigma, w=W, alpha=0.1, mu=(1.0, 2.0, 3.0, 4.0))
+    assert at_zero.order_and_values == pytest.approx(sigma ** 2, rel=0.03)  # nothing to learn from others
+    assert at_zero.ratio == pytest.approx(1.0, abs=0.01)
+
+
 def test_synthetic_models_are_the_census_block_and_mixers() -> None:
     tf = build_synthetic_model(synthetic_model_config("transformer"))
     gnn = build_synthetic_model(synthetic_model_config("gnn"))
@@ -188,6 +203,11 @@ def test_study_writes_table_figures_and_logs_every_setting_to_mlflow(tmp_path) -
         assert float(row["ratio"]) == pytest.approx(float(row["gnn_loss"]) / float(row["tf_loss"]), rel=1e-4)
         assert float(row["tf_loss"]) == pytest.approx(min(result.curves["transformer"][0].test_losses),
                                                       rel=1e-4)
+    with open(tmp_path / "floors.csv") as f:
+        floor_rows = list(csv.DictReader(f))
+    assert [(float(r["beta"]), float(r["sigma"])) for r in floor_rows] == [(0.0, 0.1), (0.5, 0.1)]
+    assert all(float(r["order_and_values"]) <= float(r["order_only"]) for r in floor_rows)
+    assert "Error floors" in (tmp_path / "table1.txt").read_text()
     for png in ("fig3a_best_loss_vs_beta.png", "fig3b_test_loss_curves.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -205,7 +225,7 @@ def test_study_writes_table_figures_and_logs_every_setting_to_mlflow(tmp_path) -
         history = client.get_metric_history(child.info.run_id, "gnn_test_loss")
         assert [m.step for m in history] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"table1.csv", "fig3a_best_loss_vs_beta.png", "fig3b_test_loss_curves.png"} <= artifacts
+    assert {"table1.csv", "floors.csv", "fig3a_best_loss_vs_beta.png", "fig3b_test_loss_curves.png"} <= artifacts
 
 
 

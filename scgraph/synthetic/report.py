@@ -11,10 +11,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only: the study runs on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 
+from scgraph.synthetic.bounds import Floors  # noqa: E402
 from scgraph.synthetic.config import BACKBONE_LABELS  # noqa: E402
 from scgraph.synthetic.train import Curve  # noqa: E402
 
 CSV_COLUMNS = ("beta", "sigma", "tf_loss", "gnn_loss", "ratio")
+FLOOR_COLUMNS = ("beta", "sigma", "order_and_values", "order_only", "ratio")
 #: The paper's colours in Figure 3: Transformer red, GNN green.
 COLOURS = {"transformer": "tab:red", "gnn": "tab:green"}
 
@@ -53,12 +55,43 @@ def ratio_average(results: list[SettingResult], beta: float) -> float:
     return sum(ratios) / len(ratios)
 
 
+def _floor_row(f: Floors) -> dict[str, float]:
+    return {"beta": f.beta, "sigma": f.sigma, "order_and_values": f.order_and_values,
+            "order_only": f.order_only, "ratio": f.ratio}
+
+
 def write_csv(results: list[SettingResult], path: Path) -> None:
+    """table1.csv: one row per setting."""
+    _write_rows([r.row() for r in sorted(results, key=lambda r: (r.beta, r.sigma))], CSV_COLUMNS, path)
+
+
+def write_floors_csv(bounds: list[Floors], path: Path) -> None:
+    """floors.csv: the error floors of every setting (``scgraph.synthetic.bounds``)."""
+    _write_rows([_floor_row(f) for f in sorted(bounds, key=lambda f: (f.beta, f.sigma))], FLOOR_COLUMNS, path)
+
+
+def _write_rows(rows: list[dict[str, float]], columns: tuple[str, ...], path: Path) -> None:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        for r in sorted(results, key=lambda r: (r.beta, r.sigma)):
-            writer.writerow({k: f"{v:.6g}" for k, v in r.row().items()})
+        writer.writerows({k: f"{v:.6g}" for k, v in row.items()} for row in rows)
+
+
+def format_floors(bounds: list[Floors]) -> str:
+    """The floors beside Table I: per beta, the best possible MSE from order and values, from the
+    order alone, and their quotient (the ratio to expect of a GNN that learns the order-dependent
+    mean against a perfect Transformer); sigma across."""
+    sigmas = sorted({f.sigma for f in bounds})
+    by_key = {(f.beta, f.sigma): f for f in bounds}
+    header = f"{'beta':>5} {'':>6} " + " ".join(f"{'s=' + f'{s:g}':>7}" for s in sigmas)
+    lines = ["Error floors (best linear predictor; scgraph/synthetic/bounds.py)", header, "-" * len(header)]
+    for beta in sorted({f.beta for f in bounds}):
+        for label, value in (("ord+v", lambda f: f.order_and_values), ("order", lambda f: f.order_only),
+                             ("ratio", lambda f: f.ratio)):
+            row = " ".join(f"{value(by_key[(beta, s)]):7.4f}" if (beta, s) in by_key else f"{'-':>7}"
+                           for s in sigmas)
+            lines.append(f"{f'{beta:g}' if label == 'ord+v' else '':>5} {label:>6} {row}")
+    return "\n".join(lines)
 
 
 def format_table(results: list[SettingResult], title: str) -> str:

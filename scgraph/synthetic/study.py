@@ -23,14 +23,18 @@ from mlflow.entities import Metric
 from tqdm.auto import tqdm
 
 from scgraph.models.model import count_parameters
+from scgraph.synthetic.bounds import floors
 from scgraph.synthetic.config import BACKBONE_LABELS, StudyConfig
+from scgraph.synthetic.generators import static_coefficients
 from scgraph.synthetic.report import (
     SettingResult,
+    format_floors,
     format_table,
     plot_best_loss_vs_beta,
     plot_curves,
     ratio_average,
     write_csv,
+    write_floors_csv,
 )
 from scgraph.synthetic.train import Curve, Task, build_study_model, run_task, single_thread
 
@@ -143,10 +147,13 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, log: bool = True) -> l
     seconds = time.perf_counter() - start
     title = (f"Table I: best test MSE, generator {cfg.generator}, {cfg.samples} samples, "
              f"{cfg.epochs} epochs, {cfg.repeats} repeat(s), {seconds / 60:.1f} min")
-    table = format_table(results, title)
+    bounds = [floors(cfg.generator, beta=r.beta, sigma=r.sigma, w=static_coefficients(cfg.w_seed),
+                     alpha=cfg.alpha, mu=cfg.mu, seed=cfg.seed) for r in results]
+    table = format_table(results, title) + "\n\n" + format_floors(bounds)
     print(table)
     (cfg.out / "table1.txt").write_text(table + "\n")
     write_csv(results, cfg.out / "table1.csv")
+    write_floors_csv(bounds, cfg.out / "floors.csv")
     plot_best_loss_vs_beta(results, cfg.out / "fig3a_best_loss_vs_beta.png")
     plot_curves(results, cfg.out / "fig3b_test_loss_curves.png")
     if tracker:
