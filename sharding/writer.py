@@ -46,11 +46,11 @@ from scgraph.data.shards import (
     TAR_END,
     ShardSet,
     content_identity,
+    encode_block,
     encode_obs,
     read_manifest,
 )
 from scgraph.data.vocab import MATCH_KEYS, GeneVocab
-from sharding.encode import encode_cells
 from sharding.sources import (
     ObsColumns,
     Source,
@@ -487,7 +487,7 @@ def write_run(
                         raise ValueError(block.defect[1])
                     indptr = block.counts.indptr[at : at + take + 1]
                     files.write(
-                        encode_cells(
+                        encode_block(
                             block.joinids[at : at + take],
                             indptr,
                             block.counts.indices,

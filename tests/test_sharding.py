@@ -198,9 +198,30 @@ def test_blocks_follow_the_tile_grid_and_join_sparse_bands():
     assert len(blocks) == 2 and sparse[blocks[1].start] % 2048 < 50  # joined bands, cut at a band edge
 
 
-def test_encode_cells_is_byte_for_byte_the_reference_encoder():
+def _tarfile_reference(keys, indptr, genes, counts, obs) -> bytes:
+    """The same cells written by the standard library: tarfile members of np.save'd arrays."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, key in enumerate(keys):
+            a, b = indptr[i], indptr[i + 1]
+            payloads = []
+            for array in (genes[a:b].astype("<i4"), counts[a:b].astype("<f4")):
+                npy = io.BytesIO()
+                np.save(npy, array)
+                payloads.append(npy.getvalue())
+            for member, payload in zip(("genes.npy", "counts.npy", "obs.json"), (*payloads, obs[i])):
+                info = tarfile.TarInfo(f"{key}.{member}")
+                info.size, info.mtime, info.mode = len(payload), 0, 0o644
+                tar.addfile(info, io.BytesIO(payload))
+        body = buffer.tell()  # before the end-of-archive marker and record padding
+    return buffer.getvalue()[:body]
+
+
+def test_encode_block_is_byte_for_byte_what_tarfile_and_np_save_write():
     from scgraph.data.shards import encode_block
-    from sharding.encode import encode_cells
 
     rng = np.random.default_rng(0)
     matrix = sp.random(300, 5000, density=0.02, format="csr", random_state=1, dtype=np.float32)
@@ -210,10 +231,10 @@ def test_encode_cells_is_byte_for_byte_the_reference_encoder():
     keys = np.sort(rng.choice(10**15, size=300, replace=False))
     keys[:3] = [0, 9, 10]
     obs = [b'{"cell_type":"%d"}' % i * (i % 60) for i in range(300)]  # empty, short and > 512 bytes
-    expected = encode_block(keys.tolist(), matrix.indptr, matrix.indices, matrix.data, obs)
-    assert encode_cells(keys, matrix.indptr, matrix.indices, matrix.data, obs).tobytes() == expected
+    expected = _tarfile_reference(keys.tolist(), matrix.indptr, matrix.indices, matrix.data, obs)
+    assert encode_block(keys, matrix.indptr, matrix.indices, matrix.data, obs).tobytes() == expected
     pieces = [  # rows of a block split between two shards
-        encode_cells(keys[a:b], matrix.indptr[a : b + 1], matrix.indices, matrix.data, obs[a:b]).tobytes()
+        encode_block(keys[a:b], matrix.indptr[a : b + 1], matrix.indices, matrix.data, obs[a:b]).tobytes()
         for a, b in ((0, 117), (117, 300))
     ]
     assert b"".join(pieces) == expected
