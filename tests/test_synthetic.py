@@ -109,10 +109,11 @@ def test_error_floors_match_the_hand_derived_predecessor_chain() -> None:
     got = floors("predecessor", beta=0.5, sigma=sigma, w=W, alpha=0.1, mu=(1.0, 2.0, 3.0, 4.0))
     assert got.order_and_values == pytest.approx(0.625 * sigma ** 2, rel=0.03)
     assert got.order_only == pytest.approx(2.5 * sigma ** 2, rel=0.03)
-    assert got.ratio == pytest.approx(4.0, rel=0.05)
+    assert got.order_and_values < got.token_weights < got.order_only
     at_zero = floors("predecessor", beta=0.0, sigma=sigma, w=W, alpha=0.1, mu=(1.0, 2.0, 3.0, 4.0))
     assert at_zero.order_and_values == pytest.approx(sigma ** 2, rel=0.03)  # nothing to learn from others
     assert at_zero.ratio == pytest.approx(1.0, abs=0.01)
+    assert at_zero.order_only == pytest.approx(sigma ** 2, rel=0.03)
 
 
 def test_synthetic_models_are_the_census_block_and_mixers() -> None:
@@ -206,7 +207,8 @@ def test_study_writes_table_figures_and_logs_every_setting_to_mlflow(tmp_path) -
     with open(tmp_path / "floors.csv") as f:
         floor_rows = list(csv.DictReader(f))
     assert [(float(r["beta"]), float(r["sigma"])) for r in floor_rows] == [(0.0, 0.1), (0.5, 0.1)]
-    assert all(float(r["order_and_values"]) <= float(r["order_only"]) for r in floor_rows)
+    assert all(float(r["order_and_values"]) <= float(r["token_weights"]) <= float(r["order_only"])
+               for r in floor_rows)
     assert "Error floors" in (tmp_path / "table1.txt").read_text()
     for png in ("fig3a_best_loss_vs_beta.png", "fig3b_test_loss_curves.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
@@ -244,13 +246,13 @@ def test_standardized_training_reports_test_loss_in_the_generators_units() -> No
 @pytest.mark.slow  # ~80 s on two quiet cores
 def test_mechanism_transformer_uses_relative_position_the_gnn_cannot(tmp_path) -> None:
     """The study's claim on a reduced setting (10,000 samples, 100 epochs, lr 1e-2 so both models
-    converge in that budget, two datasets per setting): without a relative-position effect the
-    two models tie; with a strong one the static adjacency costs the GNN at least 2x.
+    get far in that budget, two datasets per setting): without a relative-position effect the two
+    models tie; with a strong one the static adjacency costs the GNN at least 2x (measured: 2.11).
 
-    Why the gap is ~2-3x here and not the paper's 16x: both models see absolute positions, so the
-    GNN still learns the order-dependent mean of the masked value; what it cannot do is weight a
-    sender's value by where the sender sits. For this generator at sigma = 0.1, beta = 0.5 the
-    best linear predictor from order and values has MSE 0.0062, from the order alone 0.0245.
+    The margin is thin for a reason: both models see absolute positions, so the GNN still learns
+    the order-dependent mean, and what it cannot do is weight a value by where its sender sits. The
+    error floors (``bounds.py``) put two models at their floors 1.71x apart at beta = 0.5; here the
+    GNN is also further from its floor than the Transformer. The full 200-epoch grid gives 1.4-1.8.
     """
     cfg = StudyConfig(betas=(0.0, 0.5), sigmas=(0.1,), samples=10_000, epochs=100, lr=1e-2, repeats=2,
                       workers=2, out=tmp_path)

@@ -16,7 +16,7 @@ from scgraph.synthetic.config import BACKBONE_LABELS  # noqa: E402
 from scgraph.synthetic.train import Curve  # noqa: E402
 
 CSV_COLUMNS = ("beta", "sigma", "tf_loss", "gnn_loss", "ratio")
-FLOOR_COLUMNS = ("beta", "sigma", "order_and_values", "order_only", "ratio")
+FLOOR_COLUMNS = ("beta", "sigma", "order_and_values", "token_weights", "order_only", "ratio")
 #: The paper's colours in Figure 3: Transformer red, GNN green.
 COLOURS = {"transformer": "tab:red", "gnn": "tab:green"}
 
@@ -57,7 +57,7 @@ def ratio_average(results: list[SettingResult], beta: float) -> float:
 
 def _floor_row(f: Floors) -> dict[str, float]:
     return {"beta": f.beta, "sigma": f.sigma, "order_and_values": f.order_and_values,
-            "order_only": f.order_only, "ratio": f.ratio}
+            "token_weights": f.token_weights, "order_only": f.order_only, "ratio": f.ratio}
 
 
 def write_csv(results: list[SettingResult], path: Path) -> None:
@@ -78,36 +78,20 @@ def _write_rows(rows: list[dict[str, float]], columns: tuple[str, ...], path: Pa
 
 
 def format_floors(bounds: list[Floors]) -> str:
-    """The floors beside Table I: per beta, the best possible MSE from order and values, from the
-    order alone, and their quotient (the ratio to expect of a GNN that learns the order-dependent
-    mean against a perfect Transformer); sigma across."""
+    """The floors beside Table I, in its layout: per beta the best possible MSE with positional
+    weights on the values (attention), with token-only weights (a static adjacency), from the order
+    alone, and the ratio of the first two (GNN/TF for models at their floors); sigma across."""
     sigmas = sorted({f.sigma for f in bounds})
     by_key = {(f.beta, f.sigma): f for f in bounds}
-    header = f"{'beta':>5} {'':>6} " + " ".join(f"{'s=' + f'{s:g}':>7}" for s in sigmas)
-    lines = ["Error floors (best linear predictor; scgraph/synthetic/bounds.py)", header, "-" * len(header)]
+    header = f"{'beta':>5} {'':>10} " + " ".join(f"{'s=' + f'{s:g}':>7}" for s in sigmas)
+    lines = ["Error floors (best linear predictors, scgraph/synthetic/bounds.py)", header, "-" * len(header)]
+    rows = (("positional", lambda f: f.order_and_values), ("token", lambda f: f.token_weights),
+            ("order", lambda f: f.order_only), ("ratio", lambda f: f.ratio))
     for beta in sorted({f.beta for f in bounds}):
-        for label, value in (("ord+v", lambda f: f.order_and_values), ("order", lambda f: f.order_only),
-                             ("ratio", lambda f: f.ratio)):
+        for i, (label, value) in enumerate(rows):
             row = " ".join(f"{value(by_key[(beta, s)]):7.4f}" if (beta, s) in by_key else f"{'-':>7}"
                            for s in sigmas)
-            lines.append(f"{f'{beta:g}' if label == 'ord+v' else '':>5} {label:>6} {row}")
-    return "\n".join(lines)
-
-
-def format_table(results: list[SettingResult], title: str) -> str:
-    """Table I in the paper's layout: per beta a TF, a GNN and a ratio line; sigma across; the
-    ratio averaged over sigma in the last column. A setting not (yet) run shows as '-'."""
-    betas, sigmas = grid(results)
-    by_key = {(r.beta, r.sigma): r for r in results}
-    header = f"{'beta':>5} {'':>5} " + " ".join(f"{'s=' + f'{s:g}':>7}" for s in sigmas) + f" {'Avg':>7}"
-    lines = [title, header, "-" * len(header)]
-    for beta in betas:
-        cells = [by_key.get((beta, s)) for s in sigmas]
-        for label, value in (("TF", lambda r: r.loss("transformer")), ("GNN", lambda r: r.loss("gnn")),
-                             ("ratio", lambda r: r.ratio)):
-            row = " ".join(f"{value(c):7.4f}" if c else f"{'-':>7}" for c in cells)
-            avg = f"{ratio_average(results, beta):7.3f}" if label == "ratio" else f"{'-':>7}"
-            lines.append(f"{f'{beta:g}' if label == 'TF' else '':>5} {label:>5} {row} {avg}")
+            lines.append(f"{f'{beta:g}' if i == 0 else '':>5} {label:>10} {row}")
     return "\n".join(lines)
 
 
