@@ -95,6 +95,23 @@ def format_floors(bounds: list[Floors]) -> str:
     return "\n".join(lines)
 
 
+def format_table(results: list[SettingResult], title: str) -> str:
+    """Table I in the paper's layout: per beta a TF, a GNN and a ratio line; sigma across; the
+    ratio averaged over sigma in the last column. A setting not (yet) run shows as '-'."""
+    betas, sigmas = grid(results)
+    by_key = {(r.beta, r.sigma): r for r in results}
+    header = f"{'beta':>5} {'':>5} " + " ".join(f"{'s=' + f'{s:g}':>7}" for s in sigmas) + f" {'Avg':>7}"
+    lines = [title, header, "-" * len(header)]
+    for beta in betas:
+        cells = [by_key.get((beta, s)) for s in sigmas]
+        for label, value in (("TF", lambda r: r.loss("transformer")), ("GNN", lambda r: r.loss("gnn")),
+                             ("ratio", lambda r: r.ratio)):
+            row = " ".join(f"{value(c):7.4f}" if c else f"{'-':>7}" for c in cells)
+            avg = f"{ratio_average(results, beta):7.3f}" if label == "ratio" else f"{'-':>7}"
+            lines.append(f"{f'{beta:g}' if label == 'TF' else '':>5} {label:>5} {row} {avg}")
+    return "\n".join(lines)
+
+
 def plot_best_loss_vs_beta(results: list[SettingResult], path: Path) -> None:
     """Figure 3(a): best test loss against beta, one panel per sigma, one line per model."""
     betas, sigmas = grid(results)
