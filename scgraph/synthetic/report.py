@@ -19,6 +19,8 @@ CSV_COLUMNS = ("beta", "sigma", "tf_loss", "gnn_loss", "ratio")
 FLOOR_COLUMNS = ("beta", "sigma", "order_and_values", "token_weights", "order_only", "ratio")
 #: The paper's colours in Figure 3: Transformer red, GNN green.
 COLOURS = {"transformer": "tab:red", "gnn": "tab:green"}
+#: The floor each model can approach (``scgraph.synthetic.bounds``).
+FLOOR_OF = {"transformer": lambda f: f.order_and_values, "gnn": lambda f: f.token_weights}
 
 
 @dataclass
@@ -112,8 +114,10 @@ def format_table(results: list[SettingResult], title: str) -> str:
     return "\n".join(lines)
 
 
-def plot_best_loss_vs_beta(results: list[SettingResult], path: Path) -> None:
-    """Figure 3(a): best test loss against beta, one panel per sigma, one line per model."""
+def plot_best_loss_vs_beta(results: list[SettingResult], path: Path, bounds: list[Floors] = ()) -> None:
+    """Figure 3(a): best test loss against beta, one panel per sigma, one line per model; with
+    ``bounds``, each model's error floor dashed in its colour (positional weights for the
+    Transformer, token-only weights for the GNN)."""
     betas, sigmas = grid(results)
     fig, axes = plt.subplots(1, len(sigmas), figsize=(3.2 * len(sigmas), 3.0), squeeze=False)
     for ax, sigma in zip(axes[0], sigmas):
@@ -121,6 +125,10 @@ def plot_best_loss_vs_beta(results: list[SettingResult], path: Path) -> None:
         for backbone, label in BACKBONE_LABELS.items():
             ax.plot([r.beta for r in cells], [r.loss(backbone) for r in cells], "o-",
                     color=COLOURS[backbone], label=label)
+            floor = sorted((f for f in bounds if f.sigma == sigma), key=lambda f: f.beta)
+            if floor:
+                ax.plot([f.beta for f in floor], [FLOOR_OF[backbone](f) for f in floor], "--",
+                        color=COLOURS[backbone], label=f"{label} floor")
         ax.set(title=f"sigma = {sigma:g}", xlabel="beta", xticks=betas)
     axes[0][0].set_ylabel("best test MSE")
     axes[0][0].legend()

@@ -154,7 +154,7 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, log: bool = True) -> l
     (cfg.out / "table1.txt").write_text(table + "\n")
     write_csv(results, cfg.out / "table1.csv")
     write_floors_csv(bounds, cfg.out / "floors.csv")
-    plot_best_loss_vs_beta(results, cfg.out / "fig3a_best_loss_vs_beta.png")
+    plot_best_loss_vs_beta(results, cfg.out / "fig3a_best_loss_vs_beta.png", bounds)
     plot_curves(results, cfg.out / "fig3b_test_loss_curves.png")
     if tracker:
         tracker.finish(results, cfg.out, seconds)
