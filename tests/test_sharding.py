@@ -379,11 +379,17 @@ def test_h5ad_without_raw_counts_is_refused(tmp_path, capsys, matrix, message):
     assert not os.path.exists(out)
 
 
-def test_nan_counts_are_refused_and_complete_shards_are_kept(tmp_path, capsys):
+def _h5ad_with_nan_in_cell_250(tmp_path) -> str:
+    """300 cells, cell 250 holding a NaN count: with 100 cells per shard, two shards come before it."""
     counts = generated_counts(300, 50, 10)
     counts.data[counts.indptr[250] + 3] = np.nan
     path = str(tmp_path / "nan.h5ad")
     generated_anndata(counts).write_h5ad(path)
+    return path
+
+
+def test_nan_counts_are_refused_and_complete_shards_are_kept(tmp_path, capsys):
+    path = _h5ad_with_nan_in_cell_250(tmp_path)
     out = str(tmp_path / "shards")
     assert write("--h5ad", path, "--out", out, "--cells-per-shard", "100") == 2
     assert "counts of cell soma_joinid=250 contain NaN" in capsys.readouterr().err
@@ -396,10 +402,7 @@ def test_nan_counts_are_refused_and_complete_shards_are_kept(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_workers_error_is_one_line_and_the_other_workers_shards_are_kept(tmp_path, capsys):
-    counts = generated_counts(300, 50, 10)
-    counts.data[counts.indptr[250] + 3] = np.nan
-    path = str(tmp_path / "nan.h5ad")
-    generated_anndata(counts).write_h5ad(path)
+    path = _h5ad_with_nan_in_cell_250(tmp_path)
     out = str(tmp_path / "shards")
     assert write("--h5ad", path, "--out", out, "--cells-per-shard", "100", "--workers", "2") == 2
     err = capsys.readouterr().err

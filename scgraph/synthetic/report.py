@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def format_table(results: list[SettingResult], title: str) -> str:
     return "\n".join(lines)
 
 
-def plot_best_loss_vs_beta(results: list[SettingResult], path: Path, bounds: list[Floors] = ()) -> None:
+def plot_best_loss_vs_beta(results: list[SettingResult], path: Path, bounds: Sequence[Floors] = ()) -> None:
     """Figure 3(a): best test loss against beta, one panel per sigma, one line per model; with
     ``bounds``, each model's error floor dashed in its colour (positional weights for the
     Transformer, token-only weights for the GNN)."""
