@@ -67,7 +67,7 @@ def plain_reads(census: str) -> dict[str, float]:
     """cells/s of the two plain tiledbsoma reads (the census code path, bounded buffers)."""
     import cellxgene_census
 
-    from sharding.sources import READ_BUFFER_BYTES
+    from scgraph.io.sources import READ_BUFFER_BYTES
 
     config = {"soma.init_buffer_bytes": READ_BUFFER_BYTES, "py.init_buffer_bytes": READ_BUFFER_BYTES}
     out = {}

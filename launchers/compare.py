@@ -2,7 +2,7 @@
 
 import sys
 
-from scgraph.eval.cli import compare_main
+from scgraph.eval.compare import main
 
 if __name__ == "__main__":
-    sys.exit(compare_main())
+    sys.exit(main())

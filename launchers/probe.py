@@ -2,7 +2,7 @@
 
 import sys
 
-from scgraph.eval.cli import probe_main
+from scgraph.eval.evaluate import main
 
 if __name__ == "__main__":
-    sys.exit(probe_main())
+    sys.exit(main())

@@ -1,6 +1,8 @@
-"""Entry point of the synthetic relative-position study (paper Table I); see --help."""
+"""The synthetic relative-position study (paper Table I): see --help."""
 
-from scgraph.synthetic.cli import main
+import sys
+
+from scgraph.synthetic.study import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

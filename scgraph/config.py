@@ -1,46 +1,79 @@
-"""Typed, validated configuration. Defaults are the paper's Table II settings (SPEC §1).
+"""Every typed configuration, validated at start-up; the source of every command line.
 
-Every config is a frozen-by-convention dataclass validated in ``__post_init__`` so a bad run fails
-at start-up with one line naming the field, and ``asdict`` gives the whole resolved config for
-MLflow. Presets fill only the fields left as ``None``: an explicit value always wins.
+A config is a dataclass validated in ``__post_init__``, so a bad run fails before any work with one
+line naming the field, and ``dataclasses.asdict`` gives the whole resolved config for MLflow. Each
+field is declared with :func:`scgraph.cli.option` (its help text): the command lines, YAML config
+files and the argv one command writes for another are all generated from these classes.
+
+Defaults are the paper's (Table II for pretraining, section IV-B for the probe, section III-B for
+the synthetic study). Model presets fill only the fields left as ``None``: an explicit value wins.
+
+This module holds every run's configuration on purpose (one owner), which is why it is longer than
+the others; the model's parts it names (mixers, adjacencies, activations) are registries in
+``scgraph.models.model``, read here on first use so that importing this module needs no torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-BACKBONES = ("transformer", "gnn")
-PRESETS = ("scbenchmark", "symmetric")
+from scgraph.cli import option
 
 #: Size of the CELLxGENE Census gene vocabulary used by the paper (homo sapiens).
 CENSUS_VOCAB_SIZE = 60_664
 
-# What each preset sets when the user leaves a field as None. ``scbenchmark`` is the authors'
-# released architecture (Transformer: nn.TransformerEncoderLayer, post-norm, ReLU, FFN width d;
-# GNN: gnn_cp, no FFN, Linear -> LayerNorm -> GELU -> residual). ``symmetric`` is the controlled
-# experiment: the same pre-norm block for both, only the mixer differs.
-_PRESET_FIELDS: dict[tuple[str, str], dict[str, Any]] = {
-    ("symmetric", "transformer"): dict(
-        mlp_ratio=4.0, block_layout="pre_norm", activation="gelu", value_encoder="linear",
-        cell_embedding="mean", adjacency="factorized", graph_out_proj=True),
-    ("symmetric", "gnn"): dict(
-        mlp_ratio=4.0, block_layout="pre_norm", activation="gelu", value_encoder="linear",
-        cell_embedding="mean", adjacency="factorized", graph_out_proj=True),
-    ("scbenchmark", "transformer"): dict(
-        mlp_ratio=1.0, block_layout="post_norm", activation="relu", value_encoder="mlp",
-        cell_embedding="cls", adjacency="factorized", graph_out_proj=False),
-    ("scbenchmark", "gnn"): dict(
-        mlp_ratio=0.0, block_layout="post_act", activation="gelu", value_encoder="mlp",
-        cell_embedding="cls", adjacency="symmetric_mlp", graph_out_proj=False),
-}
-
 BLOCK_LAYOUTS = ("pre_norm", "post_norm", "post_act")
-ACTIVATIONS = ("gelu", "relu")
 VALUE_ENCODERS = ("linear", "mlp", "bins")
 CELL_EMBEDDINGS = ("mean", "cls")
-ADJACENCIES = ("factorized", "symmetric_mlp")
+NORMALIZATIONS = ("log1p", "none")
+SELECTIONS = ("random", "top")
+MATCH_KEYS = ("feature_id", "feature_name")
+
+
+@functools.cache
+def registry(name: str) -> tuple[str, ...]:
+    """The names in one of the model's registries (``MIXERS``, ``ADJACENCIES``, ``ACTIVATIONS``)."""
+    from scgraph.models import model
+
+    return tuple(getattr(model, name))
+
+
+def backbones() -> tuple[str, ...]:
+    """Every token mixer by name, in registry order (the Transformer first)."""
+    return registry("MIXERS")
+
+
+def short_name(backbone: str) -> str:
+    """How tables and figures name a backbone: TF, GNN, or the name itself."""
+    return {"transformer": "TF", "gnn": "GNN"}.get(backbone, backbone)
+
+
+def mixer_family(backbone: str) -> str:
+    """'attention' (weights computed from the cell) or 'graph' (a static gene-gene adjacency)."""
+    from scgraph.models.model import MIXERS
+
+    return MIXERS[backbone].family
+
+
+# What each preset sets when a field is left as None: a row shared by both mixer families, then
+# per-family rows. ``scbenchmark`` is the authors' released architecture (Transformer:
+# nn.TransformerEncoderLayer, post-norm, ReLU, feed-forward width d; GNN: no feed-forward,
+# Linear -> LayerNorm -> GELU -> residual, the symmetric-MLP adjacency). ``symmetric`` is the
+# controlled experiment: one pre-norm block for both, only the mixer differs.
+PRESETS: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {
+    "scbenchmark": (
+        dict(value_encoder="mlp", cell_embedding="cls", graph_out_proj=False),
+        {"attention": dict(mlp_ratio=1.0, block_layout="post_norm", activation="relu", adjacency="factorized"),
+         "graph": dict(mlp_ratio=0.0, block_layout="post_act", activation="gelu", adjacency="symmetric_mlp")}),
+    "symmetric": (
+        dict(mlp_ratio=4.0, block_layout="pre_norm", activation="gelu", value_encoder="linear",
+             cell_embedding="mean", adjacency="factorized", graph_out_proj=True),
+        {}),
+}
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -55,34 +88,39 @@ def _positive(name: str, value: float) -> None:
 
 @dataclass
 class ModelConfig:
-    """One backbone. ``vocab_size`` counts genes only; pad and CLS tokens are appended after them."""
+    """The backbone: its mixer, shape and the preset's layouts."""
 
-    backbone: str = "transformer"
-    preset: str = "scbenchmark"
-    vocab_size: int = CENSUS_VOCAB_SIZE
-    hidden: int = 256
-    layers: int = 6
-    heads: int = 8
-    dropout: float = 0.0
-    adjacency_rank: int = 64
-    adjacency_shared: bool = False
-    graph_heads: int = 1
-    adjacency_scale: float = 1.0
-    value_clamp: float | None = 512.0
-    n_bins: int = 51
+    backbone: str = option("transformer", "token mixer", choices=backbones)
+    preset: str = option("scbenchmark", "architecture preset: scbenchmark = the authors' released layouts, "
+                         "symmetric = one pre-norm block for both backbones", choices=tuple(PRESETS))
+    vocab_size: int = option(CENSUS_VOCAB_SIZE, "genes in the vocabulary (pad and CLS are appended after them); "
+                             "pretraining takes the shard set's", cli=False)
+    hidden: int = option(256, "hidden size d")
+    layers: int = option(6, "number of blocks")
+    heads: int = option(8, "attention heads of the Transformer")
+    dropout: float = option(0.0, "dropout")
+    adjacency_rank: int = option(64, "rank r of the GNN adjacency factors")
+    adjacency_shared: bool = option(False, "one adjacency shared by all GNN layers (default: one per layer)")
+    graph_heads: int = option(1, "independent adjacencies per GNN layer")
+    adjacency_scale: float = option(1.0, "factor on the GNN's scores U[g]V[g]^T before the softmax")
+    value_clamp: float | None = option(512.0, "values above this are clamped before the value encoder")
+    n_bins: int = option(51, "rows of the value-bin embedding (value_encoder bins)", cli=False)
     # Filled by the preset when None.
-    mlp_ratio: float | None = None
-    block_layout: str | None = None
-    activation: str | None = None
-    value_encoder: str | None = None
-    cell_embedding: str | None = None
-    adjacency: str | None = None
-    graph_out_proj: bool | None = None
+    mlp_ratio: float | None = option(None, "feed-forward width / hidden (0: no feed-forward; default: the preset's)")
+    block_layout: str | None = option(None, "block layout (default: the preset's)", choices=BLOCK_LAYOUTS)
+    activation: str | None = option(None, "activation (default: the preset's)", choices=lambda: registry("ACTIVATIONS"))
+    value_encoder: str | None = option(None, "value encoder (default: the preset's)", choices=VALUE_ENCODERS)
+    cell_embedding: str | None = option(None, "cell embedding: the CLS output or the mean over genes (default: the "
+                                        "preset's)", choices=CELL_EMBEDDINGS)
+    adjacency: str | None = option(None, "GNN adjacency (default: the preset's)",
+                                   choices=lambda: registry("ADJACENCIES"))
+    graph_out_proj: bool | None = option(None, "output projection after the GNN mixer (default: the preset's)")
 
     def __post_init__(self) -> None:
-        _choice("backbone", self.backbone, BACKBONES)
-        _choice("preset", self.preset, PRESETS)
-        for name, value in _PRESET_FIELDS[(self.preset, self.backbone)].items():
+        _choice("backbone", self.backbone, backbones())
+        _choice("preset", self.preset, tuple(PRESETS))
+        shared, per_family = PRESETS[self.preset]
+        for name, value in (shared | per_family.get(mixer_family(self.backbone), {})).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         _positive("vocab_size", self.vocab_size)
@@ -106,10 +144,14 @@ class ModelConfig:
             _positive("value_clamp", self.value_clamp)
         _positive("n_bins", self.n_bins)
         _choice("block_layout", self.block_layout, BLOCK_LAYOUTS)
-        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("activation", self.activation, registry("ACTIVATIONS"))
         _choice("value_encoder", self.value_encoder, VALUE_ENCODERS)
         _choice("cell_embedding", self.cell_embedding, CELL_EMBEDDINGS)
-        _choice("adjacency", self.adjacency, ADJACENCIES)
+        _choice("adjacency", self.adjacency, registry("ADJACENCIES"))
+
+    @property
+    def family(self) -> str:
+        return mixer_family(self.backbone)
 
     @property
     def pad_id(self) -> int:
@@ -128,9 +170,11 @@ class ModelConfig:
     def ffn_width(self) -> int:
         return int(round(self.mlp_ratio * self.hidden))
 
-
-NORMALIZATIONS = ("log1p", "none")
-SELECTIONS = ("random", "top")
+    @property
+    def score_width(self) -> int:
+        """Width of the GNN's queries and keys: r, or 2r for the symmetric-MLP adjacency
+        ([F[g], M(F'[g])] concatenated)."""
+        return self.adjacency_rank * (2 if self.adjacency == "symmetric_mlp" else 1)
 
 
 @dataclass
@@ -141,12 +185,13 @@ class TokenizerConfig:
     left as None follows the model: on when the cell embedding is the CLS output.
     """
 
-    seq_len: int = 512
-    normalization: str = "log1p"
-    target_sum: float = 1e4
-    n_bins: int | None = None
-    selection: str = "random"
-    cls_token: bool | None = None
+    seq_len: int = option(512, "genes per cell L")
+    normalization: str = option("log1p", "value normalisation: log1p of counts per target-sum, or none",
+                                choices=NORMALIZATIONS)
+    target_sum: float = option(1e4, "library size each cell is scaled to before log1p")
+    n_bins: int | None = option(None, "bin values scGPT-style into this many bins (default: no binning)")
+    selection: str = option("random", "which genes when a cell has more than L", choices=SELECTIONS)
+    cls_token: bool | None = option(None, "prepend a CLS token (default: when the cell embedding is the CLS output)")
 
     def __post_init__(self) -> None:
         _positive("seq_len", self.seq_len)
@@ -164,16 +209,16 @@ class TokenizerConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings shared by the plain loop and the DeepSpeed engine."""
+    """Optimisation: learning rate, batch, steps, masking, seed."""
 
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    batch_size: int = 256
-    max_steps: int = 1000
-    mask_ratio: float = 0.15
-    grad_clip: float | None = 1.0
-    seed: int = 0
-    log_every: int = 10
+    lr: float = option(2e-4, "AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    batch_size: int = option(256, "global batch in cells = micro-batch x ranks x accumulation")
+    max_steps: int = option(1000, "optimizer steps (--epochs overrides)")
+    mask_ratio: float = option(0.15, "fraction of each cell's values to predict")
+    grad_clip: float | None = option(1.0, "clip the gradient norm to this (none: no clipping)")
+    seed: int = option(0, "seed of model init, data order and masks")
+    log_every: int = option(10, "log metrics every N steps")
 
     def __post_init__(self) -> None:
         _positive("lr", self.lr)
@@ -190,11 +235,11 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a run needs, logged whole to MLflow."""
+    """The model, its tokenizer and its training: what a checkpoint records."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = option(help="the backbone", default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = option(help="tokenization", default_factory=TokenizerConfig)
+    train: TrainConfig = option(help="optimisation", default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
         if self.tokenizer.cls_token is None:
@@ -212,3 +257,389 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """The inverse of ``to_dict`` (a checkpoint's or an MLflow run's record)."""
+        return cls(model=ModelConfig(**data["model"]), tokenizer=TokenizerConfig(**data["tokenizer"]),
+                   train=TrainConfig(**data["train"]))
+
+
+@dataclass
+class PretrainConfig:
+    """Masked-value pretraining of a Transformer or GNN backbone on WebDataset shards with DeepSpeed ZeRO.
+    Run with `deepspeed`, `torchrun` or plain `python` (one process)."""
+
+    run: RunConfig = option(help="model, tokenizer, training", flatten=True, default_factory=RunConfig)
+    shards: str = option("", "shard directory written by `python -m sharding write` (required)")
+    output: str = option("runs/pretrain", "run directory: checkpoints, figures")
+    deepspeed_config: str | None = option(None, "DeepSpeed JSON (ds_configs/); default: plain data parallel in "
+                                          "fp32", flag="--deepspeed_config", aliases=("--deepspeed-config",))
+    micro_batch_size: int | None = option(None, "cells per rank per forward; overrides the DeepSpeed config's "
+                                          "train_micro_batch_size_per_gpu")
+    epochs: int | None = option(None, "train this many epochs over the shards instead of --max-steps")
+    checkpoint_every: int = option(500, "save a checkpoint every N steps")
+    resume: bool = option(False, "continue from the latest checkpoint in --output (starts fresh if there is none)")
+    mlflow_uri: str | None = option(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                    "sqlite:///mlflow.db)")
+    experiment: str = option("scgraph", "MLflow experiment name")
+    run_name: str | None = option(None, "MLflow run name (default: MLflow's)")
+    num_workers: int = option(0, "DataLoader worker processes per rank")
+    shuffle_buffer: int = option(4096, "cells in each stream's shuffle buffer")
+    flops_cells: int = option(2, "real cells the FLOPs per cell are measured on")
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise ValueError("--shards is required: a shard directory written by `python -m sharding write`")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0; got {self.epochs}")
+        if self.checkpoint_every <= 0:
+            raise ValueError(f"checkpoint_every must be > 0; got {self.checkpoint_every}")
+        if self.micro_batch_size is not None and self.micro_batch_size <= 0:
+            raise ValueError(f"micro_batch_size must be > 0; got {self.micro_batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0; got {self.num_workers}")
+        _positive("flops_cells", self.flops_cells)
+
+
+@dataclass
+class ProbeConfig:
+    """The paper's linear probe: freeze the pretrained encoder, embed every cell, train one linear layer as
+    cell-type classifier on a 70/30 stratified split (50 epochs, batch 64, Adam lr 0.005), repeat with different
+    seeds, report accuracy and macro-F1 as mean ± std, beside two controls (a random-init encoder of the same
+    shape; logistic regression on log1p CP10k). Writes OUT/probe.json, a t-SNE and a confusion-matrix PNG, and
+    an MLflow run tagged with the pretraining run's id."""
+
+    checkpoint: str = option(help="a pretraining --output directory (its latest checkpoint), its checkpoints/ "
+                             "directory, or one checkpoint directory")
+    data: str = option(help="labelled cells: an .h5ad file (raw counts in raw.X or X), a shard directory (python -m "
+                       "sharding write), or a SOMA URI (a census-layout collection from build-soma, or a bare "
+                       "experiment)")
+    label_key: str = option("cell_type", "obs column with the cell-type labels")
+    repeats: int = option(5, "repeats of split + probe, each with its own seed; results are mean ± std over them")
+    out: str = option("runs/probe", "output directory: probe.json and the figures")
+    mlflow_uri: str | None = option(None, "MLflow tracking URI (default: the checkpoint's, else $MLFLOW_TRACKING_URI "
+                                    "or sqlite:///mlflow.db)")
+    experiment: str | None = option(None, "MLflow experiment (default: the pretraining run's)")
+    export: str | None = option(None, "write the input cells with their embeddings in "
+                                ".obsm['X_scgraph_<backbone>'] to this .h5ad")
+    dataset_name: str | None = option(None, "name of the data set in tables and MLflow (default: the file or "
+                                      "directory name)")
+    match_genes_by: str = option("feature_id", "how the data's genes are matched to the checkpoint's vocabulary",
+                                 choices=MATCH_KEYS)
+    organism: str = option("homo_sapiens", "experiment of a census-layout collection")
+    test_fraction: float = option(0.3, "share of each class held out for testing (the paper: 0.3)")
+    epochs: int = option(50, "probe training epochs (the paper: 50)")
+    batch_size: int = option(64, "probe batch size (the paper: 64)")
+    lr: float = option(0.005, "probe Adam learning rate (the paper: 0.005)")
+    standardize: bool = option(True, "z-score each embedding feature with the training cells' mean and std before "
+                               "the linear layer (still one linear map, but one Adam can fit in 50 epochs); "
+                               "--no-standardize feeds the raw embeddings")
+    seed: int = option(0, "seed of the splits, probe inits and the random-encoder control (repeat i uses seed + i)")
+    embed_batch_size: int = option(256, "cells per forward pass when embedding")
+    tsne_cells: int = option(2000, "at most this many cells (a seeded sample) in the t-SNE figure")
+    quiet: bool = option(False, "no progress bars")
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"--repeats must be >= 1; got {self.repeats}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"--test-fraction must be in (0, 1); got {self.test_fraction}")
+        _choice("--match-genes-by", self.match_genes_by, MATCH_KEYS)
+        if self.tsne_cells < 2:
+            raise ValueError(f"--tsne-cells must be >= 2; got {self.tsne_cells}")
+        if self.export is not None and not self.export.endswith(".h5ad"):
+            raise ValueError(f"--export must name an .h5ad file; got {self.export!r}")
+
+
+@dataclass
+class CompareConfig:
+    """The paper's Table II from an MLflow experiment: for each setting (hidden/L) and backbone, forward FLOPs per
+    cell and peak training memory of the pretraining run, the linear-probe accuracy (mean ± std) on each probed data
+    set, their average, and GNN − TF. Writes OUT/table2.csv, table2.md and a bar chart table2.png, also as
+    artifacts of a 'table2' run."""
+
+    experiment: str = option(help="MLflow experiment holding pretraining and probe runs")
+    mlflow_uri: str | None = option(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    out: str = option("runs/compare", "output directory")
+
+
+@dataclass
+class DemoConfig:
+    """Build a census-layout SOMA collection from the real CBMC cells, shard it through the census path, pretrain
+    the Transformer and the GNN with deepspeed, probe both on held-out cells, and print the Table II comparison.
+    A second run reuses every finished step. Small enough for a 2-core machine in minutes."""
+
+    out: str = option("runs/demo", "output directory; a second run with the same settings reuses its finished steps "
+                      "(use a new one after changing model settings)")
+    experiment: str = option("scgraph-demo", "MLflow experiment")
+    preset: str = option("scbenchmark", "architecture preset", choices=tuple(PRESETS))
+    hidden: int = option(64, "hidden size of both backbones")
+    layers: int = option(2, "blocks of both backbones")
+    heads: int = option(4, "attention heads of the Transformer")
+    adjacency_rank: int = option(16, "rank of the GNN's adjacency factors")
+    seq_len: int = option(128, "genes per cell L")
+    batch_size: int = option(32, "global pretraining batch (cells)")
+    micro_batch_size: int = option(16, "cells per rank per forward")
+    steps: int = option(300, "pretraining steps of each backbone")
+    lr: float = option(1e-3, "pretraining Adam learning rate")
+    ranks: int = option(2, "deepspeed processes (CPU ranks, or GPUs)")
+    held_out_cells: int = option(2000, "CBMC cells kept out of pretraining for the probe")
+    repeats: int = option(5, "probe repeats (split + probe seeds)")
+    seed: int = option(0, "seed of the held-out choice, pretraining and the probe")
+
+    def __post_init__(self) -> None:
+        _choice("preset", self.preset, tuple(PRESETS))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and f.name != "seed" and value <= 0:
+                raise ValueError(f"{f.name} must be > 0; got {value}")
+
+
+#: The paper restricts beta to [0, 0.5]; up to 1 is allowed for exploration. Beyond it the
+#: predecessor term 2 beta v_{k-1} amplifies every step and values grow geometrically.
+BETA_RANGE = (0.0, 1.0)
+INITS = ("pytorch", "census")
+
+
+def _generators() -> tuple[str, ...]:
+    from scgraph.synthetic.generators import GENERATORS
+
+    return GENERATORS
+
+
+def _default_generator() -> str:
+    from scgraph.synthetic.generators import DEFAULT_GENERATOR
+
+    return DEFAULT_GENERATOR
+
+
+@dataclass
+class StudyConfig:
+    """The synthetic relative-position study (paper Table I, Figure 3): per (beta, sigma) train a one-layer
+    Transformer and GNN (hidden 8) on masked value prediction and compare their best test MSE. Writes
+    OUT/table1.csv, table1.txt, fig3a_best_loss_vs_beta.png, fig3b_test_loss_curves.png, results.json, and logs to
+    MLflow."""
+
+    generator: str | None = option(None, "value generator (default: static_predecessor, the closest to the "
+                                   "paper's shape of those tried)", choices=_generators)
+    betas: tuple[float, ...] = option((0.0, 0.1, 0.2, 0.3, 0.4, 0.5), "relative-position coefficients, each in "
+                                      f"[{BETA_RANGE[0]:g}, {BETA_RANGE[1]:g}]", metavar="B,B,...")
+    sigmas: tuple[float, ...] = option((0.1, 0.2, 0.3, 0.4, 0.5), "std of the exogenous values, each > 0",
+                                       metavar="S,S,...")
+    samples: int = option(20_000, "samples per dataset")
+    train_fraction: float = option(0.7, "share of samples for training; the rest is the test set")
+    epochs: int = option(200, "training epochs per model")
+    batch_size: int = option(256, "batch size")
+    lr: float = option(1e-3, "Adam learning rate")
+    repeats: int = option(1, "datasets (and model inits) per setting; losses are averaged over them")
+    alpha: float = option(0.1, "absolute-position coefficient")
+    mu: tuple[float, ...] = option((1.0, 2.0, 3.0, 4.0), "means of the exogenous values of tokens A, B, C, D",
+                                   metavar="M,M,M,M")
+    w_seed: int = option(0, "seed of the static coefficients w ~ U(-0.5, 0.5), shared by every setting")
+    seed: int = option(0, "seed of the datasets and model inits")
+    hidden: int = option(8, "model width")
+    mlp_ratio: float = option(0.0, "feed-forward width / hidden in the Block (0: no feed-forward, the paper's "
+                              "'single layer' between linear input and output layers)")
+    heads: int = option(1, "Transformer attention heads")
+    block_layout: str = option("post_norm", "layout of the shared Block (post_norm: the mixer reads the linear input "
+                               "layer's output, as in the paper; see scgraph/synthetic/models.py)",
+                               choices=BLOCK_LAYOUTS)
+    position_embedding: bool = option(True, "a learned absolute-position embedding in both models")
+    init: str = option("pytorch", "initialisation of the Linear layers: pytorch (PyTorch's default, as the paper's "
+                       "nn layers) or census (N(0, 0.02), the large models'; slow to leave the flat attention saddle "
+                       "at hidden 8)", choices=INITS)
+    standardize: bool = option(True, "feed values standardized by the training set's mean and std (losses are "
+                               "reported in the generator's units either way)")
+    workers: int = option(2, "parallel processes, one thread each (1: run in this process)")
+    out: Path = option(Path("runs/synthetic"), "output directory")
+    mlflow_uri: str | None = option(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                    "sqlite:///mlflow.db)")
+    experiment: str = option("synthetic", "MLflow experiment name")
+
+    def __post_init__(self) -> None:
+        from scgraph.synthetic.generators import N_TOKENS
+
+        if self.generator is None:
+            self.generator = _default_generator()
+        _choice("generator", self.generator, _generators())
+        _choice("block_layout", self.block_layout, BLOCK_LAYOUTS)
+        _choice("init", self.init, INITS)
+        self.betas, self.sigmas, self.mu = tuple(self.betas), tuple(self.sigmas), tuple(self.mu)
+        for name, grid in (("betas", self.betas), ("sigmas", self.sigmas)):
+            if not grid:
+                raise ValueError(f"{name} must hold at least one value")
+            if len(set(grid)) != len(grid):
+                raise ValueError(f"{name} must not repeat a value; got {grid}")
+        low, high = BETA_RANGE
+        if not all(low <= b <= high for b in self.betas):
+            raise ValueError(f"betas must lie in [{low}, {high}]; got {self.betas}")
+        if not all(s > 0 for s in self.sigmas):
+            raise ValueError(f"sigmas must be > 0; got {self.sigmas}")
+        if len(self.mu) != N_TOKENS:
+            raise ValueError(f"mu must hold {N_TOKENS} means, one per token; got {self.mu}")
+        if not 0.0 < self.train_fraction < 1.0:
+            raise ValueError(f"train_fraction must be in (0, 1); got {self.train_fraction}")
+        for name in ("samples", "epochs", "batch_size", "repeats", "hidden", "heads", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        n_test = self.samples - round(self.samples * self.train_fraction)
+        if n_test < 1 or n_test == self.samples:
+            raise ValueError(f"samples ({self.samples}) is too small to split {self.train_fraction:g} "
+                             "train / rest test")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0; got {self.lr}")
+        if self.mlp_ratio < 0:
+            raise ValueError(f"mlp_ratio must be >= 0; got {self.mlp_ratio}")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        if self.hidden % N_TOKENS:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by the adjacency rank "
+                             f"({N_TOKENS}) so the GNN's values split into sub-heads")
+        self.out = Path(self.out)
+
+    def params(self) -> dict[str, Any]:
+        """Flat, MLflow-ready parameters (tuples as comma-separated strings)."""
+        return {k: ",".join(f"{x:g}" for x in v) if isinstance(v, tuple) else str(v)
+                for k, v in dataclasses.asdict(self).items()}
+
+
+# --- sharding (``python -m sharding``) ------------------------------------------------------------
+
+#: Which matrix of an .h5ad holds raw counts: ``auto`` = raw.X when present (the CELLxGENE
+#: convention for a normalised X), else X.
+H5AD_MATRICES = ("auto", "X", "raw")
+PRIMARY_FILTER = "is_primary_data == True"
+DEFAULT_OBS_COLUMNS = ("cell_type", "cell_type_ontology_term_id", "tissue", "assay", "disease", "dataset_id",
+                       "donor_id")
+
+
+def parse_slice(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N: task I of N (e.g. $SLURM_ARRAY_TASK_ID of an array of N)."""
+    index, sep, count = text.partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        i, n = int(index), int(count)
+    except ValueError:
+        raise ValueError(f"--slice must be I/N with integers 0 <= I < N (e.g. 0/4); got {text!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--slice must be I/N with 0 <= I < N; got {text!r}")
+    return i, n
+
+
+def _at_least_one(flag: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{flag} must be >= 1; got {value}")
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """What, besides the source, decides the shards: a re-run must repeat these exactly."""
+
+    obs_filter: str | None = option(None, f"SOMA value_filter on obs, e.g. \"tissue == 'blood'\" (default: "
+                                    f"'{PRIMARY_FILTER}' where that column exists, else every cell; '' selects every "
+                                    "cell)", metavar="EXPR")
+    obs_columns: tuple[str, ...] | None = option(None, "comma-separated obs columns stored with each cell (default: "
+                                                 f"those of {','.join(DEFAULT_OBS_COLUMNS)} present in obs)",
+                                                 metavar="A,B,..")
+    cells_per_shard: int = option(10_000, "cells per shard", metavar="N")
+    max_cells: int | None = option(None, "keep a uniform random sample of N of the selected cells (seeded by --seed)",
+                                   metavar="N")
+    seed: int = option(0, "seed of the --max-cells sample")
+    vocab_from: str | None = option(None, "write gene indices in the vocabulary of this existing shard set (e.g. data "
+                                    "for a probe of a model pretrained on it); source genes it lacks are dropped",
+                                    metavar="DIR")
+    match_genes_by: str = option("feature_id", "how --vocab-from matches genes (feature_name for symbols)",
+                                 choices=MATCH_KEYS)
+    slice: str | None = option(None, "write only part I (0-based) of N of the selected cells' shards: task I of a job "
+                               "array of N (e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT), each into its own "
+                               "--out; 'merge' joins the N parts into the shard set one process would write",
+                               metavar="I/N")
+
+    def __post_init__(self) -> None:
+        _at_least_one("--cells-per-shard", self.cells_per_shard)
+        _at_least_one("--max-cells", self.max_cells)
+        _choice("--match-genes-by", self.match_genes_by, MATCH_KEYS)
+        if self.slice is not None:
+            parse_slice(self.slice)
+
+
+@dataclass(kw_only=True)
+class ShardWriteConfig:
+    """Select cells with an obs filter and stream their raw counts, block by block, into tar shards (one sample per
+    cell: <soma_joinid>.genes.npy, .counts.npy, .obs.json) plus manifest.json. Re-running the same command after an
+    interruption resumes after the last complete shard; a different command on a non-empty --out is refused."""
+
+    census_version: str | None = option(None, "the CELLxGENE Census release (e.g. 'stable' or '2025-01-30'), opened "
+                                        "with cellxgene_census.open_soma; needs network access", metavar="VERSION",
+                                        group="source (exactly one)")
+    census_uri: str | None = option(None, "a census-layout collection at a path or URI (e.g. from build-soma), "
+                                    "opened through the same cellxgene_census.open_soma code path", metavar="PATH",
+                                    group="source (exactly one)")
+    soma: str | None = option(None, "a bare SOMA experiment with the census schema (measurement RNA, X layer raw)",
+                              metavar="URI", group="source (exactly one)")
+    h5ad: str | None = option(None, "an AnnData file, read in backed mode", metavar="FILE",
+                              group="source (exactly one)")
+    out: str = option(help="output directory (new, empty, or a previous run of this same command to resume)",
+                      metavar="DIR")
+    organism: str = option("homo_sapiens", "census organism experiment")
+    h5ad_matrix: str = option("auto", "which .h5ad matrix holds raw counts: raw (raw.X), X, or auto = raw.X when "
+                              "present else X", choices=H5AD_MATRICES)
+    options: WriteOptions = option(help="what decides the shards", flatten=True, default_factory=WriteOptions)
+    workers: int = option(1, "processes writing shards in parallel, each a contiguous part of them. One process "
+                          "already overlaps reading, encoding and file writing on threads, and a worker spends about "
+                          "2 CPU-seconds starting (imports, opening the source): on 2 cores 2 workers were slower "
+                          "than 1; use more only with more cores", metavar="N")
+    block_cells: int | None = option(None, "cells read from the source per block, cut on a grid of N soma_joinids: "
+                                     "memory is a few blocks (default: the X array's tile extent along cells, 2048 in "
+                                     "the census, so no two blocks decode the same tiles; 2048 for an .h5ad)",
+                                     metavar="N")
+    quiet: bool = option(False, "no progress bar")
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("census_version", "census_uri", "soma", "h5ad") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one source: --census-version, --census-uri, --soma or --h5ad")
+        _choice("--h5ad-matrix", self.h5ad_matrix, H5AD_MATRICES)
+        _at_least_one("--workers", self.workers)
+        _at_least_one("--block-cells", self.block_cells)
+
+    @property
+    def source(self) -> tuple[str, str]:
+        """(kind, location) of the one source given: kind is census-version, census-uri, soma or h5ad."""
+        name = next(k for k in ("census_version", "census_uri", "soma", "h5ad") if getattr(self, k) is not None)
+        return name.replace("_", "-"), getattr(self, name)
+
+
+@dataclass
+class MergeConfig:
+    """Check that the parts come from one write command and cover every slice once, move their shards into --out,
+    write the merged manifest and remove the emptied parts. The result equals the shard set a single write would
+    give (same shards, manifest and identity). Re-running an interrupted merge finishes it."""
+
+    out: str = option(help="the merged shard set (new or empty)", metavar="DIR")
+    parts: tuple[str, ...] = option(help="the part directories, one per slice", positional=True, metavar="PART")
+
+
+@dataclass
+class VerifyConfig:
+    """Check every shard's size, sha256, cell count and that every sample decodes (no cell twice, gene indices
+    inside the vocabulary, finite non-negative counts). Exits 1 and names each bad shard if anything is wrong."""
+
+    directory: str = option(help="a shard set written by 'write'", positional=True, metavar="DIR")
+    quiet: bool = option(False, "no progress bar")
+
+
+@dataclass
+class BuildSomaConfig:
+    """Write a collection with census_info and census_data/<organism> (measurement RNA, X layer raw, census obs/var
+    columns) that cellxgene_census.open_soma(uri=PATH) opens like the real census: the offline stand-in for the
+    demo and the tests."""
+
+    h5ad: str = option(help="input AnnData with raw integer counts", metavar="FILE")
+    out: str = option(help="new collection directory (must not exist or be empty)", metavar="PATH")
+    label_key: str | None = option(None, "obs column copied to cell_type (e.g. bulk_labels)", metavar="COL")
+    organism: str = option("homo_sapiens", "experiment name")
+    h5ad_matrix: str = option("auto", "which matrix holds raw counts (raw.X when present under auto)",
+                              choices=H5AD_MATRICES)

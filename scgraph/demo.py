@@ -5,8 +5,9 @@
     -> pretrain the Transformer and the GNN (deepspeed, 2 CPU ranks) -> linear probe of each on the
     held-out cells -> Table II (launchers/compare.py) -> `mlflow ui`
 
-Every step is the project's own command line, run as a subprocess exactly as a user would type it
-(printed before it runs; its output goes to OUT/logs/). A step whose result is already there is
+Every step is the project's own command line, generated from its config (``scgraph.cli.to_argv``)
+and run as a subprocess exactly as a user would type it (printed before it runs; its output goes
+to OUT/logs/). A step whose result is already there is
 reused, so a second run, or one after an interruption, redoes only what is missing: the census
 copy is built under a temporary name and renamed when complete, shard writing and pretraining
 resume by themselves, a finished pretraining run leaves final_checkpoint.json, and a probe leaves
@@ -24,7 +25,8 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
@@ -33,50 +35,29 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from scgraph.config import BACKBONES, PRESETS
+from scgraph.cli import Command, run, to_argv
+from scgraph.config import (
+    BuildSomaConfig,
+    CompareConfig,
+    DemoConfig,
+    ModelConfig,
+    PretrainConfig,
+    ProbeConfig,
+    RunConfig,
+    ShardWriteConfig,
+    TokenizerConfig,
+    TrainConfig,
+    WriteOptions,
+)
 from scgraph.data.datasets import load_cbmc
 from scgraph.data.shards import ShardSet
 from scgraph.eval.evaluate import format_report
-from scgraph.train.engine import free_port
+from scgraph.train.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-LABEL_KEY = "cell_type"
+#: The backbones the demo compares, in Table II order.
+DEMO_BACKBONES = ("transformer", "gnn")
 _PROGRESS = re.compile(rb"(\d+)/(\d+) \[")
-
-
-def _help(text: str) -> dict:
-    return {"metadata": {"help": text}}
-
-
-@dataclass
-class DemoSettings:
-    """Small enough for a 2-core machine in minutes; every field is a command-line option."""
-
-    out: str = field(default="runs/demo", **_help("output directory; a second run with the same settings reuses "
-                                                  "its finished steps (use a new one after changing model settings)"))
-    experiment: str = field(default="scgraph-demo", **_help("MLflow experiment"))
-    preset: str = field(default="scbenchmark", **_help(f"architecture preset: {' or '.join(PRESETS)}"))
-    hidden: int = field(default=64, **_help("hidden size of both backbones"))
-    layers: int = field(default=2, **_help("blocks of both backbones"))
-    heads: int = field(default=4, **_help("attention heads of the Transformer"))
-    adjacency_rank: int = field(default=16, **_help("rank of the GNN's adjacency factors"))
-    seq_len: int = field(default=128, **_help("genes per cell L"))
-    batch_size: int = field(default=32, **_help("global pretraining batch (cells)"))
-    micro_batch_size: int = field(default=16, **_help("cells per rank per forward"))
-    steps: int = field(default=300, **_help("pretraining steps of each backbone"))
-    lr: float = field(default=1e-3, **_help("pretraining Adam learning rate"))
-    ranks: int = field(default=2, **_help("deepspeed processes (CPU ranks, or GPUs)"))
-    held_out_cells: int = field(default=2000, **_help("CBMC cells kept out of pretraining for the probe"))
-    repeats: int = field(default=5, **_help("probe repeats (split + probe seeds)"))
-    seed: int = field(default=0, **_help("seed of the held-out choice, pretraining and the probe"))
-
-    def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, (int, float)) and f.name != "seed" and value <= 0:
-                raise ValueError(f"{f.name} must be > 0; got {value}")
 
 
 def held_out_cells(n_cells: int, count: int, seed: int) -> np.ndarray:
@@ -95,7 +76,7 @@ class StepFailed(RuntimeError):
 
 @dataclass
 class Demo:
-    settings: DemoSettings
+    settings: DemoConfig
 
     def __post_init__(self) -> None:
         self.root = Path(self.settings.out).resolve()
@@ -154,8 +135,8 @@ class Demo:
         ad.AnnData(X=data.counts, obs=obs, var=pd.DataFrame(index=data.gene_ids)).write_h5ad(h5ad)
         partial = self.root / "census.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        self.command("build_soma", [sys.executable, "-m", "sharding", "build-soma", "--h5ad", str(h5ad),
-                                    "--out", str(partial), "--label-key", "label"])
+        self.command("build_soma", [sys.executable, "-m", "sharding", "build-soma",
+                                    *to_argv(BuildSomaConfig(h5ad=str(h5ad), out=str(partial), label_key="label"))])
         partial.rename(self.census)
         return True
 
@@ -166,11 +147,10 @@ class Demo:
             return False
         except (FileNotFoundError, ValueError):
             pass  # absent or unfinished: `write` starts it or resumes it
-        cmd = [sys.executable, "-m", "sharding", "write", "--census-uri", str(self.census), "--out", str(out),
-               "--obs-filter", f"split == '{split}'", "--cells-per-shard", "1000", "--quiet"]
-        if vocab_from is not None:
-            cmd += ["--vocab-from", str(vocab_from)]
-        self.command(name, cmd)
+        options = WriteOptions(obs_filter=f"split == '{split}'", cells_per_shard=1000,
+                               vocab_from=None if vocab_from is None else str(vocab_from))
+        write = ShardWriteConfig(census_uri=str(self.census), out=str(out), options=options, quiet=True)
+        self.command(name, [sys.executable, "-m", "sharding", "write", *to_argv(write)])
         return True
 
     def pretrain_output(self, backbone: str) -> Path:
@@ -182,16 +162,16 @@ class Demo:
         final = output / "final_checkpoint.json"
         if final.is_file() and json.loads(final.read_text())["step"] >= s.steps:
             return False
+        run = RunConfig(model=ModelConfig(backbone=backbone, preset=s.preset, hidden=s.hidden, layers=s.layers,
+                                          heads=s.heads, adjacency_rank=s.adjacency_rank),
+                        tokenizer=TokenizerConfig(seq_len=s.seq_len),
+                        train=TrainConfig(batch_size=s.batch_size, lr=s.lr, max_steps=s.steps, seed=s.seed))
+        pretrain = PretrainConfig(run=run, shards=str(self.pretrain_shards), output=str(output),
+                                  deepspeed_config="ds_configs/cpu_zero2.json", micro_batch_size=s.micro_batch_size,
+                                  checkpoint_every=100, resume=True, mlflow_uri=self.mlflow_uri,
+                                  experiment=s.experiment, run_name=f"demo-{backbone}")
         cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(s.ranks), "--master_port",
-               str(free_port()), "launchers/pretrain.py", "--backbone", backbone, "--preset", s.preset,
-               "--hidden", str(s.hidden), "--layers", str(s.layers), "--heads", str(s.heads),
-               "--adjacency-rank", str(s.adjacency_rank), "--seq-len", str(s.seq_len),
-               "--batch-size", str(s.batch_size), "--micro-batch-size", str(s.micro_batch_size), "--lr", str(s.lr),
-               "--max-steps", str(s.steps), "--seed", str(s.seed), "--log-every", "10",
-               "--checkpoint-every", "100", "--shards", str(self.pretrain_shards),
-               "--deepspeed_config", "ds_configs/cpu_zero2.json", "--output", str(output),
-               "--mlflow-uri", self.mlflow_uri, "--experiment", s.experiment, "--run-name", f"demo-{backbone}",
-               "--resume"]
+               str(free_port()), "launchers/pretrain.py", *to_argv(pretrain)]
         self.command(f"pretrain_{backbone}", cmd, progress_total=s.steps)
         return True
 
@@ -205,17 +185,17 @@ class Demo:
             report = json.loads(previous.read_text())
             if report["checkpoint"] == checkpoint and report["repeats"] == s.repeats:
                 return False
-        self.command(f"probe_{backbone}", [
-            sys.executable, "launchers/probe.py", "--checkpoint", checkpoint, "--data", str(self.heldout_shards),
-            "--label-key", LABEL_KEY, "--dataset-name", "cbmc", "--repeats", str(s.repeats), "--seed", str(s.seed),
-            "--out", str(out), "--export", str(out / f"cbmc_heldout_{backbone}.h5ad"),
-            "--mlflow-uri", self.mlflow_uri, "--experiment", s.experiment, "--quiet"])
+        probe = ProbeConfig(checkpoint=checkpoint, data=str(self.heldout_shards), dataset_name="cbmc",
+                            repeats=s.repeats, seed=s.seed, out=str(out),
+                            export=str(out / f"cbmc_heldout_{backbone}.h5ad"), mlflow_uri=self.mlflow_uri,
+                            experiment=s.experiment, quiet=True)
+        self.command(f"probe_{backbone}", [sys.executable, "launchers/probe.py", *to_argv(probe)])
         return True
 
     def compare(self) -> str:
-        return self.command("compare", [sys.executable, "launchers/compare.py", "--experiment",
-                                        self.settings.experiment, "--mlflow-uri", self.mlflow_uri,
-                                        "--out", str(self.root / "compare")])
+        compare = CompareConfig(experiment=self.settings.experiment, mlflow_uri=self.mlflow_uri,
+                                out=str(self.root / "compare"))
+        return self.command("compare", [sys.executable, "launchers/compare.py", *to_argv(compare)])
 
     # -- the whole pipeline ------------------------------------------------------------------
     def run(self) -> str:
@@ -225,8 +205,9 @@ class Demo:
                   lambda: self.write_shards("shards_pretrain", self.pretrain_shards, "pretrain")),
                  ("held-out shards, pretraining vocabulary",
                   lambda: self.write_shards("shards_heldout", self.heldout_shards, "heldout", self.pretrain_shards))]
-        steps += [(f"pretrain {b} ({s.ranks} ranks, {s.steps} steps)", lambda b=b: self.pretrain(b)) for b in BACKBONES]
-        steps += [(f"linear probe of {b} on held-out cells", lambda b=b: self.probe(b)) for b in BACKBONES]
+        steps += [(f"pretrain {b} ({s.ranks} ranks, {s.steps} steps)", lambda b=b: self.pretrain(b))
+                  for b in DEMO_BACKBONES]
+        steps += [(f"linear probe of {b} on held-out cells", lambda b=b: self.probe(b)) for b in DEMO_BACKBONES]
         start = time.perf_counter()
         print(f"scgraph demo: CBMC (Stoeckius et al. 2017, 7,839 cells x 500 genes, 11 cell types, synthetic "
               f"gene ids); {s.held_out_cells} cells held out for the probe; both backbones {s.preset}, "
@@ -239,7 +220,7 @@ class Demo:
         print(f"[{len(steps) + 1}/{len(steps) + 1}] Table II comparison", flush=True)
         table = self.compare()
         print()
-        for b in BACKBONES:
+        for b in DEMO_BACKBONES:
             print(format_report(json.loads((self.root / "probe" / b / "probe.json").read_text())), end="\n\n")
         print(table)
         print(f"Demo finished in {time.perf_counter() - start:.0f} s. Open the runs with:\n"
@@ -247,6 +228,19 @@ class Demo:
         return table
 
 
-def run_demo(settings: DemoSettings) -> str:
-    """Run (or finish) the demo; returns the printed Table II."""
-    return Demo(settings).run()
+def run_demo(settings: DemoConfig) -> int:
+    """Run (or finish) the demo; a failed step is reported with its log's tail (exit 1)."""
+    try:
+        Demo(settings).run()
+    except StepFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+COMMAND = Command(DemoConfig, run_demo, prog="launchers/demo.py")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``launchers/demo.py`` (``make demo``)."""
+    return run(COMMAND, argv)

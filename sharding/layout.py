@@ -3,7 +3,8 @@
 The census is unreachable offline, so the demo and the tests stand it in with a collection that
 ``cellxgene_census.open_soma(uri=PATH)`` opens exactly like the real one: ``census_info`` (a
 ``summary`` table) and ``census_data/<organism>``, an Experiment with measurement "RNA" whose X
-layer "raw" holds integer counts and whose obs/var carry the census columns (SPEC §3).
+layer "raw" holds integer counts and whose obs/var carry the census columns (soma_joinid,
+cell_type, assay, tissue, disease, dataset_id, is_primary_data, ...; feature_id, feature_name).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import scipy.sparse as sp
 import tiledbsoma as soma
 import tiledbsoma.io
 
-from sharding.sources import check_raw_counts
+from scgraph.config import BuildSomaConfig
+from scgraph.io.counts import check_counts
 
 #: Census obs columns filled from the .h5ad when it has them, else with this placeholder.
 CENSUS_OBS_DEFAULTS: dict[str, object] = {
@@ -87,7 +89,7 @@ def build_census_layout(
         raise FileExistsError(f"{out} exists and is not empty; build-soma never overwrites")
     raw = adata.raw if (use_raw or (use_raw is None and adata.raw is not None)) else None
     counts = sp.csr_matrix(raw.X if raw is not None else adata.X)
-    check_raw_counts(counts, adata.obs_names)
+    check_counts(counts, adata.obs_names)
     cells = ad.AnnData(
         X=counts.astype(np.float32),
         obs=census_obs(adata.obs, label_key, dataset_id),
@@ -140,3 +142,11 @@ def build_census_layout_from_h5ad(
     return build_census_layout(
         adata, out, label_key=label_key, organism=organism, dataset_id=dataset_id, use_raw=use_raw
     )
+
+
+def build_soma_command(cfg: BuildSomaConfig) -> None:
+    """``python -m sharding build-soma``."""
+    use_raw = {"auto": None, "X": False, "raw": True}[cfg.h5ad_matrix]
+    uri = build_census_layout_from_h5ad(cfg.h5ad, cfg.out, label_key=cfg.label_key, organism=cfg.organism,
+                                        use_raw=use_raw)
+    print(f"{uri}: census layout written (open with cellxgene_census.open_soma(uri=...))")

@@ -4,7 +4,7 @@ Each part holds its slice's shards under their global names and a manifest that 
 plan, so the merge needs no source access and no re-encoding: it checks that the parts come from
 one command and cover every slice exactly once, moves the shard files (a rename on one file
 system: no second copy of a census-sized set), writes the manifest a single process would have
-written (``writer.build_manifest``) and removes the emptied parts. The result is the single-process
+written (``build_manifest``) and removes the emptied parts. The result is the single-process
 shard set, byte for byte: the same shards, manifest and identity.
 
 An interrupted merge is finished by running it again (shards already moved are found in --out);
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from scgraph.data.shards import MANIFEST_NAME, read_manifest
-from sharding.writer import build_manifest, differences, parse_slice, write_manifest
+from scgraph.config import MergeConfig, parse_slice
+from scgraph.data.shards import MANIFEST_NAME, build_manifest, differences, read_manifest, write_manifest
 
 #: Manifest fields every part of one job array must share (besides the command and plan).
 _SHARED = ("format", "source", "obs_filter", "obs_columns", "vocabulary")
@@ -145,3 +145,8 @@ def merge_parts(out: str, parts: Sequence[str]) -> MergeReport:
     totals = manifest["totals"]
     return MergeReport(out, len(parts), totals["cells"], totals["shards"], totals["bytes"], manifest["identity"],
                        time.perf_counter() - started, left)
+
+
+def merge_command(cfg: MergeConfig) -> None:
+    """``python -m sharding merge``."""
+    print(merge_parts(cfg.out, cfg.parts).summary())

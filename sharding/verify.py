@@ -10,13 +10,15 @@ import glob
 import hashlib
 import io
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
+from scgraph.config import VerifyConfig
 from scgraph.data.shards import MANIFEST_NAME, CorruptShardError, decode_cell, iter_shard, read_manifest
+from scgraph.io.counts import value_defect
 
 
 @dataclass
@@ -57,8 +59,9 @@ def _check_shard(path: str, record: dict[str, Any], vocab_size: int, seen: set[i
             seen.add(cell.soma_joinid)
             if cell.genes.size and (cell.genes.min() < 0 or cell.genes.max() >= vocab_size):
                 return f"{name}: cell {cell.soma_joinid} has gene indices outside the vocabulary"
-            if not np.isfinite(cell.counts).all() or (cell.counts < 0).any():
-                return f"{name}: cell {cell.soma_joinid} has NaN, infinite or negative counts"
+            defect = value_defect(cell.counts)
+            if defect is not None:
+                return f"{name}: counts of cell {cell.soma_joinid} contain {defect[1]}"
             cells += 1
     except CorruptShardError as err:
         return str(err)
@@ -98,3 +101,12 @@ def verify(directory: str, progress: bool = True) -> VerifyReport:
             f"{MANIFEST_NAME}: totals.cells {manifest['totals']['cells']} but the shards hold {report.cells}"
         )
     return report
+
+
+def verify_command(cfg: VerifyConfig) -> int:
+    """``python -m sharding verify``: each problem on stderr as ``BAD ...``, a summary, exit 1 if any."""
+    report = verify(cfg.directory, progress=not cfg.quiet)
+    for problem in report.problems:
+        print(f"BAD {problem}", file=sys.stderr)
+    print(report.summary())
+    return 0 if report.ok else 1

@@ -95,14 +95,14 @@ def tiny_demo(tmp_path_factory):
     """The demo's own steps, run once: the real CBMC cells as a census-layout collection with a
     held-out split, shards of each split through the census path, and both backbones pretrained
     with the real deepspeed launcher into one MLflow store. Tests probe and compare on these."""
-    from scgraph.config import BACKBONES
-    from scgraph.demo import Demo, DemoSettings
+    from scgraph.config import DemoConfig
+    from scgraph.demo import DEMO_BACKBONES, Demo
 
-    demo = Demo(DemoSettings(out=str(tmp_path_factory.mktemp("demo")), experiment="tiny", **TINY_DEMO))
+    demo = Demo(DemoConfig(out=str(tmp_path_factory.mktemp("demo")), experiment="tiny", **TINY_DEMO))
     demo.build_census()
     demo.write_shards("shards_pretrain", demo.pretrain_shards, "pretrain")
     demo.write_shards("shards_heldout", demo.heldout_shards, "heldout", demo.pretrain_shards)
-    for backbone in BACKBONES:
+    for backbone in DEMO_BACKBONES:
         demo.pretrain(backbone)
     return demo
 
@@ -128,7 +128,7 @@ def probes(tiny_demo, heldout_h5ad) -> dict[str, dict]:
     --export. Returns each probe.json."""
     import json
 
-    from scgraph.eval.cli import probe_main
+    from scgraph.eval.evaluate import main as probe_main
 
     tiny_demo.probe("gnn")
     out = tiny_demo.root / "probe" / "transformer"
@@ -137,3 +137,40 @@ def probes(tiny_demo, heldout_h5ad) -> dict[str, dict]:
                        "--export", str(out / "exported.h5ad"), "--quiet"])
     assert code == 0
     return {b: json.loads((tiny_demo.root / "probe" / b / "probe.json").read_text()) for b in ("gnn", "transformer")}
+
+
+# --- helpers shared by tests (test-only code lives here, not in the library) ----------------------
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    """A 1-D little-endian array as the .npy member a shard holds."""
+    from scgraph.data.shards import npy_header
+
+    return npy_header(array.dtype.str, len(array)) + array.tobytes()
+
+
+def encode_sample(joinid: int, genes: np.ndarray, counts: np.ndarray, obs: dict) -> bytes:
+    """One cell's three tar members, as the writer encodes them."""
+    from scgraph.data.shards import encode_block, encode_obs
+
+    return encode_block([int(joinid)], np.array([0, len(genes)]), genes, counts, [encode_obs(obs)]).tobytes()
+
+
+def iter_cells(shards):
+    """Every cell of a shard set (a ShardSet or its directory), in stored order."""
+    from scgraph.data.shards import ShardSet
+
+    return (shards if isinstance(shards, ShardSet) else ShardSet.open(str(shards))).iter_cells()
+
+
+def dense_graph_mixer(mixer, h, genes, attn_mask):
+    """The GNN mixer's formula with A[g, g] materialised: softmax(scale U[g] V[g]^T) H W_v per
+    adjacency head, padded keys masked, then the output projection."""
+    import torch
+
+    q, k = mixer.adjacency.queries_keys(genes)  # (B, heads, L, w)
+    b, heads, n, _ = q.shape
+    v = mixer.value(h).view(b, n, heads, -1).transpose(1, 2)
+    scores = (q @ k.transpose(-1, -2) * mixer.scale).masked_fill(~attn_mask, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v
+    return mixer.out(out.transpose(1, 2).reshape(b, n, -1))

@@ -9,8 +9,8 @@ import math
 import pytest
 from mlflow.tracking import MlflowClient
 
-from scgraph.eval.cli import compare_main
 from scgraph.eval.compare import Row, Table, collect, markdown, table_rows
+from scgraph.eval.compare import main as compare_main
 
 
 @pytest.mark.slow

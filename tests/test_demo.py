@@ -7,11 +7,11 @@ import time
 
 import numpy as np
 import pytest
+from conftest import iter_cells
 
-from scgraph.config import BACKBONES
-from scgraph.data.loader import iter_cells
+from scgraph.config import DemoConfig
 from scgraph.data.shards import ShardSet
-from scgraph.demo import Demo, DemoSettings, StepFailed, held_out_cells
+from scgraph.demo import DEMO_BACKBONES, Demo, StepFailed, held_out_cells
 
 
 @pytest.mark.slow
@@ -23,7 +23,7 @@ def test_held_out_cells_never_reach_pretraining_and_share_its_vocabulary(tiny_de
     held = list(iter_cells(heldout))
     assert not pretrain_ids & {c.soma_joinid for c in held}
     assert len({c.obs["cell_type"] for c in held}) == 11
-    for backbone in BACKBONES:
+    for backbone in DEMO_BACKBONES:
         final = tiny_demo.pretrain_output(backbone) / "final_checkpoint.json"
         assert final.is_file(), backbone
 
@@ -35,7 +35,7 @@ def test_a_second_run_reuses_finished_steps(tiny_demo, probes):
     assert not tiny_demo.write_shards("shards_pretrain", tiny_demo.pretrain_shards, "pretrain")
     assert not tiny_demo.write_shards("shards_heldout", tiny_demo.heldout_shards, "heldout",
                                       tiny_demo.pretrain_shards)
-    assert not any(tiny_demo.pretrain(b) for b in BACKBONES)
+    assert not any(tiny_demo.pretrain(b) for b in DEMO_BACKBONES)
     assert not tiny_demo.probe("gnn")  # its probe.json names the same checkpoint
     assert time.perf_counter() - start < 10
 
@@ -52,7 +52,7 @@ def test_the_held_out_cells_are_a_seeded_uniform_choice(tiny_demo):
 
 
 def test_a_failing_step_names_its_log(tmp_path):
-    demo = Demo(DemoSettings(out=str(tmp_path)))
+    demo = Demo(DemoConfig(out=str(tmp_path)))
     with pytest.raises(StepFailed, match=r"shards_pretrain failed \(exit 2\); the end of .*shards_pretrain.log"):
         demo.write_shards("shards_pretrain", demo.pretrain_shards, "pretrain")  # no census built
 
@@ -61,4 +61,4 @@ def test_a_failing_step_names_its_log(tmp_path):
                                                          ("steps", 0, "steps must be > 0")])
 def test_bad_settings_are_refused(field, value, message):
     with pytest.raises(ValueError, match=message):
-        DemoSettings(**{field: value})
+        DemoConfig(**{field: value})

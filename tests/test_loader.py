@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import generated_anndata
+from conftest import encode_sample, generated_anndata
 
-from scgraph.config import TokenizerConfig
+from scgraph.config import TokenizerConfig, WriteOptions
 from scgraph.data.batch import Batch
 from scgraph.data.loader import build_loader, stream_slices
 from scgraph.data.shards import ShardSet
-from sharding.sources import SourceSpec
-from sharding.writer import WriteOptions, write_shards
+from scgraph.io.sources import SourceSpec
+from sharding.writer import write_shards
 
 N_CELLS = 1280
 TOK = TokenizerConfig(seq_len=8)
@@ -137,7 +137,7 @@ def test_loader_reads_a_path_and_reports_too_small_sets(tagged):
 def test_decode_rows_refuses_gene_indices_outside_the_vocabulary():
     import io
 
-    from scgraph.data.shards import CorruptShardError, decode_rows, encode_sample, iter_shard
+    from scgraph.data.shards import CorruptShardError, decode_rows, iter_shard
 
     blob = encode_sample(5, np.array([1, 9], dtype=np.int32), np.array([2.0, 3.0], dtype=np.float32), {})
     samples = list(iter_shard(io.BytesIO(blob + b"\0" * 1024)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import dense_graph_mixer
 from torch import nn
 
 from scgraph.config import ModelConfig
@@ -80,7 +81,7 @@ def test_gnn_mixer_matches_dense_softmax_adjacency(adjacency, hidden, rank, grap
     h = torch.randn(4, 20, hidden)
     mask = model.attention_mask(genes)
     fused = mixer(h, genes, mask)
-    dense = mixer.dense_reference(h, genes, mask)
+    dense = dense_graph_mixer(mixer, h, genes, mask)
     torch.testing.assert_close(fused, dense, atol=1e-5, rtol=1e-5)
     if graph_heads == 1:  # and both equal the formula itself for one cell: softmax(A[g,g]) H W_v
         q, k = mixer.adjacency.queries_keys(genes[1:2, :13])
@@ -107,7 +108,7 @@ def test_gnn_fused_path_keeps_no_length_squared_tensor_for_backward():
 def test_attention_mixer_equals_torch_multihead_attention():
     torch.manual_seed(0)
     cfg = small_config("transformer", hidden=32, heads=4)
-    ours = AttentionMixer(cfg, {})
+    ours = AttentionMixer(cfg)
     ref = nn.MultiheadAttention(32, 4, batch_first=True)
     with torch.no_grad():
         ours.qkv.weight.copy_(ref.in_proj_weight)

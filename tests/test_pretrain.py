@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from scgraph.cli import parse
 from scgraph.config import TrainConfig
+from scgraph.train.distributed import free_port
 from scgraph.train.dsconfig import resolve_ds_config
-from scgraph.train.engine import free_port
-from scgraph.train.options import build_parser, config_from_args
+from scgraph.train.trainer import COMMAND
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--hidden", "32", "--layers", "2", "--heads", "4", "--adjacency-rank", "8", "--seq-len", "64",
@@ -216,10 +217,9 @@ def test_yaml_config_is_overridden_by_flags_and_unknown_keys_are_refused(tmp_pat
     config = tmp_path / "run.yaml"
     config.write_text("model:\n  backbone: gnn\n  hidden: 64\n  heads: 4\ntrain:\n  lr: 0.001\n"
                       "shards: /data/shards\ncheckpoint_every: 7\n")
-    args = build_parser().parse_args(["--config", str(config), "--hidden", "32", "--seq-len", "128"])
-    cfg = config_from_args(args)
+    cfg = parse(COMMAND, ["--config", str(config), "--hidden", "32", "--seq-len", "128"])
     assert (cfg.run.model.backbone, cfg.run.model.hidden, cfg.run.tokenizer.seq_len) == ("gnn", 32, 128)
     assert (cfg.run.train.lr, cfg.shards, cfg.checkpoint_every) == (0.001, "/data/shards", 7)
     config.write_text("model:\n  hiden: 64\n")
     with pytest.raises(ValueError, match="unknown model field\\(s\\) hiden"):
-        config_from_args(build_parser().parse_args(["--config", str(config)]))
+        parse(COMMAND, ["--config", str(config)])

@@ -15,10 +15,11 @@ from mlflow.tracking import MlflowClient
 from scgraph.data.datasets import load_cbmc
 from scgraph.data.shards import ShardSet
 from scgraph.eval.cells import read_cells
-from scgraph.eval.cli import probe_main
 from scgraph.eval.evaluate import format_report, labelled_cells
-from scgraph.eval.probe import LinearProbe, evaluate, log1p_cp10k, stratified_split
-from scgraph.train.checkpoint import load_pretrained
+from scgraph.eval.evaluate import main as probe_main
+from scgraph.eval.probe import LinearProbe, evaluate, stratified_split
+from scgraph.io.counts import log1p_cp10k
+from scgraph.train.checkpointer import load_pretrained
 from sharding.layout import build_census_layout
 
 SUMMARY_KEYS = {"accuracy_mean", "accuracy_std", "macro_f1_mean", "macro_f1_std", "n_cells", "n_classes",

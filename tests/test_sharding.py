@@ -12,13 +12,12 @@ import pytest
 import scipy.sparse as sp
 import tiledbsoma as soma
 import tiledbsoma.io
-from conftest import generated_anndata, generated_counts
+from conftest import encode_npy, encode_sample, generated_anndata, generated_counts, iter_cells
 
-from scgraph.data.loader import iter_cells, load_labelled
-from scgraph.data.shards import MANIFEST_NAME, ShardSet, decode_npy, encode_npy, iter_shard
+from scgraph.data.shards import MANIFEST_NAME, ShardSet, decode_npy, iter_shard
+from sharding.blocks import cut_blocks, prefetch
 from sharding.cli import build_parser, main
 from sharding.verify import verify
-from sharding.writer import cut_blocks, prefetch
 
 
 def write(*args: str) -> int:
@@ -84,8 +83,8 @@ def test_census_uri_shards_hold_every_cell_row_for_row(cbmc, cbmc_census, tmp_pa
     assert manifest["totals"]["nnz"] == cbmc.X.nnz and manifest["identity"] == shards.identity
     assert [s["cells"] for s in manifest["shards"]] == [3000, 3000, 1839]
     assert main(["verify", "--quiet", out]) == 0
-    labelled = load_labelled(shards)
-    assert (labelled.labels == labels).all() and (labelled.counts != sp.csr_matrix(cbmc.X)).nnz == 0
+    _, stored, obs = shards.read_all()
+    assert (np.array([o["cell_type"] for o in obs]) == labels).all() and (stored != sp.csr_matrix(cbmc.X)).nnz == 0
 
 
 def test_obs_filter_selects_exactly_what_tiledbsoma_selects(cbmc_census, tmp_path):
@@ -309,8 +308,6 @@ def test_iter_shard_reports_damage_by_shard_name(tmp_path):
 
 
 def _sample(joinid: int) -> bytes:
-    from scgraph.data.shards import encode_sample
-
     return encode_sample(joinid, np.arange(3, dtype=np.int32), np.ones(3, dtype=np.float32), {"x": joinid})
 
 

@@ -10,9 +10,8 @@ import sys
 import time
 
 import pytest
-from conftest import generated_anndata, generated_counts
+from conftest import generated_anndata, generated_counts, iter_cells
 
-from scgraph.data.loader import iter_cells
 from scgraph.data.shards import MANIFEST_NAME, ShardSet
 from sharding.cli import main
 from sharding.layout import build_census_layout

@@ -7,11 +7,12 @@ import itertools
 
 import pytest
 import torch
+from conftest import dense_graph_mixer
 
+from scgraph.cli import build_parser as command_parser
+from scgraph.config import StudyConfig
 from scgraph.models.model import AttentionMixer, Block, FactorizedAdjacency, GraphMixer
 from scgraph.synthetic.bounds import floors
-from scgraph.synthetic.cli import build_parser, main
-from scgraph.synthetic.config import StudyConfig
 from scgraph.synthetic.generators import (
     GENERATORS,
     ORDERS,
@@ -20,7 +21,7 @@ from scgraph.synthetic.generators import (
     values,
 )
 from scgraph.synthetic.models import build_synthetic_model, synthetic_model_config
-from scgraph.synthetic.study import run_study
+from scgraph.synthetic.study import COMMAND, main, run_study
 from scgraph.synthetic.train import evaluate
 
 A, B, C, D = range(4)
@@ -140,7 +141,7 @@ def test_rank_four_adjacency_expresses_any_4x4_matrix() -> None:
     mask = torch.ones(3, 1, 1, 4, dtype=torch.bool)
     expected = mixer.out(torch.softmax(target[genes[:, :, None], genes[:, None, :]], -1) @ mixer.value(h))
     torch.testing.assert_close(mixer(h, genes, mask), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(mixer.dense_reference(h, genes, mask), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense_graph_mixer(mixer, h, genes, mask), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backbone", ["transformer", "gnn"])
@@ -177,24 +178,24 @@ def test_study_config_rejects_bad_arguments_in_one_line(kwargs: dict, message: s
 
 def test_cli_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["--help"])
+        command_parser(COMMAND).parse_args(["--help"])
     text = capsys.readouterr().out
     for name, field in StudyConfig.__dataclass_fields__.items():
         option = ("--no-" if field.default is True else "--") + name.replace("_", "-")
         assert option in text, option
-    for action in build_parser()._actions:
+    for action in command_parser(COMMAND)._actions:
         assert action.help, action.dest
 
 
 def test_cli_reports_a_bad_argument_by_name(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
-        main(["--betas", "0,2"])
+    assert main(["--betas", "0,2"]) == 2
     assert "betas must lie in" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # ~20 s: MLflow builds its sqlite schema
 def test_study_writes_table_figures_and_logs_every_setting_to_mlflow(tmp_path) -> None:
-    cfg = StudyConfig(betas=(0.0, 0.5), sigmas=(0.1,), samples=300, epochs=2, workers=1, out=tmp_path)
+    cfg = StudyConfig(betas=(0.0, 0.5), sigmas=(0.1,), samples=300, epochs=2, workers=1, out=tmp_path,
+                      mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db")
     results = run_study(cfg, progress=False)
     with open(tmp_path / "table1.csv") as f:
         rows = list(csv.DictReader(f))
@@ -213,8 +214,8 @@ def test_study_writes_table_figures_and_logs_every_setting_to_mlflow(tmp_path) -
     for png in ("fig3a_best_loss_vs_beta.png", "fig3b_test_loss_curves.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
-    import mlflow  # the tracking store the study wrote: a sqlite database under OUT
-    client = mlflow.MlflowClient(cfg.tracking_uri)
+    import mlflow  # the tracking store the study wrote
+    client = mlflow.MlflowClient(cfg.mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]

@@ -1,4 +1,4 @@
-"""The plain training loop: both backbones can fit, and a batch becomes a loss in one place."""
+"""Training basics on real cells: both backbones can fit, and the run config is validated."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from plain_loop import iterate_batches, train_plain
 
 from scgraph.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig
-from scgraph.data.batch import iterate_batches, make_batch
+from scgraph.data.batch import make_batch
 from scgraph.data.datasets import load_cbmc
 from scgraph.models import build_model
-from scgraph.train.loop import train_plain
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,7 @@ def test_backbone_overfits_a_tiny_fixed_batch(cbmc, backbone, preset):
     batch = make_batch(cbmc.counts[:8], tok, cbmc.counts.shape[1], 0.25, np.random.default_rng(0))
     model = build_model(ModelConfig(backbone=backbone, preset=preset, vocab_size=cbmc.counts.shape[1],
                                     hidden=32, layers=2, heads=4, adjacency_rank=8))
-    history = train_plain(model, itertools.repeat(batch), TrainConfig(lr=3e-3, max_steps=150, grad_clip=None),
-                          progress=False)
+    history = train_plain(model, itertools.repeat(batch), TrainConfig(lr=3e-3, max_steps=150, grad_clip=None))
     first, last = history.losses[0], history.mean_loss(10)
     assert last < first / 10, f"{backbone}/{preset}: loss {first:.3f} -> {last:.3f}"
 
@@ -40,7 +39,7 @@ def test_training_on_real_cells_beats_predicting_the_mean(cbmc):
     model = build_model(ModelConfig(backbone="gnn", preset="symmetric", vocab_size=vocab, hidden=32,
                                     layers=1, heads=4, adjacency_rank=8))
     batches = iterate_batches(cbmc.counts, tok, vocab, batch_size=32, mask_ratio=0.15, seed=0)
-    history = train_plain(model, batches, TrainConfig(lr=2e-3, max_steps=120), progress=False)
+    history = train_plain(model, batches, TrainConfig(lr=2e-3, max_steps=120))
     held_out = make_batch(cbmc.counts[-256:], tok, vocab, 0.15, np.random.default_rng(1))
     target = held_out.values[held_out.masked]
     with torch.no_grad():

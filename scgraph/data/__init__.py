@@ -1,1 +1,2 @@
-"""Data: tokenization, masking, real datasets shipped in packages, and (later) the shard loader."""
+"""Data: the gene vocabulary, the shard format, tokenization and masking, the streaming loader, and
+real labelled datasets shipped in packages."""

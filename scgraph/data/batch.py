@@ -37,15 +37,3 @@ def make_batch(
     tokens = tokenize(counts, tok, vocab_size, rng)
     masked = mask_values(tokens.genes, vocab_size, mask_ratio, rng)
     return Batch(torch.from_numpy(tokens.genes), torch.from_numpy(tokens.values), torch.from_numpy(masked))
-
-
-def iterate_batches(
-    counts: sp.spmatrix, tok: TokenizerConfig, vocab_size: int, batch_size: int, mask_ratio: float, seed: int
-):
-    """Endless, reproducible shuffled epochs over an in-memory matrix (tests, demo, small data)."""
-    counts = sp.csr_matrix(counts)
-    rng = np.random.default_rng(seed)
-    while True:
-        order = rng.permutation(counts.shape[0])
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield make_batch(counts[order[start : start + batch_size]], tok, vocab_size, mask_ratio, rng)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-#: Not cell types: spike-in mouse cells and unassigned cells (DATA.md).
+#: Not cell types: spike-in mouse cells and unassigned cells.
 CBMC_DROPPED_LABELS = ("Mouse", "Unknown")
 
 

@@ -25,14 +25,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 import webdataset as wds
 
 from scgraph.config import TokenizerConfig
 from scgraph.data.batch import Batch, make_batch
-from scgraph.data.datasets import LabelledCounts
-from scgraph.data.shards import COUNTS, GENES, Cell, ShardSet, decode_cell, decode_rows, iter_shard
+from scgraph.data.shards import COUNTS, GENES, ShardSet, decode_rows, iter_shard
 
 DEFAULT_SHUFFLE_BUFFER = 4096
 
@@ -228,42 +226,3 @@ def build_loader(
         skip_batches=skip_batches,
     )
     return ShardLoader(dataset, num_workers)
-
-
-def iter_cells(shards: ShardSet | str) -> Iterator[Cell]:
-    """Every cell once, in stored order, with its obs (the probe's labels); no shuffling."""
-    if isinstance(shards, str):
-        shards = ShardSet.open(shards)
-    for path in shards.shard_paths:
-        for sample in iter_shard(path):
-            yield decode_cell(sample, path)
-
-
-def load_labelled(
-    shards: ShardSet | str, label: str = "cell_type", max_cells: int | None = None
-) -> LabelledCounts:
-    """A (small, labelled) shard set in memory as ``LabelledCounts`` in the shard set's vocabulary,
-    the form the linear probe takes."""
-    if isinstance(shards, str):
-        shards = ShardSet.open(shards)
-    genes, counts, labels = [], [], []
-    for cell in itertools.islice(iter_cells(shards), max_cells):
-        if label not in cell.obs:
-            raise ValueError(
-                f"cell {cell.soma_joinid} has no obs column {label!r} "
-                f"(has: {', '.join(cell.obs) or 'none'}); write the shards with it in --obs-columns"
-            )
-        genes.append(cell.genes)
-        counts.append(cell.counts)
-        labels.append(str(cell.obs[label]))
-    indptr = np.concatenate(([0], np.cumsum([len(g) for g in genes])))
-    matrix = sp.csr_matrix(
-        (np.concatenate(counts), np.concatenate(genes), indptr), shape=(len(genes), shards.vocab_size)
-    )
-    return LabelledCounts(
-        counts=matrix,
-        labels=np.array(labels),
-        gene_ids=np.array(shards.feature_ids),
-        gene_names=np.array(shards.feature_names),
-        name=shards.identity,
-    )

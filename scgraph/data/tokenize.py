@@ -12,6 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from scgraph.config import TokenizerConfig
+from scgraph.io.counts import check_counts, log1p_normalized
 
 
 @dataclass
@@ -24,27 +25,12 @@ class Tokens:
     n_genes: np.ndarray
 
 
-def validate_counts(matrix: sp.csr_matrix, vocab_size: int) -> None:
-    """Refuse input that would silently corrupt training, naming the problem."""
-    if matrix.shape[1] > vocab_size:
-        raise ValueError(f"counts have {matrix.shape[1]} gene columns but the vocabulary has {vocab_size}")
-    data = matrix.data
-    if data.size:
-        if not np.isfinite(data).all():
-            raise ValueError("counts contain NaN or infinite values")
-        if (data < 0).any():
-            raise ValueError(f"counts contain negative values (min {data.min()})")
-
-
-def _normalise(matrix: sp.csr_matrix, cfg: TokenizerConfig) -> np.ndarray:
-    """Per-non-zero values after library-size normalisation and log1p (computed over ALL genes)."""
-    data = matrix.data.astype(np.float64)
+def _values(matrix: sp.csr_matrix, cfg: TokenizerConfig) -> np.ndarray:
+    """Per-non-zero model input values: log1p after library-size normalisation (over ALL the
+    cell's genes), or the raw values."""
     if cfg.normalization == "none":
-        return data.astype(np.float32)
-    totals = np.asarray(matrix.sum(axis=1)).ravel()
-    rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
-    scale = np.divide(cfg.target_sum, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
-    return np.log1p(data * scale[rows]).astype(np.float32)
+        return matrix.data.astype(np.float32)
+    return log1p_normalized(matrix, cfg.target_sum)
 
 
 def bin_values(values: np.ndarray, n_genes: np.ndarray, n_bins: int) -> np.ndarray:
@@ -73,9 +59,11 @@ def tokenize(
     matrix = sp.csr_matrix(matrix)
     matrix.sum_duplicates()
     matrix.eliminate_zeros()
-    validate_counts(matrix, vocab_size)
+    if matrix.shape[1] > vocab_size:
+        raise ValueError(f"counts have {matrix.shape[1]} gene columns but the vocabulary has {vocab_size}")
+    check_counts(matrix, integers=False)
     n = matrix.shape[0]
-    values = _normalise(matrix, cfg)
+    values = _values(matrix, cfg)
     counts = np.diff(matrix.indptr)
     rows = np.repeat(np.arange(n), counts)
     if cfg.selection == "top":  # highest expression first, ties by gene id

@@ -13,20 +13,26 @@ from __future__ import annotations
 import csv
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from scgraph.config import BACKBONES
+from scgraph.cli import Command, run
+from scgraph.config import CompareConfig, backbones
 from scgraph.eval.evaluate import PROBE_KIND
 from scgraph.eval.figures import grouped_bar_chart
-from scgraph.train.tracking import Tracker, git_commit, tracking_uri
+from scgraph.tracking import Tracker, client, git_commit, tracking_uri
 
 COMPARE_KIND = "compare"
-#: Paper order: the Transformer row first, then the GNN that is compared with it.
-_ORDER = {name: i for i, name in enumerate(BACKBONES)}
+
+
+def _order(backbone: str) -> int:
+    """Paper order: the Transformer row first, then the GNN(s) compared with it."""
+    names = backbones()
+    return names.index(backbone) if backbone in names else len(names)
 
 
 @dataclass
@@ -80,14 +86,13 @@ def _number(params: dict[str, str], key: str) -> int:
 def collect(experiment: str, uri: str | None = None) -> Table:
     """Read the experiment's finished probe runs and the pretraining runs they name."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri(uri))
-    found = client.get_experiment_by_name(experiment)
+    store = client(uri)
+    found = store.get_experiment_by_name(experiment)
     if found is None:
-        names = ", ".join(e.name for e in client.search_experiments()) or "none"
+        names = ", ".join(e.name for e in store.search_experiments()) or "none"
         raise ValueError(f"no MLflow experiment named {experiment!r} in {tracking_uri(uri)} (experiments: {names})")
-    runs = client.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'",
+    runs = store.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'",
                               max_results=50_000, order_by=["attributes.start_time ASC"])
     probes = [r for r in runs if r.data.tags.get("scgraph.kind") == PROBE_KIND]
     if not probes:
@@ -98,7 +103,7 @@ def collect(experiment: str, uri: str | None = None) -> Table:
     def pretraining(run_id: str):
         if run_id not in by_id:
             try:
-                by_id[run_id] = client.get_run(run_id)
+                by_id[run_id] = store.get_run(run_id)
             except MlflowException:
                 by_id[run_id] = None
         return by_id[run_id]
@@ -130,7 +135,7 @@ def collect(experiment: str, uri: str | None = None) -> Table:
             m = probe.data.metrics
             row.accuracy[dataset] = (m["accuracy_mean"], m.get("accuracy_std", 0.0))
         rows.append(row)
-    rows.sort(key=lambda r: (r.preset, r.hidden, r.seq_len, _ORDER.get(r.backbone, len(_ORDER)), r.backbone))
+    rows.sort(key=lambda r: (r.preset, r.hidden, r.seq_len, _order(r.backbone), r.backbone))
     datasets = sorted({d for r in rows for d in r.accuracy})
     return Table(rows, datasets, notes, several_presets=len({r.preset for r in rows}) > 1)
 
@@ -162,7 +167,7 @@ def _header(table: Table) -> list[str]:
 def _averages(table: Table) -> list[list[str]]:
     """The paper's closing 'Average' rows: each backbone's mean over settings, per dataset."""
     stats: dict[str, tuple[list[float], float]] = {}
-    for backbone in sorted({r.backbone for r in table.rows}, key=lambda b: _ORDER.get(b, len(_ORDER))):
+    for backbone in sorted({r.backbone for r in table.rows}, key=_order):
         rows = [r for r in table.rows if r.backbone == backbone]
         means = [float(np.mean([r.accuracy[d][0] for r in rows if d in r.accuracy] or [math.nan]))
                  for d in table.datasets]
@@ -242,10 +247,11 @@ def bar_chart(table: Table, path: Path) -> Path:
     return grouped_bar_chart(groups, series, path, title="Linear-probe accuracy (Table II)", ylabel="accuracy %")
 
 
-def run_compare(experiment: str, uri: str | None = None, out: str | Path = "runs/compare") -> Table:
+def run_compare(cfg: CompareConfig) -> Table:
     """Collect, print, write table2.csv / table2.md / table2.png, and log them to a ``compare`` run."""
+    experiment, uri = cfg.experiment, cfg.mlflow_uri
     table = collect(experiment, uri)
-    out = Path(out)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(table)
     extra = [*cost_ratios(table), *table.notes]
@@ -255,7 +261,7 @@ def run_compare(experiment: str, uri: str | None = None, out: str | Path = "runs
     paths = [write_csv(table, out / "table2.csv"), out / "table2.md", bar_chart(table, out / "table2.png")]
     tracker = Tracker(active=True)
     tracker.start(uri, experiment, "table2", {"experiment": experiment},
-                  {"scgraph.kind": COMPARE_KIND, "git_commit": git_commit(Path(__file__).parent)})
+                  {"scgraph.kind": COMPARE_KIND, "git_commit": git_commit()})
     for path in paths:
         tracker.artifact(path)
     tracker.end()
@@ -266,3 +272,11 @@ def run_compare(experiment: str, uri: str | None = None, out: str | Path = "runs
         print(f"  {line}")
     print(f"wrote {', '.join(str(p) for p in paths)}", flush=True)
     return table
+
+
+COMMAND = Command(CompareConfig, run_compare, prog="launchers/compare.py")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``launchers/compare.py``."""
+    return run(COMMAND, argv)

@@ -9,62 +9,28 @@ cells are embedded, so a bad command ends in seconds with one line saying what t
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from scgraph.data.vocab import MATCH_KEYS, GeneVocab
+from scgraph.cli import Command, run
+from scgraph.config import ProbeConfig
+from scgraph.data.vocab import GeneVocab
 from scgraph.eval.cells import Cells, match_genes, read_cells
 from scgraph.eval.embed import embed_cells, random_encoder
 from scgraph.eval.figures import confusion_plot, tsne_plot
-from scgraph.eval.probe import LinearProbe, Scores, evaluate, log1p_cp10k, logistic_regression
-from scgraph.train.checkpoint import Pretrained, load_pretrained, resolve_checkpoint
-from scgraph.train.tracking import Tracker, flatten, git_commit, tracking_uri
+from scgraph.eval.probe import LinearProbe, Scores, evaluate, logistic_regression
+from scgraph.io.counts import log1p_cp10k
+from scgraph.tracking import Tracker, flatten, git_commit
+from scgraph.train.checkpointer import Pretrained, load_pretrained, resolve_checkpoint
 
 #: The controls, as named in probe.json, MLflow metrics and the printed table.
 CONTROLS = {"random_encoder": "random-init encoder, same shape",
             "logistic_regression": "logistic regression, log1p CP10k"}
 PROBE_KIND = "probe"
-
-
-@dataclass
-class ProbeOptions:
-    """One probe run; the probe's defaults are the paper's (section IV-B)."""
-
-    checkpoint: str
-    data: str
-    label_key: str = "cell_type"
-    repeats: int = 5
-    out: str = "runs/probe"
-    mlflow_uri: str | None = None
-    experiment: str | None = None
-    export: str | None = None
-    dataset_name: str | None = None
-    match_genes_by: str = "feature_id"
-    organism: str = "homo_sapiens"
-    test_fraction: float = 0.3
-    epochs: int = 50
-    batch_size: int = 64
-    lr: float = 0.005
-    standardize: bool = True
-    seed: int = 0
-    embed_batch_size: int = 256
-    tsne_cells: int = 2000
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.repeats < 1:
-            raise ValueError(f"--repeats must be >= 1; got {self.repeats}")
-        if not 0 < self.test_fraction < 1:
-            raise ValueError(f"--test-fraction must be in (0, 1); got {self.test_fraction}")
-        if self.match_genes_by not in MATCH_KEYS:
-            raise ValueError(f"--match-genes-by must be one of {', '.join(MATCH_KEYS)}; got {self.match_genes_by!r}")
-        if self.tsne_cells < 2:
-            raise ValueError(f"--tsne-cells must be >= 2; got {self.tsne_cells}")
-        if self.export is not None and not self.export.endswith(".h5ad"):
-            raise ValueError(f"--export must name an .h5ad file; got {self.export!r}")
 
 
 def labelled_cells(labels: np.ndarray, key: str) -> tuple[np.ndarray, list[str]]:
@@ -103,7 +69,7 @@ def export_embeddings(cells: Cells, embeddings: np.ndarray, backbone: str, path:
     return key
 
 
-def run_probe(opts: ProbeOptions) -> dict[str, Any]:
+def run_probe(opts: ProbeConfig) -> dict[str, Any]:
     """The whole probe; returns what it writes to ``OUT/probe.json``."""
     resolve_checkpoint(opts.checkpoint)  # fail on a wrong path before reading any data
     cells = read_cells(opts.data, opts.organism)
@@ -112,25 +78,27 @@ def run_probe(opts: ProbeOptions) -> dict[str, Any]:
     pretrained = load_pretrained(opts.checkpoint)
     match = match_genes(cells, GeneVocab(pretrained.meta["feature_ids"], pretrained.meta["feature_names"]),
                         opts.match_genes_by)
+    counts = match.apply(cells.counts)
     run, backbone = pretrained.run, pretrained.run.model.backbone
+    progress = not opts.quiet
     if match.dropped:
         notes.append(f"{match.dropped} of {match.matched + match.dropped} genes are not in the model's vocabulary "
                      "and were dropped")
     y = labels[keep].astype(str)
     classes = np.unique(y)
-    embeddings = embed_cells(pretrained.model, run, match.counts, batch_size=opts.embed_batch_size, seed=opts.seed,
-                             desc=f"embed ({backbone})", progress=opts.progress)
-    baseline = embed_cells(random_encoder(run, opts.seed), run, match.counts[keep], batch_size=opts.embed_batch_size,
-                           seed=opts.seed, desc="embed (random encoder)", progress=opts.progress)
+    embeddings = embed_cells(pretrained.model, run, counts, batch_size=opts.embed_batch_size, seed=opts.seed,
+                             desc=f"embed ({backbone})", progress=progress)
+    baseline = embed_cells(random_encoder(run, opts.seed), run, counts[keep], batch_size=opts.embed_batch_size,
+                           seed=opts.seed, desc="embed (random encoder)", progress=progress)
 
     def probe(seed: int) -> LinearProbe:
         return LinearProbe(epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, seed=seed,
                            standardize=opts.standardize)
 
-    split = dict(repeats=opts.repeats, seed=opts.seed, test_fraction=opts.test_fraction, progress=opts.progress)
+    split = dict(repeats=opts.repeats, seed=opts.seed, test_fraction=opts.test_fraction, progress=progress)
     scores = {"pretrained": evaluate(probe, embeddings[keep], y, desc=f"probe ({backbone})", **split),
               "random_encoder": evaluate(probe, baseline, y, desc="probe (random encoder)", **split),
-              "logistic_regression": evaluate(logistic_regression, log1p_cp10k(match.counts[keep]), y,
+              "logistic_regression": evaluate(logistic_regression, log1p_cp10k(counts[keep]), y,
                                               desc="logistic regression", **split)}
     size = (len(keep), len(classes), match.matched)
     dataset = opts.dataset_name or cells.name
@@ -160,19 +128,19 @@ def run_probe(opts: ProbeOptions) -> dict[str, Any]:
     return report
 
 
-def _track(opts: ProbeOptions, pretrained: Pretrained, report: dict[str, Any], figures: list[Path],
+def _track(opts: ProbeConfig, pretrained: Pretrained, report: dict[str, Any], figures: list[Path],
            json_path: Path) -> None:
     """One MLflow run in the pretraining run's store and experiment (unless told otherwise),
     tagged with the pretraining run's id; probe.json is written inside the run so it names it."""
     meta = pretrained.meta
     tracker = Tracker(active=True)
     params = flatten("", {"run": pretrained.run.to_dict()}) | {
-        f"probe.{k}": v for k, v in asdict(opts).items() if k not in ("progress", "mlflow_uri", "experiment")}
+        f"probe.{k}": v for k, v in asdict(opts).items() if k not in ("quiet", "mlflow_uri", "experiment")}
     tags = {"scgraph.kind": PROBE_KIND, "backbone": report["backbone"], "preset": report["preset"],
             "dataset": report["dataset"], "pretraining_run_id": str(report["pretraining_run_id"]),
-            "checkpoint": report["checkpoint"], "git_commit": git_commit(Path(__file__).parent)}
-    tracker.start(tracking_uri(opts.mlflow_uri or meta.get("mlflow_uri")), opts.experiment or meta.get("experiment")
-                  or "scgraph", f"probe-{report['backbone']}-{report['dataset']}", params, tags)
+            "checkpoint": report["checkpoint"], "git_commit": git_commit()}
+    tracker.start(opts.mlflow_uri or meta.get("mlflow_uri"), opts.experiment or meta.get("experiment") or "scgraph",
+                  f"probe-{report['backbone']}-{report['dataset']}", params, tags)
     try:
         metrics = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for name, summary in report["controls"].items():
@@ -215,3 +183,11 @@ def format_report(report: dict[str, Any]) -> str:
                      "what the probe finds here comes from the architecture and the expression values, not from "
                      "pretraining.")
     return "\n".join(lines)
+
+
+COMMAND = Command(ProbeConfig, run_probe, prog="launchers/probe.py")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``launchers/probe.py``."""
+    return run(COMMAND, argv)

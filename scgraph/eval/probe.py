@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
@@ -186,16 +185,6 @@ def evaluate(make: Callable[[int], Classifier], X: Any, y: np.ndarray, *, repeat
         if i == 0:
             scores.y_true, scores.y_pred = y[test], prediction
     return scores
-
-
-def log1p_cp10k(counts: sp.spmatrix) -> sp.csr_matrix:
-    """log1p of counts per 10,000: the standard normalisation, and the tokenizer's."""
-    counts = sp.csr_matrix(counts, dtype=np.float64)
-    totals = np.asarray(counts.sum(axis=1)).ravel()
-    scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
-    out = sp.diags(scale) @ counts
-    out.data = np.log1p(out.data)
-    return sp.csr_matrix(out, dtype=np.float32)
 
 
 def logistic_regression(seed: int) -> LogisticRegression:

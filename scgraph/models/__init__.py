@@ -1,6 +1,7 @@
-"""The two backbones: one Block, two token mixers (see model.py)."""
+"""The backbones: one Block, a token mixer per backbone (see model.py)."""
 
 from scgraph.models.model import (
+    ACTIVATIONS,
     ADJACENCIES,
     MIXERS,
     AttentionMixer,
@@ -12,5 +13,5 @@ from scgraph.models.model import (
     mvp_loss,
 )
 
-__all__ = ["ADJACENCIES", "MIXERS", "AttentionMixer", "Block", "CellModel", "GraphMixer",
+__all__ = ["ACTIVATIONS", "ADJACENCIES", "MIXERS", "AttentionMixer", "Block", "CellModel", "GraphMixer",
            "build_model", "count_parameters", "mvp_loss"]

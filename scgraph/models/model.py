@@ -1,9 +1,13 @@
-"""The whole network in one file: input embedding, the two token mixers, the shared Block, heads.
+"""The whole network in one file: input embedding, the token mixers, the shared Block, heads.
 
 A cell is a set of (gene, value) tokens: there is no positional encoding anywhere. The Transformer
 and the GNN differ only in the token mixer a ``Block`` is given; the preset (``ModelConfig``) sets
 the rest. The GNN mixer is attention with static, gene-indexed queries and keys, so it runs on the
 same fused ``scaled_dot_product_attention`` kernels and never keeps an L x L tensor for backward.
+
+Registries (``MIXERS``, ``ADJACENCIES``, ``ACTIVATIONS``) are the one place each name is declared;
+``scgraph.config`` validates against them. A new token mixer is one class with ``family`` and the
+``(cfg, adjacency)`` constructor, and one line in ``MIXERS``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from torch import nn
 
 from scgraph.config import ModelConfig
 
-ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+#: Activations of the feed-forward and of the post_act layout, by name.
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
 def check_token_ids(genes: torch.Tensor, n_tokens: int) -> None:
@@ -74,7 +79,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.
 class AttentionMixer(nn.Module):
     """Multi-head self-attention (Eq. 9-10): weights depend on the cell."""
 
-    def __init__(self, cfg: ModelConfig, shared: dict[str, nn.Module]) -> None:
+    family = "attention"
+
+    def __init__(self, cfg: ModelConfig, adjacency: nn.Module | None = None) -> None:
         super().__init__()
         self.heads = cfg.heads
         self.dropout = cfg.dropout
@@ -145,55 +152,40 @@ class GraphMixer(nn.Module):
     """softmax(A[g, g]) H W_v with a static trainable adjacency A, the same for every cell.
 
     Computed as attention with queries U[g] and keys V[g]. Fused kernels want equal head widths, so
-    the d/graph_heads value channels of each adjacency are viewed as sub-heads of the adjacency's
-    width and the queries/keys are expanded over them (a stride-0 view when graph_heads is 1).
+    when the d/graph_heads value channels of each adjacency are a multiple of its score width they
+    are viewed as sub-heads of that width, and the queries/keys are expanded over them (a stride-0
+    view when graph_heads is 1): ``subheads`` says how many. Otherwise (``subheads`` None) the values
+    keep their width and SDPA picks a kernel that allows it (on CPU the math one, which holds the
+    L x L scores).
     """
 
-    def __init__(self, cfg: ModelConfig, shared: dict[str, nn.Module]) -> None:
+    family = "graph"
+
+    def __init__(self, cfg: ModelConfig, adjacency: nn.Module) -> None:
         super().__init__()
-        if cfg.adjacency_shared:
-            if "adjacency" not in shared:
-                shared["adjacency"] = ADJACENCIES[cfg.adjacency](cfg)
-            self.adjacency = shared["adjacency"]
-        else:
-            self.adjacency = ADJACENCIES[cfg.adjacency](cfg)
+        self.adjacency = adjacency
         self.scale = cfg.adjacency_scale
         self.dropout = cfg.dropout
+        dv = cfg.hidden // cfg.graph_heads
+        self.subheads = dv // cfg.score_width if dv % cfg.score_width == 0 else None
         self.value = nn.Linear(cfg.hidden, cfg.hidden)
         self.out = nn.Linear(cfg.hidden, cfg.hidden) if cfg.graph_out_proj else nn.Identity()
 
-    def _split(self, h: torch.Tensor, genes: torch.Tensor):
+    def forward(self, h: torch.Tensor, genes: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         q, k = self.adjacency.queries_keys(genes)
         b, gh, n, w = q.shape
-        dv = h.shape[-1] // gh
-        v = self.value(h).view(b, n, gh, dv).transpose(1, 2)  # (B, gh, L, dv)
-        if dv % w == 0:  # sub-heads of the adjacency's width, sharing its queries and keys
-            m = dv // w
+        v = self.value(h).view(b, n, gh, -1).transpose(1, 2)  # (B, gh, L, dv)
+        m = self.subheads or 1
+        if self.subheads:  # sub-heads of the adjacency's width, sharing its queries and keys
             v = v.reshape(b, gh, n, m, w).transpose(2, 3).reshape(b, gh * m, n, w)
             q = q.unsqueeze(2).expand(b, gh, m, n, w).reshape(b, gh * m, n, w)
             k = k.unsqueeze(2).expand(b, gh, m, n, w).reshape(b, gh * m, n, w)
-        return q, k, v, gh
-
-    def _merge(self, o: torch.Tensor, gh: int) -> torch.Tensor:
-        b, heads, n, w = o.shape
-        o = o.view(b, gh, heads // gh, n, w).permute(0, 3, 1, 2, 4).reshape(b, n, gh * (heads // gh) * w)
+        o = _attend(q, k, v, attn_mask, self.scale, self.dropout if self.training else 0.0)
+        o = o.view(b, gh, m, n, -1).permute(0, 3, 1, 2, 4).reshape(b, n, -1)
         return self.out(o)
 
-    def forward(self, h: torch.Tensor, genes: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        q, k, v, gh = self._split(h, genes)
-        o = _attend(q, k, v, attn_mask, self.scale, self.dropout if self.training else 0.0)
-        return self._merge(o, gh)
 
-    def dense_reference(self, h: torch.Tensor, genes: torch.Tensor,
-                        attn_mask: torch.Tensor) -> torch.Tensor:
-        """The explicit formula, materialising A[g, g]: for tests, never for training."""
-        q, k, v, gh = self._split(h, genes)
-        a = (q @ k.transpose(-1, -2)) * self.scale
-        a = a.masked_fill(~attn_mask, float("-inf"))
-        return self._merge(torch.softmax(a, dim=-1) @ v, gh)
-
-
-#: The token mixers. A third one is a class with this constructor and forward, and one line here.
+#: The token mixers by name (the names ``--backbone`` takes), the Transformer first.
 MIXERS: dict[str, type[nn.Module]] = {
     "transformer": AttentionMixer,
     "gnn": GraphMixer,
@@ -251,12 +243,20 @@ class CellModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = InputEmbedding(cfg)
-        shared: dict[str, nn.Module] = {}
         mixer = MIXERS[cfg.backbone]
-        self.blocks = nn.ModuleList(Block(cfg, mixer(cfg, shared)) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(Block(cfg, mixer(cfg, adjacency)) for adjacency in self._adjacencies(cfg))
         self.final_norm = nn.LayerNorm(cfg.hidden) if cfg.block_layout == "pre_norm" else nn.Identity()
         self.head = nn.Linear(cfg.hidden, 1)
         self.apply(self._init_weights)
+
+    @staticmethod
+    def _adjacencies(cfg: ModelConfig) -> list[nn.Module | None]:
+        """One per layer for a graph mixer (the same module in every layer when shared)."""
+        if MIXERS[cfg.backbone].family != "graph":
+            return [None] * cfg.layers
+        if cfg.adjacency_shared:
+            return [ADJACENCIES[cfg.adjacency](cfg)] * cfg.layers
+        return [ADJACENCIES[cfg.adjacency](cfg) for _ in range(cfg.layers)]
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -327,5 +327,5 @@ def build_model(cfg: ModelConfig) -> CellModel:
     return CellModel(cfg)
 
 
-__all__ = ["MIXERS", "ADJACENCIES", "AttentionMixer", "GraphMixer", "Block", "CellModel",
+__all__ = ["ACTIVATIONS", "ADJACENCIES", "MIXERS", "AttentionMixer", "Block", "CellModel", "GraphMixer",
            "build_model", "count_parameters", "mvp_loss"]

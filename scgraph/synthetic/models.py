@@ -30,7 +30,7 @@ class PositionedInput(nn.Module):
     """The census input embedding plus a learned absolute-position embedding (positions 0..L-1).
 
     A wrapper rather than a ``ModelConfig`` switch because the census models must never have one
-    (SPEC §1: no positional encoding, ever); it has the ``InputEmbedding`` call signature.
+    (a cell is a set of genes: no positional encoding, ever); it has the ``InputEmbedding`` call signature.
     """
 
     def __init__(self, inner: nn.Module, positions: int, hidden: int) -> None:

@@ -13,8 +13,7 @@ matplotlib.use("Agg")  # files only: the study runs on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 from scgraph.synthetic.bounds import Floors  # noqa: E402
-from scgraph.synthetic.config import BACKBONE_LABELS  # noqa: E402
-from scgraph.synthetic.train import Curve  # noqa: E402
+from scgraph.synthetic.train import BACKBONE_LABELS, Curve  # noqa: E402
 
 CSV_COLUMNS = ("beta", "sigma", "tf_loss", "gnn_loss", "ratio")
 FLOOR_COLUMNS = ("beta", "sigma", "order_and_values", "token_weights", "order_only", "ratio")

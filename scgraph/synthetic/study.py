@@ -14,17 +14,17 @@ import multiprocessing
 import os
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-import mlflow
 import torch
-from mlflow.entities import Metric
 from tqdm.auto import tqdm
 
+from scgraph.cli import Command, run
+from scgraph.config import StudyConfig
 from scgraph.models.model import count_parameters
 from scgraph.synthetic.bounds import floors
-from scgraph.synthetic.config import BACKBONE_LABELS, StudyConfig
 from scgraph.synthetic.generators import static_coefficients
 from scgraph.synthetic.report import (
     SettingResult,
@@ -36,7 +36,8 @@ from scgraph.synthetic.report import (
     write_csv,
     write_floors_csv,
 )
-from scgraph.synthetic.train import Curve, Task, build_study_model, run_task, single_thread
+from scgraph.synthetic.train import BACKBONE_LABELS, Curve, Task, build_study_model, run_task, single_thread
+from scgraph.tracking import Tracker, git_commit
 
 
 def tasks_of(cfg: StudyConfig) -> list[Task]:
@@ -55,42 +56,33 @@ def parameter_counts(cfg: StudyConfig) -> dict[str, int]:
     return counts
 
 
-class _Tracker:
-    """The study's MLflow parent run; one nested run per setting, logged as each completes."""
+def _start_tracking(cfg: StudyConfig) -> Tracker:
+    """The study's MLflow run; each setting becomes a nested run as it completes."""
+    tracker = Tracker()
+    tracker.start(cfg.mlflow_uri, cfg.experiment, f"table1-{cfg.generator}", cfg.params() | parameter_counts(cfg),
+                  {"scgraph.kind": "synthetic", "git_commit": git_commit()})
+    return tracker
 
-    def __init__(self, cfg: StudyConfig) -> None:
-        mlflow.set_tracking_uri(cfg.tracking_uri)
-        if mlflow.get_experiment_by_name(cfg.experiment) is None:
-            # Keep artifacts beside the default sqlite store, not in ./mlruns of whatever the cwd is.
-            location = None if cfg.mlflow_uri else (cfg.out / "mlartifacts").resolve().as_uri()
-            mlflow.create_experiment(cfg.experiment, artifact_location=location)
-        mlflow.set_experiment(cfg.experiment)
-        self.client = mlflow.MlflowClient()
-        self.parent = mlflow.start_run(run_name=f"table1-{cfg.generator}")
-        mlflow.log_params(cfg.params())
-        mlflow.log_params(parameter_counts(cfg))
 
-    def log_setting(self, result: SettingResult) -> None:
-        now = int(time.time() * 1000)
-        with mlflow.start_run(run_name=f"beta={result.beta:g} sigma={result.sigma:g}", nested=True) as run:
-            mlflow.log_params({"beta": result.beta, "sigma": result.sigma})
-            metrics = [Metric(k, v, now, 0) for k, v in result.row().items() if k not in ("beta", "sigma")]
-            for backbone, label in BACKBONE_LABELS.items():
-                for r, curve in enumerate(result.curves[backbone]):
-                    suffix = f"_r{r}" if len(result.curves[backbone]) > 1 else ""
-                    key = f"{label.lower()}_test_loss{suffix}"
-                    metrics += [Metric(key, v, now, epoch) for epoch, v in enumerate(curve.test_losses, 1)]
-                    metrics.append(Metric(f"{label.lower()}_best_epoch{suffix}", curve.best_epoch, now, 0))
-            self.client.log_batch(run.info.run_id, metrics=metrics)
+def _log_setting(tracker: Tracker, result: SettingResult) -> None:
+    points = [(k, v, 0) for k, v in result.row().items() if k not in ("beta", "sigma")]
+    for backbone, label in BACKBONE_LABELS.items():
+        for r, curve in enumerate(result.curves[backbone]):
+            suffix = f"_r{r}" if len(result.curves[backbone]) > 1 else ""
+            points += [(f"{label.lower()}_test_loss{suffix}", v, epoch)
+                       for epoch, v in enumerate(curve.test_losses, 1)]
+            points.append((f"{label.lower()}_best_epoch{suffix}", curve.best_epoch, 0))
+    tracker.child(f"beta={result.beta:g} sigma={result.sigma:g}", {"beta": result.beta, "sigma": result.sigma},
+                  points)
 
-    def finish(self, results: list[SettingResult], out: Path, seconds: float) -> None:
-        mlflow.log_metric("seconds", seconds)
-        for beta in sorted({r.beta for r in results}):
-            mlflow.log_metric(f"ratio_avg_beta_{beta:g}", ratio_average(results, beta))
-        for path in sorted(out.glob("*.csv")) + sorted(out.glob("*.png")) + sorted(out.glob("*.txt")):
-            mlflow.log_artifact(str(path))
-        mlflow.log_artifact(str(out / "results.json"))
-        mlflow.end_run()
+
+def _finish_tracking(tracker: Tracker, results: list[SettingResult], out: Path, seconds: float) -> None:
+    tracker.metrics({"seconds": seconds} | {f"ratio_avg_beta_{beta:g}": ratio_average(results, beta)
+                                           for beta in sorted({r.beta for r in results})})
+    for path in sorted(out.glob("*.csv")) + sorted(out.glob("*.png")) + sorted(out.glob("*.txt")):
+        tracker.artifact(path)
+    tracker.artifact(out / "results.json")
+    tracker.end()
 
 
 def _save_json(cfg: StudyConfig, results: list[SettingResult], path: Path) -> None:
@@ -124,7 +116,7 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, log: bool = True) -> l
     """Run the grid; write table1.csv, table1.txt, the figures and results.json under ``cfg.out``;
     print Table I; log everything to MLflow unless ``log`` is False."""
     cfg.out.mkdir(parents=True, exist_ok=True)
-    tracker = _Tracker(cfg) if log else None
+    tracker = _start_tracking(cfg) if log else None
     start = time.perf_counter()
     pending: dict[tuple[float, float], list[tuple[Task, Curve]]] = defaultdict(list)
     results: list[SettingResult] = []
@@ -141,7 +133,7 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, log: bool = True) -> l
             results.append(done)
             _save_json(cfg, results, cfg.out / "results.json")
             if tracker:
-                tracker.log_setting(done)
+                _log_setting(tracker, done)
             bar.set_postfix(beta=f"{done.beta:g}", sigma=f"{done.sigma:g}", ratio=f"{done.ratio:.2f}")
             bar.update()
     seconds = time.perf_counter() - start
@@ -157,5 +149,13 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, log: bool = True) -> l
     plot_best_loss_vs_beta(results, cfg.out / "fig3a_best_loss_vs_beta.png", bounds)
     plot_curves(results, cfg.out / "fig3b_test_loss_curves.png")
     if tracker:
-        tracker.finish(results, cfg.out, seconds)
+        _finish_tracking(tracker, results, cfg.out, seconds)
     return results
+
+
+COMMAND = Command(StudyConfig, run_study, prog="launchers/synthetic.py")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``launchers/synthetic.py``."""
+    return run(COMMAND, argv)

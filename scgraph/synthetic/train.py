@@ -1,5 +1,9 @@
 """Train one model on one synthetic dataset: the paper's protocol (Adam, batch 256, best test MSE).
 
+Not the pretraining trainer: the paper's protocol here is whole in-memory epochs of a tiny model
+with the test MSE after each, in a pool of single-thread processes, with no checkpoints, ranks or
+loader to manage.
+
 A task seeds its own generators, so a (setting, repeat, backbone) gives the same numbers whether
 it runs in the main process or in a pool worker, and in any order. This module is all a pool
 worker imports (no MLflow, no matplotlib), which keeps worker start-up short.
@@ -12,10 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from scgraph.config import StudyConfig, short_name
 from scgraph.models.model import CellModel, mvp_loss
-from scgraph.synthetic.config import StudyConfig
 from scgraph.synthetic.generators import SyntheticData, make_dataset, static_coefficients
 from scgraph.synthetic.models import build_synthetic_model, synthetic_model_config
+
+#: The two models the study compares, with the labels of Table I and Figure 3.
+BACKBONE_LABELS = {backbone: short_name(backbone) for backbone in ("transformer", "gnn")}
 
 
 @dataclass

@@ -1,1 +1,2 @@
-"""Training: the engine-agnostic core, the plain loop, and (later) the DeepSpeed engine."""
+"""Pretraining: the DeepSpeed trainer and its parts (distributed set-up, checkpoints, DeepSpeed config,
+cost telemetry)."""

@@ -21,10 +21,6 @@ from scgraph.data.batch import Batch
 from scgraph.models.model import CellModel, mvp_loss
 
 
-def _graph_scores_width(cfg: ModelConfig) -> int:
-    return cfg.adjacency_rank * (2 if cfg.adjacency == "symmetric_mlp" else 1)
-
-
 def analytic_forward_flops(cfg: ModelConfig, length: int) -> int:
     """Forward FLOPs for one cell of ``length`` tokens.
 
@@ -33,11 +29,11 @@ def analytic_forward_flops(cfg: ModelConfig, length: int) -> int:
     """
     n, d = length, cfg.hidden
     per_layer = 2 * 2 * n * d * cfg.ffn_width
-    if cfg.backbone == "transformer":
+    if cfg.family == "attention":
         per_layer += 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d
     else:
         per_layer += 2 * n * d * d * (2 if cfg.graph_out_proj else 1)
-        per_layer += 2 * n * n * _graph_scores_width(cfg) * cfg.graph_heads + 2 * n * n * d
+        per_layer += 2 * n * n * cfg.score_width * cfg.graph_heads + 2 * n * n * d
         if cfg.adjacency == "symmetric_mlp":
             per_layer += cfg.graph_heads * 2 * 2 * n * cfg.adjacency_rank ** 2
     value_encoder = {"linear": 2 * n * d, "mlp": 2 * n * d + 2 * n * d * d, "bins": 0}[cfg.value_encoder]

@@ -1,27 +1,20 @@
-"""The engine-agnostic training core and a plain single-process loop built on it.
-
-``mvp_loss_on`` is the one place a batch becomes a loss: the plain loop here and the DeepSpeed
-engine both call it, so the two paths cannot drift apart.
-"""
+"""A single-process training loop for tests (the library's one trainer is the DeepSpeed one):
+AdamW on the MVP loss over given batches, and an in-memory batch iterator."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
+import scipy.sparse as sp
 import torch
-from tqdm.auto import tqdm
 
-from scgraph.config import TrainConfig
-from scgraph.data.batch import Batch
+from scgraph.config import TokenizerConfig, TrainConfig
+from scgraph.data.batch import Batch, make_batch
 from scgraph.models.model import CellModel, mvp_loss
-
-
-def mvp_loss_on(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    pred = model(batch.genes, batch.values, batch.masked)
-    return mvp_loss(pred, batch.values, batch.masked)
 
 
 @dataclass
@@ -39,19 +32,15 @@ class History:
         return sum(tail) / len(tail)
 
 
-def train_plain(model: CellModel, batches: Iterable[Batch], cfg: TrainConfig, *,
-                device: str | torch.device = "cpu", desc: str = "train",
-                progress: bool = True) -> History:
-    """Adam(W) on the MVP loss for ``cfg.max_steps`` steps; stops early if ``batches`` runs out."""
+def train_plain(model: CellModel, batches: Iterable[Batch], cfg: TrainConfig) -> History:
+    """AdamW on the MVP loss for ``cfg.max_steps`` steps; stops early if ``batches`` runs out."""
     torch.manual_seed(cfg.seed)
-    model.to(device).train()
+    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = History()
     start = time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, desc=desc, disable=not progress, leave=False)
     for step, batch in enumerate(batches, start=1):
-        batch = batch.to(device)
-        loss = mvp_loss_on(model, batch)
+        loss = mvp_loss(model(batch.genes, batch.values, batch.masked), batch.values, batch.masked)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"MVP loss became {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -61,11 +50,18 @@ def train_plain(model: CellModel, batches: Iterable[Batch], cfg: TrainConfig, *,
         optimizer.step()
         history.losses.append(loss.item())
         history.cells += len(batch)
-        if step % cfg.log_every == 0:
-            bar.set_postfix(loss=f"{history.mean_loss(cfg.log_every):.4f}")
-        bar.update()
         if step >= cfg.max_steps:
             break
-    bar.close()
     history.seconds = time.perf_counter() - start
     return history
+
+
+def iterate_batches(counts: sp.spmatrix, tok: TokenizerConfig, vocab_size: int, batch_size: int,
+                    mask_ratio: float, seed: int) -> Iterator[Batch]:
+    """Endless, reproducible shuffled epochs over an in-memory matrix."""
+    counts = sp.csr_matrix(counts)
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(counts.shape[0])
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield make_batch(counts[order[start : start + batch_size]], tok, vocab_size, mask_ratio, rng)

@@ -12,93 +12,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from scgraph.config import RunConfig
+from scgraph.cli import Command, run
+from scgraph.config import PretrainConfig, RunConfig
 from scgraph.data.batch import Batch
-from scgraph.data.loader import build_loader
+from scgraph.data.loader import ShardLoader, build_loader
 from scgraph.data.shards import ShardSet
-from scgraph.models.model import build_model, count_parameters
+from scgraph.models.model import build_model, count_parameters, mvp_loss
 from scgraph.plots import line_plot
-from scgraph.train.checkpoint import CHECKPOINTS, SCGRAPH_META, read_meta
+from scgraph.tracking import Tracker, flatten, git_commit
+from scgraph.train.checkpointer import Checkpointer
+from scgraph.train.distributed import init_distributed, leave, mean_over_ranks
 from scgraph.train.dsconfig import load_ds_config, precision, resolve_ds_config, zero_stage
-from scgraph.train.loop import mvp_loss_on
 from scgraph.train.telemetry import MemoryMeter, measure_flops, optimizer_state_bytes
-from scgraph.train.tracking import Tracker, flatten, git_commit
-
-
-@dataclass
-class PretrainConfig:
-    """A pretraining run: the model/data/optimiser settings plus where data and results live."""
-
-    run: RunConfig = field(default_factory=RunConfig)
-    shards: str = ""
-    output: str = "runs/pretrain"
-    deepspeed_config: str | None = None
-    micro_batch_size: int | None = None
-    epochs: int | None = None
-    checkpoint_every: int = 500
-    resume: bool = False
-    mlflow_uri: str | None = None
-    experiment: str = "scgraph"
-    run_name: str | None = None
-    num_workers: int = 0
-    shuffle_buffer: int = 4096
-    flops_cells: int = 2
-
-    def __post_init__(self) -> None:
-        if not self.shards:
-            raise ValueError("--shards is required: a shard directory written by `python -m sharding write`")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ValueError(f"epochs must be > 0; got {self.epochs}")
-        if self.checkpoint_every <= 0:
-            raise ValueError(f"checkpoint_every must be > 0; got {self.checkpoint_every}")
-        if self.micro_batch_size is not None and self.micro_batch_size <= 0:
-            raise ValueError(f"micro_batch_size must be > 0; got {self.micro_batch_size}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0; got {self.num_workers}")
-
-
-def free_port() -> int:
-    """A free TCP port on this host, for a rendezvous (MASTER_PORT / --master_port)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Join (or, as plain ``python``, create) the process group: NCCL on GPUs, gloo on CPU."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    import deepspeed
-
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def _latest_tag(ckpt_dir: Path) -> str | None:
-    latest = ckpt_dir / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
 
 
 @dataclass
@@ -124,7 +57,7 @@ class Pretrainer:
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg
         self.output = Path(cfg.output)
-        self.ckpt_dir = self.output / CHECKPOINTS
+        self.checkpoints = Checkpointer(self.output)
         self.step = 0
         self.epoch = 0
         self.consumed = 0  # micro-batches consumed in the current epoch, on each rank
@@ -146,13 +79,13 @@ class Pretrainer:
                                     on_cpu=self.device.type == "cpu")
         self.micro = self.ds["train_micro_batch_size_per_gpu"]
         self.accumulation = self.ds["gradient_accumulation_steps"]
-        tag = _latest_tag(self.ckpt_dir)
+        tag = self.checkpoints.latest()
         if tag and not cfg.resume:
-            raise ValueError(f"{self.ckpt_dir} already holds checkpoints (latest {tag}): pass --resume to "
+            raise ValueError(f"{self.checkpoints.dir} already holds checkpoints (latest {tag}): pass --resume to "
                              "continue that run, or choose a new --output")
         self.resume_tag = tag if cfg.resume else None
         if self.resume_tag:
-            self._check_compatible(read_meta(self.ckpt_dir, self.resume_tag))
+            self.checkpoints.check_compatible(self.resume_tag, run, cfg.shards, self.shards.identity)
 
         torch.manual_seed(run.train.seed)
         model = build_model(run.model)
@@ -167,28 +100,11 @@ class Pretrainer:
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_optimizer,
                                                     model_parameters=model.parameters(), config=self.ds)
         self.batches_per_epoch = self._loader(0, 0).batches_per_epoch
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"{self.shards.n_cells} cells are too few for one micro-batch of {self.micro} "
-                             f"on each of {self.world} ranks")
         self.max_steps = (cfg.epochs * self.batches_per_epoch // self.accumulation if cfg.epochs
                           else run.train.max_steps)
         self.memory = MemoryMeter(self.device)
 
-    def _check_compatible(self, meta: dict[str, Any]) -> None:
-        saved = meta["run"]["model"]
-        current = dataclasses.asdict(self.cfg.run.model)
-        if saved["vocab_size"] != current["vocab_size"]:
-            raise ValueError(f"the checkpoint's vocabulary has {saved['vocab_size']} genes but the shard set "
-                             f"{self.cfg.shards} has {current['vocab_size']}: resume needs the same shards")
-        changed = sorted(k for k in current if saved.get(k) != current[k])
-        if changed:
-            raise ValueError("the model config differs from the checkpoint's in " + ", ".join(
-                f"{k} ({saved.get(k)!r} -> {current[k]!r})" for k in changed))
-        if meta["shards_identity"] != self.shards.identity:
-            raise ValueError(f"the checkpoint was trained on shard set {meta['shards_identity']}, "
-                             f"not {self.shards.identity} ({self.cfg.shards})")
-
-    def _loader(self, epoch: int, skip: int):
+    def _loader(self, epoch: int, skip: int) -> ShardLoader:
         run = self.cfg.run
         return build_loader(self.shards, run.tokenizer, batch_size=self.micro, mask_ratio=run.train.mask_ratio,
                             seed=run.train.seed, rank=self.rank, world_size=self.world,
@@ -206,12 +122,10 @@ class Pretrainer:
     def load_checkpoint(self) -> None:
         if not self.resume_tag:
             if self.cfg.resume and self.rank == 0:
-                print(f"scgraph: no checkpoint in {self.ckpt_dir}: starting from scratch", flush=True)
+                print(f"scgraph: no checkpoint in {self.checkpoints.dir}: starting from scratch", flush=True)
             self._start_tracking(run_id=None)
             return
-        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=self.resume_tag)
-        if client is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / self.resume_tag}")
+        client = self.checkpoints.load(self.engine, self.resume_tag)
         self.step, self.epoch, self.consumed = client["step"], client["epoch"], client["consumed"]
         self.losses = [tuple(x) for x in client.get("losses", [])]
         self._start_tracking(run_id=client.get("mlflow_run_id"))
@@ -220,23 +134,16 @@ class Pretrainer:
                   f"{self.consumed} batches into it)", flush=True)
 
     def save_checkpoint(self) -> None:
-        """scgraph.json goes first: DeepSpeed moves its ``latest`` pointer only after writing its own
-        files, so a kill at any moment leaves ``latest`` on a complete, resumable checkpoint."""
         tag = f"step{self.step:08d}"
-        if self.rank == 0:
-            meta = {"run": self.cfg.run.to_dict(), "shards": str(Path(self.cfg.shards).resolve()),
-                    "shards_identity": self.shards.identity, "feature_ids": self.shards.feature_ids,
-                    "feature_names": self.shards.feature_names, "step": self.step,
-                    "zero_stage": zero_stage(self.ds), "precision": precision(self.ds),
-                    "mlflow_run_id": self.tracker.run_id, "mlflow_uri": self.cfg.mlflow_uri,
-                    "experiment": self.cfg.experiment}
-            (self.ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-            (self.ckpt_dir / tag / SCGRAPH_META).write_text(json.dumps(meta))
-        dist.barrier()
+        meta = {"run": self.cfg.run.to_dict(), "shards": str(Path(self.cfg.shards).resolve()),
+                "shards_identity": self.shards.identity, "feature_ids": self.shards.feature_ids,
+                "feature_names": self.shards.feature_names, "step": self.step,
+                "zero_stage": zero_stage(self.ds), "precision": precision(self.ds),
+                "mlflow_run_id": self.tracker.run_id, "mlflow_uri": self.cfg.mlflow_uri,
+                "experiment": self.cfg.experiment}
         client = {"step": self.step, "epoch": self.epoch, "consumed": self.consumed,
                   "losses": self.losses, "mlflow_run_id": self.tracker.run_id}
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
-        dist.barrier()
+        self.checkpoints.save(self.engine, tag, meta, client, self.rank)
         self.last_tag = tag
 
     # -- tracking ----------------------------------------------------------------------------
@@ -248,7 +155,7 @@ class Pretrainer:
             "gradient_accumulation_steps": self.accumulation, "max_steps": self.max_steps,
             "device": self.device.type, "precision": precision(self.ds), "zero_stage": zero_stage(self.ds)}
         tags = {"backbone": cfg.run.model.backbone, "preset": cfg.run.model.preset,
-                "shards_identity": self.shards.identity, "git_commit": git_commit(Path(__file__).parent),
+                "shards_identity": self.shards.identity, "git_commit": git_commit(),
                 "output": str(self.output.resolve())}
         self.tracker.start(cfg.mlflow_uri, cfg.experiment, cfg.run_name, params if run_id is None else {},
                            tags, run_id=run_id)
@@ -276,18 +183,13 @@ class Pretrainer:
                 yield batch
             self.epoch, self.consumed = self.epoch + 1, 0
 
-    def _mean_over_ranks(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return (t / self.world).tolist()
-
     def _micro_step(self, batch: Batch, measure: bool, boundary: bool) -> float:
         """Forward, backward and (at an accumulation boundary) the optimizer step of one micro-batch;
         ``measure`` records the memory of each phase (first optimizer step only)."""
         engine = self.engine
         if measure:
             self.memory.before_forward(engine.module)
-        loss = mvp_loss_on(engine, batch)
+        loss = mvp_loss(engine(batch.genes, batch.values, batch.masked), batch.values, batch.masked)
         if measure:
             self.memory.after_forward()
         value = loss.item()
@@ -304,7 +206,7 @@ class Pretrainer:
 
     def _log(self, window: _Window) -> dict[str, float]:
         elapsed = time.perf_counter() - window.start
-        loss, cells, tokens = self._mean_over_ranks([window.loss / window.micro, window.cells, window.tokens])
+        loss, cells, tokens = mean_over_ranks([window.loss / window.micro, window.cells, window.tokens], self.device)
         metrics = {"loss": loss, "lr": self.engine.get_lr()[0], "cells_per_s": cells * self.world / elapsed,
                    "tokens_per_s": tokens * self.world / elapsed, "epoch": self.epoch}
         norm = self.engine.get_global_grad_norm()
@@ -352,19 +254,16 @@ class Pretrainer:
                               title="Masked value prediction", xlabel="step", ylabel="MVP loss (MSE)")
             self.tracker.artifact(curve)
         reference = self.output / "final_checkpoint.json"
-        reference.write_text(json.dumps({"checkpoint_dir": str(self.ckpt_dir.resolve()), "tag": self.last_tag,
-                                         "step": self.step}, indent=2))
+        reference.write_text(json.dumps({"checkpoint_dir": str(self.checkpoints.dir.resolve()),
+                                         "tag": self.last_tag, "step": self.step}, indent=2))
         self.tracker.artifact(reference)
         final = self.losses[-1][1] if self.losses else float("nan")
         print(f"scgraph: {self.cfg.run.model.backbone} trained {self.step} steps on {self.world} rank(s), "
-              f"final MVP loss {final:.4f}; checkpoint {self.ckpt_dir / self.last_tag}", flush=True)
+              f"final MVP loss {final:.4f}; checkpoint {self.checkpoints.dir / self.last_tag}", flush=True)
 
     def cleanup(self, failed: bool = False) -> None:
         self.tracker.end(failed=failed)
-        if dist.is_initialized():
-            if not failed:
-                dist.barrier()
-            dist.destroy_process_group()
+        leave(clean=not failed)
 
 
 def run_pretraining(cfg: PretrainConfig) -> int:
@@ -384,3 +283,13 @@ def run_pretraining(cfg: PretrainConfig) -> int:
     trainer.cleanup()
     print(f"scgraph: rank {trainer.rank}/{trainer.world} finished (optimizer state {state} bytes)", flush=True)
     return 0
+
+
+COMMAND = Command(PretrainConfig, run_pretraining, prog="pretrain.py", config_file=True, ignored=("--local_rank",),
+                  epilog="Example: deepspeed --num_gpus 2 launchers/pretrain.py --backbone gnn --shards shards/ "
+                         "--deepspeed_config ds_configs/cpu_zero2.json --max-steps 20 --output runs/gnn")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``launchers/pretrain.py``."""
+    return run(COMMAND, argv)

@@ -1,4 +1,4 @@
-"""The shard-set format, shared by the writer (``sharding``) and the loader.
+"""The bytes of a shard: tar members of .npy arrays and JSON, written and parsed here directly.
 
 A shard set is a directory of plain tar files (WebDataset layout) and ``manifest.json``. Each cell
 is three members that share its key, the cell's soma_joinid: ``<key>.genes.npy`` (int32 indices of
@@ -12,10 +12,8 @@ module writes (or any damage) is refused with an error naming the shard.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
@@ -23,14 +21,9 @@ from typing import IO, Any
 import numpy as np
 import scipy.sparse as sp
 
-from scgraph.data.vocab import GeneVocab
-
-MANIFEST_NAME = "manifest.json"
-FORMAT = "scgraph-shards/1"
 GENES, COUNTS, OBS = "genes.npy", "counts.npy", "obs.json"
 MEMBERS = (GENES, COUNTS, OBS)
 _BLOCK = 512
-_REQUIRED_KEYS = ("format", "source", "obs_filter", "vocabulary", "shards", "totals", "complete", "tool")
 
 
 class CorruptShardError(ValueError):
@@ -40,7 +33,6 @@ class CorruptShardError(ValueError):
 # --- .npy members --------------------------------------------------------------------------------
 
 _NPY_MAGIC = b"\x93NUMPY\x01\x00"
-_NPY_HEADER = re.compile(rb"\{'descr': '([<|][a-z]\d+)', 'fortran_order': False, 'shape': \((\d+),\), \} *\n")
 
 
 @functools.lru_cache(maxsize=8192)
@@ -52,11 +44,6 @@ def npy_header(dtype: str, length: int) -> bytes:
     return _NPY_MAGIC + len(header_bytes).to_bytes(2, "little") + header_bytes
 
 
-def encode_npy(array: np.ndarray) -> bytes:
-    """A 1-D little-endian array as .npy, readable by ``np.load``."""
-    return npy_header(array.dtype.str, len(array)) + array.tobytes()
-
-
 _FAST_NPY = {
     dtype: (np.dtype(dtype), f"{{'descr': '{dtype}', 'fortran_order': False, 'shape': (".encode())
     for dtype in ("<i4", "<f4")
@@ -64,7 +51,7 @@ _FAST_NPY = {
 
 
 def _fast_payload(data: bytes) -> tuple[np.dtype, int] | None:
-    """(dtype, payload offset) when ``data`` is a 1-D .npy as ``encode_npy`` writes it, else None."""
+    """(dtype, payload offset) when ``data`` is a 1-D .npy as ``npy_header`` starts it, else None."""
     if data[:8] != _NPY_MAGIC:
         return None
     start = 10 + (data[8] | data[9] << 8)
@@ -76,7 +63,7 @@ def _fast_payload(data: bytes) -> tuple[np.dtype, int] | None:
 
 
 def decode_npy(data: bytes) -> np.ndarray:
-    """Inverse of ``encode_npy``, a zero-copy view for the two dtypes shards hold; other valid .npy
+    """A member's array: a zero-copy view for the two dtypes shards hold; other valid .npy
     layouts go through ``np.load``."""
     fast = _fast_payload(data)
     if fast is not None:
@@ -190,11 +177,6 @@ def encode_block(
 
 def encode_obs(obs: dict[str, Any]) -> bytes:
     return json.dumps(obs, separators=(",", ":")).encode()
-
-
-def encode_sample(joinid: int, genes: np.ndarray, counts: np.ndarray, obs: dict[str, Any]) -> bytes:
-    """One cell's three members (``encode_block`` of a single cell)."""
-    return encode_block([int(joinid)], np.array([0, len(genes)]), genes, counts, [encode_obs(obs)]).tobytes()
 
 
 def iter_shard(
@@ -311,95 +293,3 @@ def decode_rows(samples: Sequence[dict[str, Any]], n_genes: int, where: str = "s
     return sp.csr_matrix(
         (np.frombuffer(bytearray().join(counts), dtype=_F4), gene_ids, indptr), shape=(len(samples), n_genes)
     )
-
-
-# --- the manifest --------------------------------------------------------------------------------
-
-
-def content_identity(vocabulary: dict[str, list[str]], shards: list[dict[str, Any]]) -> str:
-    """Short hash of what a model sees (vocabulary, shard contents): equal shard sets, equal ids."""
-    blob = json.dumps([vocabulary["feature_id"], [(s["name"], s["sha256"]) for s in shards]]).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def read_manifest(directory: str) -> dict[str, Any]:
-    """The manifest of ``directory``, with a one-line error if it is missing or not valid JSON."""
-    path = os.path.join(directory, MANIFEST_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path}: no manifest; not a shard set (write one with python -m sharding write)"
-        )
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: corrupt manifest (not valid JSON: {err})") from None
-    missing = [k for k in _REQUIRED_KEYS if not isinstance(manifest, dict) or k not in manifest]
-    if missing:
-        raise ValueError(f"{path}: corrupt manifest (missing {', '.join(missing)})")
-    if manifest["format"] != FORMAT:
-        raise ValueError(f"{path}: format {manifest['format']!r} is not {FORMAT!r}")
-    return manifest
-
-
-@dataclass
-class ShardSet:
-    """A complete, validated shard set on disk (the loader's only input)."""
-
-    directory: str
-    manifest: dict[str, Any]
-
-    @classmethod
-    def open(cls, directory: str) -> ShardSet:
-        directory = os.path.abspath(directory)
-        manifest = read_manifest(directory)
-        path = os.path.join(directory, MANIFEST_NAME)
-        if not manifest["complete"]:
-            plan = manifest.get("plan", {})
-            raise ValueError(
-                f"{path}: incomplete shard set ({len(manifest['shards'])} of "
-                f"{plan.get('shards', '?')} shards); re-run the same write command to finish it"
-            )
-        vocab = manifest["vocabulary"]
-        if len(vocab.get("feature_id", [])) != len(vocab.get("feature_name", [])) or not vocab["feature_id"]:
-            raise ValueError(f"{path}: corrupt manifest (vocabulary feature_id/feature_name lengths differ)")
-        if sum(s["cells"] for s in manifest["shards"]) != manifest["totals"]["cells"]:
-            raise ValueError(f"{path}: corrupt manifest (shard cell counts do not add up to totals.cells)")
-        for shard in manifest["shards"]:
-            if not os.path.isfile(os.path.join(directory, shard["name"])):
-                raise FileNotFoundError(
-                    f"{directory}: shard {shard['name']} listed in the manifest is missing"
-                )
-        return cls(directory, manifest)
-
-    @property
-    def feature_ids(self) -> list[str]:
-        return self.manifest["vocabulary"]["feature_id"]
-
-    @property
-    def feature_names(self) -> list[str]:
-        return self.manifest["vocabulary"]["feature_name"]
-
-    @property
-    def vocab(self) -> GeneVocab:
-        return GeneVocab(self.feature_ids, self.feature_names)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.feature_ids)
-
-    @property
-    def n_cells(self) -> int:
-        return int(self.manifest["totals"]["cells"])
-
-    @property
-    def shard_cells(self) -> list[int]:
-        return [int(s["cells"]) for s in self.manifest["shards"]]
-
-    @property
-    def shard_paths(self) -> list[str]:
-        return [os.path.join(self.directory, s["name"]) for s in self.manifest["shards"]]
-
-    @property
-    def identity(self) -> str:
-        return content_identity(self.manifest["vocabulary"], self.manifest["shards"])

@@ -1,0 +1,36 @@
+"""The shard-set format, one owner for the sharding tool (which writes it) and the loader and
+evaluation (which read it): ``codec`` the bytes of a shard, ``manifest`` the manifest and
+``ShardSet``, the validated set on disk."""
+
+from scgraph.data.shards.codec import (
+    COUNTS,
+    GENES,
+    MEMBERS,
+    OBS,
+    TAR_END,
+    Cell,
+    CorruptShardError,
+    decode_cell,
+    decode_npy,
+    decode_rows,
+    encode_block,
+    encode_obs,
+    iter_shard,
+    npy_header,
+)
+from scgraph.data.shards.manifest import (
+    FORMAT,
+    MANIFEST_NAME,
+    TMP_SUFFIX,
+    ShardSet,
+    build_manifest,
+    content_identity,
+    differences,
+    read_manifest,
+    write_manifest,
+)
+
+__all__ = ["COUNTS", "FORMAT", "GENES", "MANIFEST_NAME", "MEMBERS", "OBS", "TAR_END", "TMP_SUFFIX", "Cell",
+           "CorruptShardError", "ShardSet", "build_manifest", "content_identity", "decode_cell", "decode_npy",
+           "decode_rows", "differences", "encode_block", "encode_obs", "iter_shard", "npy_header", "read_manifest",
+           "write_manifest"]

@@ -1,0 +1,205 @@
+"""The manifest of a shard set, written by the sharding tool and read by everything else.
+
+``manifest.json`` lists every complete shard (name, cells, bytes, sha256, first and last
+soma_joinid), the gene vocabulary, the command and plan that wrote the set (a re-run must match
+them to resume), and, once every planned shard is there, the set's identity: a hash of what a
+model sees (vocabulary and shard contents), so copies share it and checkpoints can name it.
+It is replaced atomically after every shard, so a reader never sees half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from scgraph import __version__
+from scgraph.data.shards.codec import Cell, decode_cell, iter_shard
+from scgraph.data.vocab import GeneVocab
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "scgraph-shards/1"
+#: Temporary files (a shard or manifest being written) end so; they never hold anything complete.
+TMP_SUFFIX = ".partial"
+_REQUIRED_KEYS = ("format", "source", "obs_filter", "vocabulary", "shards", "totals", "complete", "tool")
+
+
+def content_identity(vocabulary: dict[str, list[str]], shards: list[dict[str, Any]]) -> str:
+    """Short hash of what a model sees (vocabulary, shard contents): equal shard sets, equal ids."""
+    blob = json.dumps([vocabulary["feature_id"], [(s["name"], s["sha256"]) for s in shards]]).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _manifest_text(payload: dict[str, Any]) -> str:
+    """One line per top-level key and per shard: readable, and written by the C JSON encoder
+    (``indent`` falls back to the pure-Python one, slow for a 60k-gene vocabulary every shard)."""
+    lines = []
+    for key, value in payload.items():
+        if key == "shards":
+            text = "[\n  " + ",\n  ".join(json.dumps(s) for s in value) + "\n ]" if value else "[]"
+        else:
+            text = json.dumps(value)
+        lines.append(f" {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def write_manifest(path: str, payload: dict[str, Any]) -> None:
+    """Replace the manifest atomically: a reader (or a resumed run) never sees half of one."""
+    tmp = f"{path}.{os.getpid()}{TMP_SUFFIX}"
+    with open(tmp, "w") as f:
+        f.write(_manifest_text(payload))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def build_manifest(
+    command: dict[str, Any],
+    vocabulary: dict[str, list[str]],
+    plan: dict[str, Any],
+    expected: range,
+    shards: dict[int, dict[str, Any]],
+) -> dict[str, Any]:
+    """The manifest of a shard set whose ``plan`` expects shards ``expected`` and that holds
+    ``shards`` (index -> record): totals, and the identity once complete. Written by the writer
+    after every shard and by ``merge`` for the joined parts."""
+    listed = [shards[i] for i in sorted(shards)]
+    complete = sorted(shards) == list(expected)
+    return {
+        "format": FORMAT,
+        "tool": {"name": "scgraph.sharding", "version": __version__},
+        "source": command["source"],
+        "obs_filter": command["obs_filter"],
+        "obs_columns": command["obs_columns"],
+        "command": command,
+        "plan": plan,
+        "complete": complete,
+        "identity": content_identity(vocabulary, listed) if complete else None,
+        "totals": {
+            "cells": sum(s["cells"] for s in listed),
+            "shards": len(listed),
+            "bytes": sum(s["bytes"] for s in listed),
+            "nnz": sum(s["nnz"] for s in listed),
+        },
+        "shards": listed,
+        "vocabulary": vocabulary,
+    }
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old then, new now`` for each key whose value differs (two commands, two plans)."""
+    return [
+        f"{k}: {old.get(k)!r} then, {new.get(k)!r} now"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
+
+
+def read_manifest(directory: str) -> dict[str, Any]:
+    """The manifest of ``directory``, with a one-line error if it is missing or not valid JSON."""
+    path = os.path.join(directory, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path}: no manifest; not a shard set (write one with python -m sharding write)"
+        )
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: corrupt manifest (not valid JSON: {err})") from None
+    missing = [k for k in _REQUIRED_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise ValueError(f"{path}: corrupt manifest (missing {', '.join(missing)})")
+    if manifest["format"] != FORMAT:
+        raise ValueError(f"{path}: format {manifest['format']!r} is not {FORMAT!r}")
+    return manifest
+
+
+@dataclass
+class ShardSet:
+    """A complete, validated shard set on disk (the loader's only input)."""
+
+    directory: str
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, directory: str) -> ShardSet:
+        directory = os.path.abspath(directory)
+        manifest = read_manifest(directory)
+        path = os.path.join(directory, MANIFEST_NAME)
+        if not manifest["complete"]:
+            plan = manifest.get("plan", {})
+            raise ValueError(
+                f"{path}: incomplete shard set ({len(manifest['shards'])} of "
+                f"{plan.get('shards', '?')} shards); re-run the same write command to finish it"
+            )
+        vocab = manifest["vocabulary"]
+        if len(vocab.get("feature_id", [])) != len(vocab.get("feature_name", [])) or not vocab["feature_id"]:
+            raise ValueError(f"{path}: corrupt manifest (vocabulary feature_id/feature_name lengths differ)")
+        if sum(s["cells"] for s in manifest["shards"]) != manifest["totals"]["cells"]:
+            raise ValueError(f"{path}: corrupt manifest (shard cell counts do not add up to totals.cells)")
+        for shard in manifest["shards"]:
+            if not os.path.isfile(os.path.join(directory, shard["name"])):
+                raise FileNotFoundError(
+                    f"{directory}: shard {shard['name']} listed in the manifest is missing"
+                )
+        return cls(directory, manifest)
+
+    @property
+    def feature_ids(self) -> list[str]:
+        return self.manifest["vocabulary"]["feature_id"]
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self.manifest["vocabulary"]["feature_name"]
+
+    @property
+    def vocab(self) -> GeneVocab:
+        return GeneVocab(self.feature_ids, self.feature_names)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.feature_ids)
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.manifest["totals"]["cells"])
+
+    @property
+    def shard_cells(self) -> list[int]:
+        return [int(s["cells"]) for s in self.manifest["shards"]]
+
+    @property
+    def shard_paths(self) -> list[str]:
+        return [os.path.join(self.directory, s["name"]) for s in self.manifest["shards"]]
+
+    @property
+    def identity(self) -> str:
+        return content_identity(self.manifest["vocabulary"], self.manifest["shards"])
+
+    def iter_cells(self) -> Iterator[Cell]:
+        """Every cell once, in stored order, with its obs; no shuffling."""
+        for path in self.shard_paths:
+            for sample in iter_shard(path):
+                yield decode_cell(sample, os.path.basename(path))
+
+    def read_all(self) -> tuple[list[int], sp.csr_matrix, list[dict[str, Any]]]:
+        """(soma_joinids, counts as cells x vocabulary CSR, obs) of every cell: a small set (a probe's
+        labelled cells) read whole."""
+        joinids, genes, counts, obs = [], [], [], []
+        for cell in self.iter_cells():
+            joinids.append(cell.soma_joinid)
+            genes.append(cell.genes)
+            counts.append(cell.counts)
+            obs.append(cell.obs)
+        indptr = np.concatenate(([0], np.cumsum([len(g) for g in genes])))
+        matrix = sp.csr_matrix((np.concatenate(counts) if counts else np.zeros(0, np.float32),
+                                np.concatenate(genes) if genes else np.zeros(0, np.int32), indptr),
+                               shape=(len(genes), self.vocab_size))
+        return joinids, matrix, obs

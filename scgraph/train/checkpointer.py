@@ -1,0 +1,133 @@
+"""Checkpoints: save, load, the latest tag, compatibility with the run resuming them, and the
+frozen encoder a checkpoint holds.
+
+A checkpoint is DeepSpeed's directory ``OUT/checkpoints/<tag>/`` (model, optimizer and scheduler
+state at any ZeRO stage, plus our client state: step, epoch, batches consumed, losses, MLflow run)
+with ``scgraph.json`` beside DeepSpeed's files: the resolved run config, the shard set's identity
+and its gene vocabulary, so an encoder can be loaded and fed without the shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from scgraph.config import RunConfig
+from scgraph.models.model import CellModel, build_model
+
+CHECKPOINTS = "checkpoints"
+SCGRAPH_META = "scgraph.json"
+
+
+def latest_tag(folder: Path) -> str | None:
+    """The tag DeepSpeed's ``latest`` pointer names in ``folder``, or None."""
+    latest = Path(folder) / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def read_meta(folder: Path, tag: str) -> dict[str, Any]:
+    """The scgraph side of a checkpoint: run config, shard identity, gene vocabulary."""
+    path = Path(folder) / tag / SCGRAPH_META
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {Path(folder) / tag} has no {SCGRAPH_META}: not an scgraph checkpoint")
+    return json.loads(path.read_text())
+
+
+class Checkpointer:
+    """The checkpoints of one pretraining run (``OUT/checkpoints``)."""
+
+    def __init__(self, output: Path) -> None:
+        self.dir = Path(output) / CHECKPOINTS
+
+    def latest(self) -> str | None:
+        return latest_tag(self.dir)
+
+    def check_compatible(self, tag: str, run: RunConfig, shards_path: str, shards_identity: str) -> None:
+        """Refuse to resume ``tag`` with another model or other data, saying what differs."""
+        meta = read_meta(self.dir, tag)
+        saved = meta["run"]["model"]
+        current = dataclasses.asdict(run.model)
+        if saved["vocab_size"] != current["vocab_size"]:
+            raise ValueError(f"the checkpoint's vocabulary has {saved['vocab_size']} genes but the shard set "
+                             f"{shards_path} has {current['vocab_size']}: resume needs the same shards")
+        changed = sorted(k for k in current if saved.get(k) != current[k])
+        if changed:
+            raise ValueError("the model config differs from the checkpoint's in " + ", ".join(
+                f"{k} ({saved.get(k)!r} -> {current[k]!r})" for k in changed))
+        if meta["shards_identity"] != shards_identity:
+            raise ValueError(f"the checkpoint was trained on shard set {meta['shards_identity']}, "
+                             f"not {shards_identity} ({shards_path})")
+
+    def save(self, engine: Any, tag: str, meta: dict[str, Any], client_state: dict[str, Any], rank: int) -> None:
+        """scgraph.json goes first: DeepSpeed moves its ``latest`` pointer only after writing its own
+        files, so a kill at any moment leaves ``latest`` on a complete, resumable checkpoint."""
+        if rank == 0:
+            (self.dir / tag).mkdir(parents=True, exist_ok=True)
+            (self.dir / tag / SCGRAPH_META).write_text(json.dumps(meta))
+        dist.barrier()
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state)
+        dist.barrier()
+
+    def load(self, engine: Any, tag: str) -> dict[str, Any]:
+        """Model, optimizer and scheduler into ``engine``; returns the client state."""
+        _, client = engine.load_checkpoint(str(self.dir), tag=tag)
+        if client is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
+        return client
+
+
+@dataclass
+class Pretrained:
+    model: CellModel
+    run: RunConfig
+    meta: dict[str, Any]
+    path: Path
+
+    @property
+    def feature_ids(self) -> list[str]:
+        return self.meta["feature_ids"]
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """(checkpoints directory, tag) of a pretraining ``--output`` directory (its latest checkpoint),
+    its ``checkpoints`` directory, or one checkpoint directory; or a clear error."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    if (path / SCGRAPH_META).is_file():
+        return path.parent, path.name
+    for folder in (path / CHECKPOINTS, path):
+        tag = latest_tag(folder)
+        if tag:
+            read_meta(folder, tag)
+            return folder, tag
+    raise FileNotFoundError(f"{path} holds no model: expected a pretraining --output directory, its "
+                            f"{CHECKPOINTS}/ directory, or a checkpoint directory with {SCGRAPH_META}")
+
+
+def load_pretrained(path: str | Path) -> Pretrained:
+    """The encoder in fp32 on CPU, in eval mode, with its config and gene vocabulary. ZeRO 1-3
+    partitions are consolidated with DeepSpeed's own ``zero_to_fp32``; a ZeRO-0 checkpoint holds
+    the whole module already."""
+    folder, tag = resolve_checkpoint(path)
+    meta = read_meta(folder, tag)
+    run = RunConfig.from_dict(meta["run"])
+    if meta.get("zero_stage", 0) >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+    else:
+        state = torch.load(folder / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                           weights_only=False)["module"]
+    model = build_model(run.model)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return Pretrained(model=model.eval(), run=run, meta=meta, path=folder / tag)
