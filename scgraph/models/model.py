@@ -12,6 +12,8 @@ Registries (``MIXERS``, ``ADJACENCIES``, ``ACTIVATIONS``) are the one place each
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -250,13 +252,17 @@ class CellModel(nn.Module):
         self.apply(self._init_weights)
 
     @staticmethod
-    def _adjacencies(cfg: ModelConfig) -> list[nn.Module | None]:
-        """One per layer for a graph mixer (the same module in every layer when shared)."""
+    def _adjacencies(cfg: ModelConfig) -> Iterator[nn.Module | None]:
+        """One per layer for a graph mixer (the same module in every layer when shared), each made
+        just before its layer's mixer (so a seed gives the same weights as ever)."""
         if MIXERS[cfg.backbone].family != "graph":
-            return [None] * cfg.layers
-        if cfg.adjacency_shared:
-            return [ADJACENCIES[cfg.adjacency](cfg)] * cfg.layers
-        return [ADJACENCIES[cfg.adjacency](cfg) for _ in range(cfg.layers)]
+            yield from [None] * cfg.layers
+            return
+        shared = None
+        for _ in range(cfg.layers):
+            if shared is None or not cfg.adjacency_shared:
+                shared = ADJACENCIES[cfg.adjacency](cfg)
+            yield shared
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
