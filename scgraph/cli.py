@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 import types
 import typing
@@ -25,8 +26,32 @@ from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any
 
-#: Exceptions that mean "the input was wrong", not "the program is wrong": one line, exit 2.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+#: What to do about an I/O failure, by errno.
+_IO_HINTS = {
+    errno.ENOSPC: "free some space and run the same command again (finished work is kept)",
+    errno.EDQUOT: "free some space and run the same command again (finished work is kept)",
+    errno.EACCES: "choose a location you may write to, or fix its permissions",
+    errno.EPERM: "choose a location you may write to, or fix its permissions",
+    errno.EROFS: "choose a location on a writable file system",
+}
+
+
+def explain(err: BaseException) -> str | None:
+    """The one line that says what went wrong for a failure the user can fix (bad input, a file
+    that cannot be read or written, a full disk), or None for a bug (which keeps its traceback).
+
+    Errors raised by this project name the file or field themselves (ValueError and the OSError
+    subclasses it raises with a message); an OSError from the system is given its file and a hint.
+    """
+    if isinstance(err, ValueError):
+        return str(err)
+    if isinstance(err, OSError):
+        if err.strerror is None:  # raised here with a message of ours
+            return str(err)
+        where = f": {err.filename}" if err.filename else ""
+        hint = _IO_HINTS.get(err.errno)
+        return f"{err.strerror}{where}" + (f"; {hint}" if hint else "")
+    return None
 
 
 def option(default: Any = MISSING, help: str = "", *, flag: str | None = None, aliases: Sequence[str] = (),
@@ -125,22 +150,26 @@ def _describe(kind: Any) -> str:
             Path: "a path"}.get(base, str(base))
 
 
-def coerce(value: Any, kind: Any, name: str) -> Any:
-    """``value`` (from YAML or a flag) as ``kind``, or a ValueError naming ``name``."""
+def coerce(value: Any, kind: Any, name: str, *, text: bool = False) -> Any:
+    """``value`` as ``kind``, or a ValueError naming ``name``. ``text``: the value is a command-line
+    string (parsed: numbers, comma-separated lists, 'none'); otherwise it came from a file whose
+    own types must match (a quoted "2" where a number belongs is refused)."""
     base, optional = _unwrap(kind)
-    if optional and isinstance(value, str) and value.lower() in ("none", "null"):
+    if optional and text and value.lower() in ("none", "null"):
         value = None
+    if not text and isinstance(value, str) and base not in (str, Path):
+        raise ValueError(f"{name} must be {_describe(kind)}; got {value!r}")
     if value is None:
         if optional:
             return None
         raise ValueError(f"{name} must be {_describe(kind)}; got null")
     if typing.get_origin(base) is tuple:
         item = typing.get_args(base)[0]
-        if isinstance(value, str):
+        if text:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{name} must be {_describe(kind)}; got {value!r}")
-        return tuple(coerce(v, item, name) for v in value)
+        return tuple(coerce(v, item, name, text=text) for v in value)
     if base is bool:
         if isinstance(value, bool):
             return value
@@ -166,7 +195,7 @@ def _argparse_type(leaf: _Leaf, item: bool = False) -> Callable[[str], Any]:
 
     def convert(text: str) -> Any:
         try:
-            return coerce(text, kind, leaf.flag)
+            return coerce(text, kind, leaf.flag, text=True)
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err).removeprefix(f"{leaf.flag} ")) from None
 
@@ -346,20 +375,25 @@ def _keys(cls: type) -> set[str]:
     return keys
 
 
-def construct(cls: type, values: dict[str, Any], shown: tuple[str, ...] = ()) -> Any:
+def construct(cls: type, values: dict[str, Any], shown: tuple[str, ...] = (), *, strict: bool = True) -> Any:
     """``cls`` from nested values, every leaf coerced to its type (ConfigFieldError names the
-    field); the dataclasses' own validation then runs as they are built."""
+    field); the dataclasses' own validation then runs as they are built. ``strict=False`` ignores
+    keys the class does not declare (a schema of the part of a foreign file that we read)."""
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - set(fields))
-    if unknown:
+    if unknown and strict:
         raise ConfigFieldError(f"unknown {'.'.join(shown) or cls.__name__} field(s) {', '.join(unknown)}")
     kwargs = {}
     for name, value in values.items():
+        if name not in fields:
+            continue
         kind = hints[name]
         if _is_config(kind):
             inner = shown if fields[name].metadata.get("flatten") else (*shown, name)
-            kwargs[name] = value if isinstance(value, kind) else construct(kind, value or {}, inner)
+            if not isinstance(value, (dict, kind, type(None))):
+                raise ConfigFieldError(f"{'.'.join(inner) or name} must be a section of settings; got {value!r}")
+            kwargs[name] = value if isinstance(value, kind) else construct(kind, value or {}, inner, strict=strict)
         else:
             try:
                 kwargs[name] = coerce(value, kind, ".".join((*shown, name)))
@@ -382,14 +416,20 @@ def parse(command: Command, argv: Sequence[str] | None = None) -> Any:
 
 
 def run(command: Command, argv: Sequence[str] | None = None) -> int:
-    """Parse, validate and run one command: the error boundary of every entry point. Bad input
-    (USER_ERRORS) is one line on stderr and exit status 2; only a bug shows a traceback. The exit
-    status is what ``run`` returns when that is an int, else 0."""
+    """Parse, validate and run one command: the error boundary of every entry point. A failure the
+    user can fix (:func:`explain`) is one line on stderr and exit status 2; only a bug shows a
+    traceback. The exit status is what ``run`` returns when that is an int, else 0."""
     try:
-        cfg = parse(command, argv)
+        try:
+            cfg = parse(command, argv)
+        except SystemExit as stop:  # --help (0), or argparse's one-line error (2)
+            return stop.code if isinstance(stop.code, int) else 2
         status = command.run(cfg)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+    except (ValueError, OSError) as err:
+        message = explain(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
         return 2
     return status if isinstance(status, int) else 0
 

@@ -131,9 +131,9 @@ class ModelConfig:
         _positive("adjacency_scale", self.adjacency_scale)
         if self.adjacency_rank <= 0:
             raise ValueError(f"adjacency_rank must be > 0; got {self.adjacency_rank}")
-        if self.hidden % self.heads:
+        if self.family == "attention" and self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
-        if self.hidden % self.graph_heads:
+        if self.family == "graph" and self.hidden % self.graph_heads:
             raise ValueError(
                 f"hidden ({self.hidden}) must be divisible by graph_heads ({self.graph_heads})")
         if not 0.0 <= self.dropout < 1.0:
@@ -280,11 +280,15 @@ class PretrainConfig:
     epochs: int | None = option(None, "train this many epochs over the shards instead of --max-steps")
     checkpoint_every: int = option(500, "save a checkpoint every N steps")
     resume: bool = option(False, "continue from the latest checkpoint in --output (starts fresh if there is none)")
+    resume_from: str | None = option(None, "continue from this checkpoint tag in --output/checkpoints instead of the "
+                                     "latest (e.g. step00000500); implies --resume", metavar="TAG")
     mlflow_uri: str | None = option(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                     "sqlite:///mlflow.db)")
     experiment: str = option("scgraph", "MLflow experiment name")
     run_name: str | None = option(None, "MLflow run name (default: MLflow's)")
     num_workers: int = option(0, "DataLoader worker processes per rank")
+    verify_shards: bool = option(True, "check each shard's sha256 against the manifest the first time the run reads "
+                                 "it (--no-verify-shards: for shards verified already)")
     shuffle_buffer: int = option(4096, "cells in each stream's shuffle buffer")
     flops_cells: int = option(2, "real cells the FLOPs per cell are measured on")
 
@@ -300,6 +304,8 @@ class PretrainConfig:
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0; got {self.num_workers}")
         _positive("flops_cells", self.flops_cells)
+        if self.resume_from is not None:
+            self.resume = True
 
 
 @dataclass

@@ -23,6 +23,27 @@ def tracking_uri(explicit: str | None = None) -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def check_store(uri: str | None = None, *, existing: bool = False) -> str:
+    """The store's URI after checking what can be checked before any work: a SQLite store must be
+    a database in an existing folder (``existing``: the file must be there too, for commands that
+    only read it, where a mistyped path would silently create an empty store)."""
+    uri = tracking_uri(uri)
+    if "://" not in uri:
+        raise ValueError(f"MLflow store {uri!r} is a plain path: MLflow 3 needs a database, e.g. "
+                         f"sqlite:///{Path(uri) / 'mlflow.db'}")
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if path.is_file():
+            with open(path, "rb") as f:
+                if f.read(16) not in (b"SQLite format 3\0", b""):
+                    raise ValueError(f"MLflow store {uri}: {path} is not an SQLite database")
+        elif existing:
+            raise ValueError(f"no MLflow store at {uri} ({path} does not exist): check the path")
+        elif not path.parent.is_dir():
+            raise ValueError(f"MLflow store {uri}: folder {path.parent} does not exist")
+    return uri
+
+
 def git_commit(path: str | Path = Path(__file__).parent) -> str:
     """The commit of the code that ran, or 'unknown' outside a git checkout."""
     try:
@@ -72,7 +93,17 @@ class Tracker:
         """A new run, or (``run_id``) the same run again after a resume."""
         if not self.active:
             return
-        self._client = client(uri)
+        from mlflow.exceptions import MlflowException
+
+        self._client = client(check_store(uri))
+        try:
+            self._open(experiment, run_name, tags, run_id, uri)
+        except MlflowException as err:
+            raise ValueError(f"MLflow store {tracking_uri(uri)}: {str(err).splitlines()[0]}") from None
+        self.params(params)
+
+    def _open(self, experiment: str, run_name: str | None, tags: dict[str, str], run_id: str | None,
+              uri: str | None) -> None:
         if run_id is not None:
             self._client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
@@ -82,7 +113,6 @@ class Tracker:
             experiment_id = found.experiment_id if found else self._client.create_experiment(
                 experiment, artifact_location=artifact_location(tracking_uri(uri)))
             self.run_id = self._client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-        self.params(params)
 
     def params(self, values: dict[str, Any]) -> None:
         if self.active and values:
@@ -130,7 +160,14 @@ class Tracker:
         if self.active:
             self._client.log_artifact(self.run_id, str(path), artifact_path=folder)
 
-    def end(self, failed: bool = False) -> None:
+    def last_step(self, key: str) -> int:
+        """The largest step logged for ``key`` in this run (0 if none)."""
+        if not self.active:
+            return 0
+        return max((m.step for m in self._client.get_metric_history(self.run_id, key)), default=0)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """FINISHED, FAILED, or KILLED (stopped by a signal, resumable)."""
         if self.active and self.run_id is not None:
-            self._client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+            self._client.set_terminated(self.run_id, status=status)
             self.run_id = None

@@ -24,7 +24,7 @@ from scgraph.config import MergeConfig, parse_slice
 from scgraph.data.shards import MANIFEST_NAME, build_manifest, differences, read_manifest, write_manifest
 
 #: Manifest fields every part of one job array must share (besides the command and plan).
-_SHARED = ("format", "source", "obs_filter", "obs_columns", "vocabulary")
+_SHARED = ("format", "source", "obs_filter", "obs_columns", "vocabulary", "fingerprint")
 
 
 @dataclass
@@ -80,7 +80,7 @@ def _read_parts(parts: Sequence[str]) -> list[dict[str, Any]]:
     for part, manifest in zip(parts[1:], manifests[1:]):
         diffs = differences(_without_slice(first["command"]), _without_slice(manifest["command"]))
         diffs += differences(_without_slice(first["plan"]), _without_slice(manifest["plan"]))
-        diffs += [k for k in _SHARED if first[k] != manifest[k]]
+        diffs += [k for k in _SHARED if first.get(k) != manifest.get(k)]
         if diffs:
             raise ValueError(
                 f"{part} was written by a different command or from different cells than {parts[0]} "
@@ -132,7 +132,8 @@ def merge_parts(out: str, parts: Sequence[str]) -> MergeReport:
     first = manifests[0]
     command = {**first["command"], "slice": None}
     manifest = build_manifest(
-        command, first["vocabulary"], plan, range(plan["shards"]), {i: s for i, (s, _) in shards.items()}
+        command, first["vocabulary"], plan, range(plan["shards"]), {i: s for i, (s, _) in shards.items()},
+        first["fingerprint"],
     )
     write_manifest(os.path.join(out, MANIFEST_NAME), manifest)
     left = []

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import ctypes
+import ctypes.util
 import multiprocessing
+import os
 import queue
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -16,14 +20,28 @@ from scgraph.io.sources import SourceSpec, open_source
 from sharding.plan import ShardJob
 from sharding.sink import write_run
 
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 _WORKER_STACK = contextlib.ExitStack()  # holds a worker's open source until the process exits
 _WORKER_SOURCE: Any = None
 _WORKER_RECORDS: Any = None
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies: a killed ``write`` must not leave
+    workers writing on (their partial shards are temporary files the next run removes)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the pool's own shutdown still applies
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def _init_worker(spec: SourceSpec, records: Any) -> None:
     """Each worker process opens the source once and keeps it for all its shards; it sends each
     finished shard's record back at once, so the manifest follows every shard, as with one process."""
+    _die_with_parent()
     global _WORKER_SOURCE, _WORKER_RECORDS
     _WORKER_SOURCE = _WORKER_STACK.enter_context(open_source(spec))
     _WORKER_RECORDS = records

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from scgraph.data.shards import TAR_END, TMP_SUFFIX, encode_block
+from scgraph.io.files import named
 from scgraph.io.sources import Source
 from sharding.blocks import DEFAULT_BLOCK_CELLS, QUEUE_DEPTH, prefetch, read_blocks
 from sharding.plan import ShardJob, shard_name
@@ -32,17 +33,26 @@ class _HashingFile:
         self.size = 0
 
     def write(self, data: Any) -> None:
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as err:  # a full disk: name the shard
+            raise named(err, self.path) from None
         self.sha256.update(data)
         self.size += len(data)
 
     def close(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except OSError as err:
+            raise named(err, self.path) from None
 
     def discard(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # the buffered rest of a shard that is being thrown away
+            pass
         os.unlink(self.path)
 
 

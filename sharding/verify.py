@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from scgraph.config import VerifyConfig
 from scgraph.data.shards import MANIFEST_NAME, CorruptShardError, decode_cell, iter_shard, read_manifest
+from scgraph.data.shards.manifest import digest_problem
 from scgraph.io.counts import value_defect
 
 
@@ -45,11 +46,9 @@ def _check_shard(path: str, record: dict[str, Any], vocab_size: int, seen: set[i
         return f"{name}: missing"
     with open(path, "rb") as f:
         data = f.read()
-    if len(data) != record["bytes"]:
-        return f"{name}: {len(data)} bytes, manifest says {record['bytes']}"
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != record["sha256"]:
-        return f"{name}: sha256 mismatch (manifest {record['sha256'][:12]}.., file {digest[:12]}..)"
+    problem = digest_problem(record, len(data), hashlib.sha256(data).hexdigest())
+    if problem:
+        return problem
     cells = 0
     try:
         for sample in iter_shard(io.BytesIO(data), where=name):
@@ -85,9 +84,10 @@ def verify(directory: str, progress: bool = True) -> VerifyReport:
         )
     vocab_size = len(manifest["vocabulary"]["feature_id"])
     listed = {s["name"] for s in manifest["shards"]}
-    for stray in sorted(glob.glob(os.path.join(directory, "shard-*"))):
-        if os.path.basename(stray) not in listed:
-            report.problems.append(f"{os.path.basename(stray)}: not listed in the manifest")
+    strays = {os.path.basename(p) for pattern in ("shard-*", "*.tar")
+              for p in glob.glob(os.path.join(directory, pattern))}
+    for stray in sorted(strays - listed):
+        report.problems.append(f"{stray}: not listed in the manifest")
     seen: set[int] = set()
     for record in tqdm(manifest["shards"], desc="verify", unit="shard", disable=not progress):
         problem = _check_shard(os.path.join(directory, record["name"]), record, vocab_size, seen)

@@ -40,7 +40,7 @@ from scgraph.data.shards import (
     write_manifest,
 )
 from scgraph.data.vocab import GeneMap, GeneVocab
-from scgraph.io.sources import SourceSpec, open_source, resolve_obs_options
+from scgraph.io.sources import SourceSpec, genes_digest, open_source, resolve_obs_options
 from sharding.plan import Plan, ShardJob, select_cells
 from sharding.pool import consecutive, write_in_pool
 from sharding.sink import write_run
@@ -88,9 +88,22 @@ def gene_mapping(source_genes: GeneVocab, options: WriteOptions) -> tuple[GeneVo
     return target, mapping
 
 
-def existing_shards(out: str, command: dict[str, Any], plan: Plan) -> dict[int, dict[str, Any]]:
-    """Complete shards a previous run of the same command left in ``out``; refuse anything else.
-    Temporary files of a killed run are removed: they never hold a complete shard."""
+def changes(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between two fingerprints of a source, in words."""
+    said = []
+    for key, what in (("genes_sha256", "its genes (var)"), ("cells", "its number of cells"),
+                      ("genes", "its number of genes")):
+        if old.get(key) != new.get(key):
+            said.append(what + (f" ({old.get(key)} -> {new.get(key)})" if key != "genes_sha256" else ""))
+    if not said:
+        said = [", ".join(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)) + " (its content)"]
+    return "; ".join(said)
+
+
+def existing_shards(out: str, command: dict[str, Any], plan: Plan, fingerprint: dict[str, Any]) -> dict[int, Any]:
+    """Complete shards a previous run of the same command on the same source left in ``out``;
+    refuse anything else. Temporary files of a killed run are removed: they never hold a complete
+    shard."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise NotADirectoryError(f"--out {out} exists and is not a directory")
     if not os.path.isdir(out):
@@ -111,6 +124,12 @@ def existing_shards(out: str, command: dict[str, Any], plan: Plan) -> dict[int, 
         raise FileExistsError(
             f"--out {out} holds shards from a different command ({'; '.join(diffs)}); "
             f"refusing to overwrite (choose an empty or new directory)"
+        )
+    if manifest.get("fingerprint") != fingerprint:
+        raise FileExistsError(
+            f"--out {out} was written from another version of the source: {command['source']['location']} "
+            f"changed in {changes(manifest.get('fingerprint') or {}, fingerprint)} since; refusing to mix them "
+            f"(to start over, remove {out} or choose a new --out)"
         )
     if manifest.get("plan", {}).get("joinids_sha256") != plan.digest:
         raise FileExistsError(
@@ -141,7 +160,14 @@ def write_shards(
             source.obs_columns, options.obs_filter, options.obs_columns
         )
         genes = source.genes()
-        vocab, gene_map = gene_mapping(GeneVocab(genes.feature_ids, genes.feature_names), options)
+        if not genes.feature_ids:
+            raise ValueError(f"{source.name} has no genes (its var is empty): nothing to write")
+        try:
+            source_vocab = GeneVocab(genes.feature_ids, genes.feature_names)
+        except ValueError as err:
+            raise ValueError(f"{source.name}: {err}") from None
+        vocab, gene_map = gene_mapping(source_vocab, options)
+        fingerprint = source.fingerprint() | {"genes_sha256": genes_digest(genes)}
         plan = Plan(
             select_cells(source, obs_filter, options.max_cells, options.seed),
             options.cells_per_shard,
@@ -155,7 +181,7 @@ def write_shards(
         }
         if options.vocab_from is not None:
             command["vocab_from"] = ShardSet.open(options.vocab_from).identity
-        done = existing_shards(out, command, plan)
+        done = existing_shards(out, command, plan, fingerprint)
         created = not os.path.isdir(out)
         os.makedirs(out, exist_ok=True)
         jobs = [
@@ -169,11 +195,13 @@ def write_shards(
 
         def save_manifest() -> None:
             write_manifest(
-                manifest_path, build_manifest(command, vocabulary, plan.record(), plan.shard_indices, done)
+                manifest_path,
+                build_manifest(command, vocabulary, plan.record(), plan.shard_indices, done, fingerprint),
             )
 
-        if not plan.shard_indices:  # a slice with no shard (more tasks than shards) still says it is done
-            save_manifest()
+        # at once, before any shard: a run killed from here on leaves a directory it can resume
+        # (and a slice with no shard, more tasks than shards, says it is done)
+        save_manifest()
         bar = tqdm(
             total=sum(len(plan.shard(i)) for i in plan.shard_indices),
             initial=sum(s["cells"] for s in done.values()),
@@ -199,10 +227,12 @@ def write_shards(
                     bar.update(record["cells"])
 
                 write_in_pool(spec, jobs, workers, finished_in_pool)
+        except BaseException:
+            if created and not done:  # nothing written: leave no trace
+                _remove_new_directory(out)
+            raise
         finally:
             bar.close()
-            if created and not done:
-                _remove_if_empty(out)
     manifest = read_manifest(out)
     return WriteReport(
         out=out,
@@ -218,7 +248,11 @@ def write_shards(
     )
 
 
-def _remove_if_empty(path: str) -> None:
+def _remove_new_directory(path: str) -> None:
+    """Remove a directory this run created that holds no shard (only its first manifest)."""
+    manifest = os.path.join(path, MANIFEST_NAME)
+    if os.path.isfile(manifest):
+        os.unlink(manifest)
     try:
         os.rmdir(path)
     except OSError:

@@ -216,7 +216,8 @@ def test_parameter_counts_separate_the_adjacency():
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"hidden": 30, "heads": 4}, "hidden \\(30\\) must be divisible by heads \\(4\\)"),
+    ({"backbone": "transformer", "hidden": 30, "heads": 4}, "hidden \\(30\\) must be divisible by heads \\(4\\)"),
+    ({"hidden": 30, "graph_heads": 4}, "hidden \\(30\\) must be divisible by graph_heads \\(4\\)"),
     ({"adjacency_rank": 0}, "adjacency_rank must be > 0"),
     ({"adjacency_rank": -3}, "adjacency_rank must be > 0"),
     ({"backbone": "mamba"}, "backbone must be one of transformer, gnn; got 'mamba'"),
@@ -226,3 +227,8 @@ def test_parameter_counts_separate_the_adjacency():
 def test_bad_model_config_is_a_clear_value_error(overrides, message):
     with pytest.raises(ValueError, match=message):
         small_config(overrides.pop("backbone", "gnn"), **overrides)
+
+
+def test_each_backbone_checks_only_its_own_widths():
+    assert small_config("gnn", hidden=30, heads=4).hidden == 30  # heads belong to the Transformer
+    assert small_config("transformer", hidden=30, heads=5, graph_heads=4).hidden == 30

@@ -119,16 +119,19 @@ class ShardStream(torch.utils.data.IterableDataset):
 
         return collate
 
+    def _slices(self, epoch: int, stream: int) -> list[tuple[int, int, int]]:
+        return stream_slices(self.shards.shard_cells, seed=self.seed, epoch=epoch,
+                             stream=self.rank * self.streams + stream,
+                             cells_per_stream=self.batches_per_stream * self.batch_size)
+
+    def epoch_shards(self, epoch: int) -> list[int]:
+        """The shards this rank reads in ``epoch`` (all its streams)."""
+        return sorted({shard for s in range(self.streams) for shard, _, _ in self._slices(epoch, s)})
+
     def epoch_batches(self, epoch: int, stream: int, skip: int = 0) -> Iterator[Batch]:
         """Batches ``skip..`` of one stream (0 <= stream < streams) of this rank in ``epoch``."""
         global_stream = self.rank * self.streams + stream
-        slices = stream_slices(
-            self.shards.shard_cells,
-            seed=self.seed,
-            epoch=epoch,
-            stream=global_stream,
-            cells_per_stream=self.batches_per_stream * self.batch_size,
-        )
+        slices = self._slices(epoch, stream)
         paths = self.shards.shard_paths
         stages: list[Any] = [
             lambda: (
@@ -165,10 +168,23 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 class ShardLoader:
     """What ``build_loader`` returns: iterate it for ``Batch``es (in a DataLoader when
-    ``num_workers`` > 0). ``len()`` is the batches left in this epoch (not for ``resampled``)."""
+    ``num_workers`` > 0). ``len()`` is the batches left in this epoch (not for ``resampled``).
 
-    def __init__(self, dataset: ShardStream, num_workers: int) -> None:
-        self.dataset, self.num_workers = dataset, num_workers
+    With ``verify``, each shard this rank will read is checked against the manifest's sha256
+    before the first batch (once per ShardSet object, so once per run): a shard damaged after it
+    was written is refused by name instead of trained on."""
+
+    def __init__(self, dataset: ShardStream, num_workers: int, verify: bool) -> None:
+        self.dataset, self.num_workers, self.verify = dataset, num_workers, verify
+
+    def _check_shards(self) -> None:
+        data = self.dataset
+        if data.resampled:
+            shards = range(len(data.shards.shard_cells))
+        else:
+            shards = data.epoch_shards(data.epoch + data.skip_batches // data.batches_per_epoch)
+        for index in shards:
+            data.shards.check_shard(index)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -180,6 +196,8 @@ class ShardLoader:
         return max(0, self.batches_per_epoch - self.dataset.skip_batches)
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.verify:
+            self._check_shards()
         if self.num_workers == 0:
             return iter(self.dataset)
         return iter(
@@ -203,10 +221,12 @@ def build_loader(
     resampled: bool = False,
     epoch: int = 0,
     skip_batches: int = 0,
+    verify: bool = True,
 ) -> ShardLoader:
     """Full batches of tokenized, masked cells for one rank. Pass ``torch.distributed`` rank and
     world size; ``skip_batches`` = batches already consumed (counted from the start of ``epoch``,
-    across epochs when ``resampled``); ``resampled`` streams successive reshuffled epochs endlessly."""
+    across epochs when ``resampled``); ``resampled`` streams successive reshuffled epochs endlessly;
+    ``verify`` checks each shard's sha256 before it is first read."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0; got {num_workers}")
     if isinstance(shards, str):
@@ -225,4 +245,4 @@ def build_loader(
         epoch=epoch,
         skip_batches=skip_batches,
     )
-    return ShardLoader(dataset, num_workers)
+    return ShardLoader(dataset, num_workers, verify)

@@ -58,7 +58,10 @@ class GeneVocab:
                 f"{len(self.feature_names)} feature names"
             )
         if len(set(self.feature_ids)) != len(self.feature_ids):
-            raise ValueError("vocabulary feature ids must be unique")
+            seen: set[str] = set()
+            repeated = next(g for g in self.feature_ids if g in seen or seen.add(g))
+            raise ValueError(f"gene feature ids must be unique; {repeated!r} appears "
+                             f"{self.feature_ids.count(repeated)} times")
 
     def __len__(self) -> int:
         return len(self.feature_ids)

@@ -75,7 +75,7 @@ def _read_h5ad(path: str) -> Cells:
     as the sharding tool's ``--h5ad-matrix auto`` reads them."""
     try:
         adata = ad.read_h5ad(path)
-    except OSError as err:
+    except (OSError, KeyError) as err:
         raise ValueError(f"--data {path} is not a readable .h5ad file ({err})") from None
     source = adata.raw if adata.raw is not None else adata
     counts = sp.csr_matrix(source.X, dtype=np.float32)

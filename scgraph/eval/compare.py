@@ -24,7 +24,7 @@ from scgraph.cli import Command, run
 from scgraph.config import CompareConfig, backbones
 from scgraph.eval.evaluate import PROBE_KIND
 from scgraph.eval.figures import grouped_bar_chart
-from scgraph.tracking import Tracker, client, git_commit, tracking_uri
+from scgraph.tracking import Tracker, check_store, client, git_commit, tracking_uri
 
 COMPARE_KIND = "compare"
 
@@ -87,7 +87,7 @@ def collect(experiment: str, uri: str | None = None) -> Table:
     """Read the experiment's finished probe runs and the pretraining runs they name."""
     from mlflow.exceptions import MlflowException
 
-    store = client(uri)
+    store = client(check_store(uri, existing=True))
     found = store.get_experiment_by_name(experiment)
     if found is None:
         names = ", ".join(e.name for e in store.search_experiments()) or "none"

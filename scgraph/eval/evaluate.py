@@ -24,7 +24,7 @@ from scgraph.eval.embed import embed_cells, random_encoder
 from scgraph.eval.figures import confusion_plot, tsne_plot
 from scgraph.eval.probe import LinearProbe, Scores, evaluate, logistic_regression
 from scgraph.io.counts import log1p_cp10k
-from scgraph.tracking import Tracker, flatten, git_commit
+from scgraph.tracking import Tracker, check_store, flatten, git_commit
 from scgraph.train.checkpointer import Pretrained, load_pretrained, resolve_checkpoint
 
 #: The controls, as named in probe.json, MLflow metrics and the printed table.
@@ -72,6 +72,8 @@ def export_embeddings(cells: Cells, embeddings: np.ndarray, backbone: str, path:
 def run_probe(opts: ProbeConfig) -> dict[str, Any]:
     """The whole probe; returns what it writes to ``OUT/probe.json``."""
     resolve_checkpoint(opts.checkpoint)  # fail on a wrong path before reading any data
+    if opts.mlflow_uri:
+        check_store(opts.mlflow_uri)
     cells = read_cells(opts.data, opts.organism)
     labels = cells.labels(opts.label_key)
     keep, notes = labelled_cells(labels, opts.label_key)
@@ -151,7 +153,7 @@ def _track(opts: ProbeConfig, pretrained: Pretrained, report: dict[str, Any], fi
         for path in [json_path, *figures]:
             tracker.artifact(path)
     except BaseException:
-        tracker.end(failed=True)
+        tracker.end("FAILED")
         raise
     tracker.end()
 

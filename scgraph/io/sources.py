@@ -11,6 +11,7 @@ SOMA experiment); an .h5ad is read in backed mode so its matrix is never loaded 
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -128,10 +129,24 @@ def _python_values(column: Any) -> list[Any]:
     return column.to_numpy(zero_copy_only=False).tolist()
 
 
+def _fragments(uri: str) -> list[str] | None:
+    """The TileDB fragment names of a local array (their names hold their write timestamps), or
+    None where the array is not on a local disk."""
+    path = uri.removeprefix("file://")
+    if "://" in path or not os.path.isdir(os.path.join(path, "__fragments")):
+        return None
+    return sorted(os.listdir(os.path.join(path, "__fragments")))
+
+
+def genes_digest(genes: Genes) -> str:
+    """A short hash of a source's var (ids and names, in order)."""
+    return hashlib.sha256(json.dumps([genes.feature_ids, genes.feature_names]).encode()).hexdigest()[:16]
+
+
 class SomaSource:
     """A SOMA experiment with the census schema: measurement "RNA", X layer "raw"."""
 
-    def __init__(self, experiment: Any, name: str) -> None:
+    def __init__(self, experiment: Any, name: str, release: dict[str, str] | None = None) -> None:
         if "RNA" not in experiment.ms:
             raise ValueError(f"{name} has no measurement 'RNA' (has: {', '.join(experiment.ms.keys())})")
         ms = experiment.ms["RNA"]
@@ -146,8 +161,25 @@ class SomaSource:
         self._X = ms.X["raw"]
         self.obs_columns: list[str] = list(self._obs.schema.names)
         self._var_joinids: np.ndarray | None = None
+        self._release = release or {}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this version of the data: sizes, the genes, the census release, and each
+        array's TileDB fragments (a write adds one, so any change of a local store changes them)."""
+        out: dict[str, Any] = {"cells": int(self._obs.count), "genes": int(self._var.count), "nnz": int(self._X.nnz),
+                               **self._release}
+        fragments = {name: _fragments(array.uri) for name, array in
+                     (("obs", self._obs), ("var", self._var), ("X", self._X))}
+        if all(f is not None for f in fragments.values()):
+            out["fragments"] = fragments
+        return out
 
     def genes(self) -> Genes:
+        missing = [c for c in ("feature_id", "feature_name") if c not in self._var.schema.names]
+        if missing:
+            raise ValueError(f"{self.name}: var has no column {', '.join(missing)} (var columns: "
+                             f"{', '.join(self._var.schema.names)}); the census schema needs feature_id and "
+                             "feature_name")
         var = self._var.read(column_names=["soma_joinid", "feature_id", "feature_name"]).concat()
         var = var.sort_by("soma_joinid")
         self._var_joinids = var["soma_joinid"].to_numpy()
@@ -214,15 +246,28 @@ class H5adSource:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--h5ad {path}: no such file")
         self.name = path
-        self._file = h5py.File(path, "r")
-        use_raw = matrix == "raw" or (matrix == "auto" and "raw" in self._file)
-        if use_raw and "raw" not in self._file:
-            raise ValueError(f"{path} has no raw matrix (raw.X); use --h5ad-matrix X")
-        group = self._file["raw"] if use_raw else self._file
-        x = group["X"]
-        self._X = sparse_dataset(x) if isinstance(x, h5py.Group) else x
-        self._obs: pd.DataFrame = read_elem(self._file["obs"])
-        self._var: pd.DataFrame = read_elem(group["var"])
+        try:
+            self._file = h5py.File(path, "r")
+        except OSError as err:  # not HDF5, or truncated
+            raise ValueError(f"--h5ad {path} is not a readable .h5ad file ({err})") from None
+        try:
+            use_raw = matrix == "raw" or (matrix == "auto" and "raw" in self._file)
+            if use_raw and "raw" not in self._file:
+                raise ValueError(f"{path} has no raw matrix (raw.X); use --h5ad-matrix X")
+            group = self._file["raw"] if use_raw else self._file
+            for key, where in (("X", group), ("var", group), ("obs", self._file)):
+                if key not in where:
+                    raise ValueError(f"--h5ad {path} has no {key!r} in {where.name}: not an AnnData file")
+            x = group["X"]
+            self._X = sparse_dataset(x) if isinstance(x, h5py.Group) else x
+            self._obs: pd.DataFrame = read_elem(self._file["obs"])
+            self._var: pd.DataFrame = read_elem(group["var"])
+        except (OSError, KeyError) as err:  # damaged inside
+            self._file.close()
+            raise ValueError(f"--h5ad {path} is damaged and cannot be read ({err})") from None
+        except ValueError:
+            self._file.close()
+            raise
         self.obs_columns: list[str] = list(self._obs.columns)
 
     def close(self) -> None:
@@ -243,8 +288,22 @@ class H5adSource:
 
     tile_rows = None  # backed rows cost the same however a read is cut
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this file's content: its size and sha256 (read once, about 1 s per GB),
+        and the number of cells."""
+        digest = hashlib.sha256()
+        with open(self.name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        return {"cells": len(self._obs), "genes": len(self._var), "bytes": os.path.getsize(self.name),
+                "sha256": digest.hexdigest()}
+
     def read_counts(self, joinids: np.ndarray) -> sp.csr_matrix:
-        return sp.csr_matrix(self._X[joinids])
+        try:
+            return sp.csr_matrix(self._X[joinids])
+        except OSError as err:  # h5py: a damaged or truncated dataset
+            raise ValueError(f"--h5ad {self.name}: cannot read X rows {joinids[0]}..{joinids[-1]} ({err}); "
+                             "the file is damaged") from None
 
     def read_obs(self, joinids: np.ndarray, obs_columns: Sequence[str]) -> ObsColumns:
         obs = self._obs.iloc[joinids]
@@ -262,9 +321,20 @@ def soma_context() -> Any:
     )
 
 
+def _release(census: Any) -> dict[str, str]:
+    """The census's own description of its release (census_info/summary), when it has one."""
+    try:
+        table = census["census_info"]["summary"].read().concat().to_pydict()
+    except (KeyError, AttributeError):
+        return {}
+    wanted = ("census_schema_version", "census_build_date")
+    return {f"census.{k}": str(v) for k, v in zip(table["label"], table["value"]) if k in wanted}
+
+
 @contextmanager
 def open_source(spec: SourceSpec) -> Iterator[Source]:
-    """Open ``spec`` read-only; the census paths go through ``cellxgene_census.open_soma``."""
+    """Open ``spec`` read-only; the census paths go through ``cellxgene_census.open_soma``. What
+    cannot be opened as such is one ValueError naming the location."""
     if spec.kind == "h5ad":
         source = H5adSource(spec.location, spec.h5ad_matrix)
         try:
@@ -272,27 +342,34 @@ def open_source(spec: SourceSpec) -> Iterator[Source]:
         finally:
             source.close()
         return
-    if spec.kind == "soma":
-        import tiledbsoma as soma
+    flag = f"--{spec.kind}"
+    if spec.kind != "census-version" and "://" not in spec.location and not os.path.exists(spec.location):
+        raise FileNotFoundError(f"{flag} {spec.location}: no such "
+                                f"{'experiment' if spec.kind == 'soma' else 'collection'}")
+    import tiledbsoma as soma
 
-        if "://" not in spec.location and not os.path.exists(spec.location):
-            raise FileNotFoundError(f"--soma {spec.location}: no such experiment")
-        with soma.Experiment.open(spec.resolved_location, context=soma_context()) as exp:
-            yield SomaSource(exp, spec.resolved_location)
-        return
-    import cellxgene_census
+    try:
+        if spec.kind == "soma":
+            opened = soma.Experiment.open(spec.resolved_location, context=soma_context())
+        else:
+            import cellxgene_census
 
-    context = cellxgene_census.get_default_soma_context(
-        tiledb_config={"soma.init_buffer_bytes": READ_BUFFER_BYTES, "py.init_buffer_bytes": READ_BUFFER_BYTES}
-    )
-    if spec.kind == "census-uri":
-        if "://" not in spec.location and not os.path.exists(spec.location):
-            raise FileNotFoundError(f"--census-uri {spec.location}: no such collection")
-        census = cellxgene_census.open_soma(uri=spec.resolved_location, context=context)
-    else:
-        census = cellxgene_census.open_soma(census_version=spec.location, context=context)
-    with census:
-        data = census["census_data"]
+            context = cellxgene_census.get_default_soma_context(tiledb_config={
+                "soma.init_buffer_bytes": READ_BUFFER_BYTES, "py.init_buffer_bytes": READ_BUFFER_BYTES})
+            if spec.kind == "census-uri":
+                opened = cellxgene_census.open_soma(uri=spec.resolved_location, context=context)
+            else:
+                opened = cellxgene_census.open_soma(census_version=spec.location, context=context)
+    except (soma.SOMAError, TypeError, KeyError) as err:
+        what = "a SOMA experiment" if spec.kind == "soma" else "a census (a SOMA collection with census_data)"
+        raise ValueError(f"{flag} {spec.location} is not {what}: {err}") from None
+    with opened:
+        if spec.kind == "soma":
+            yield SomaSource(opened, spec.resolved_location)
+            return
+        if "census_data" not in opened:
+            raise ValueError(f"{flag} {spec.location} is not a census: it has no census_data collection")
+        data = opened["census_data"]
         if spec.organism not in data:
             raise ValueError(f"census has no organism {spec.organism!r} (has: {', '.join(data.keys())})")
-        yield SomaSource(data[spec.organism], f"census {spec.resolved_location} ({spec.organism})")
+        yield SomaSource(data[spec.organism], f"census {spec.resolved_location} ({spec.organism})", _release(opened))

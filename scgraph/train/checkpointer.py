@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,13 @@ import torch
 import torch.distributed as dist
 
 from scgraph.config import RunConfig
+from scgraph.io.files import write_atomic
 from scgraph.models.model import CellModel, build_model
 
 CHECKPOINTS = "checkpoints"
 SCGRAPH_META = "scgraph.json"
+#: Written last into a checkpoint: its files and their sizes.
+FILES = "scgraph.files.json"
 
 
 def latest_tag(folder: Path) -> str | None:
@@ -68,19 +72,58 @@ class Checkpointer:
 
     def save(self, engine: Any, tag: str, meta: dict[str, Any], client_state: dict[str, Any], rank: int) -> None:
         """scgraph.json goes first: DeepSpeed moves its ``latest`` pointer only after writing its own
-        files, so a kill at any moment leaves ``latest`` on a complete, resumable checkpoint."""
+        files, so a kill at any moment leaves ``latest`` on a resumable checkpoint. The file list
+        (names and sizes) goes last: a checkpoint that has it was written whole, and a file that
+        is no longer the size it was is named on resume."""
+        folder = self.dir / tag
         if rank == 0:
-            (self.dir / tag).mkdir(parents=True, exist_ok=True)
-            (self.dir / tag / SCGRAPH_META).write_text(json.dumps(meta))
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / SCGRAPH_META).write_text(json.dumps(meta))
         dist.barrier()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state)
         dist.barrier()
+        if rank == 0:
+            files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.name != FILES}
+            write_atomic(folder / FILES, json.dumps(files))
+        dist.barrier()
+
+    def complete_tags(self) -> list[str]:
+        """Tags written whole, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.dir.glob(f"*/{FILES}"))
+
+    def problem(self, tag: str) -> str | None:
+        """What is wrong with checkpoint ``tag`` on disk (a missing or resized file), or None."""
+        folder = self.dir / tag
+        listing = folder / FILES
+        if not listing.is_file():
+            return f"checkpoint {folder} was not written whole (no {FILES})"
+        for name, size in json.loads(listing.read_text()).items():
+            path = folder / name
+            if not path.is_file():
+                return f"checkpoint file {path} is missing"
+            if path.stat().st_size != size:
+                return f"checkpoint file {path} has {path.stat().st_size} bytes, {size} when it was written"
+        return None
+
+    def refuse(self, tag: str, problem: str) -> ValueError:
+        """The one-line error for a checkpoint that cannot be resumed, naming what to resume instead."""
+        earlier = [t for t in self.complete_tags() if t < tag and self.problem(t) is None]
+        advice = (f"resume from the previous complete checkpoint with --resume-from {earlier[-1]}" if earlier
+                  else "no earlier complete checkpoint exists: start over in a new --output")
+        return ValueError(f"{problem}; {advice}")
 
     def load(self, engine: Any, tag: str) -> dict[str, Any]:
-        """Model, optimizer and scheduler into ``engine``; returns the client state."""
-        _, client = engine.load_checkpoint(str(self.dir), tag=tag)
+        """Model, optimizer and scheduler into ``engine``; returns the client state. A file that
+        cannot be read is a ValueError naming the checkpoint and what to resume instead."""
+        try:
+            _, client = engine.load_checkpoint(str(self.dir), tag=tag)
+        except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as err:
+            raise self.refuse(tag, f"checkpoint {self.dir / tag} cannot be read ({type(err).__name__}: "
+                                   f"{str(err).splitlines()[0] if str(err) else ''})") from None
         if client is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
+            raise self.refuse(tag, f"DeepSpeed found no checkpoint in {self.dir / tag}")
         return client
 
 
@@ -120,14 +163,19 @@ def load_pretrained(path: str | Path) -> Pretrained:
     folder, tag = resolve_checkpoint(path)
     meta = read_meta(folder, tag)
     run = RunConfig.from_dict(meta["run"])
-    if meta.get("zero_stage", 0) >= 1:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    try:
+        if meta.get("zero_stage", 0) >= 1:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
-    else:
-        state = torch.load(folder / tag / "mp_rank_00_model_states.pt", map_location="cpu",
-                           weights_only=False)["module"]
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+        else:
+            state = torch.load(folder / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                               weights_only=False)["module"]
+    except (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError) as err:
+        problem = Checkpointer(folder.parent).problem(tag) if folder.name == CHECKPOINTS else None
+        raise ValueError(f"checkpoint {folder / tag} cannot be read ({problem or f'{type(err).__name__}: {err}'}); "
+                         "choose another checkpoint directory") from None
     model = build_model(run.model)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return Pretrained(model=model.eval(), run=run, meta=meta, path=folder / tag)

@@ -49,6 +49,13 @@ def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
     return (t / dist.get_world_size()).tolist()
 
 
+def all_ranks_agree(ok: bool, device: torch.device) -> bool:
+    """True when ``ok`` holds on every rank (one all-reduce); the same answer on all of them."""
+    flag = torch.tensor([0 if ok else 1], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return not flag.item()
+
+
 def leave(clean: bool) -> None:
     """Leave the group. After a clean run every rank waits for the others first: without the
     barrier about one run in seven aborted at exit ("terminate called without an active

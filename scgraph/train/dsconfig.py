@@ -10,20 +10,86 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scgraph.cli import construct
 from scgraph.config import TrainConfig
 
 
+@dataclass
+class _Switch:
+    """A DeepSpeed section that is on or off."""
+
+    enabled: bool = False
+
+
+@dataclass
+class _Zero:
+    """ZeRO's stage: 0 (plain data parallel) to 3 (parameters partitioned too)."""
+
+    stage: int = 0
+
+    def __post_init__(self) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3; got {self.stage}")
+
+
+@dataclass
+class _Schema:
+    """The keys of a DeepSpeed JSON that scgraph reads or derives; any other key passes through to
+    DeepSpeed unchecked."""
+
+    train_micro_batch_size_per_gpu: int | None = None
+    gradient_accumulation_steps: int | None = None
+    train_batch_size: int | None = None
+    gradient_clipping: float | None = None
+    zero_optimization: _Zero = field(default_factory=_Zero)
+    bf16: _Switch = field(default_factory=_Switch)
+    fp16: _Switch = field(default_factory=_Switch)
+
+
+#: Keys scgraph fills in itself, so a HuggingFace-style "auto" there just means "derive it".
+_DERIVED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+            "gradient_clipping")
+
+
+def _autos(value: Any, path: str = "") -> list[str]:
+    """Dotted keys whose value is the string "auto"."""
+    if isinstance(value, dict):
+        return [k for key, v in value.items() for k in _autos(v, f"{path}.{key}" if path else key)]
+    return [path] if value == "auto" else []
+
+
 def load_ds_config(path: str | Path) -> dict[str, Any]:
+    """The JSON at ``path``, validated against the keys scgraph uses (one line naming a bad one).
+    "auto" where scgraph derives the value (batch sizes, clipping, the optimizer's lr and weight
+    decay) means just that; anywhere else DeepSpeed cannot read it, so it is refused."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config {path} does not exist")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
+        ds = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {err}") from None
+    if not isinstance(ds, dict):
+        raise ValueError(f"DeepSpeed config {path} must hold a JSON object")
+    for key in _DERIVED:
+        if ds.get(key) == "auto":
+            del ds[key]
+    for key in ("lr", "weight_decay"):
+        if ds.get("optimizer", {}).get("params", {}).get(key) == "auto":
+            del ds["optimizer"]["params"][key]
+    autos = _autos(ds)
+    if autos:
+        raise ValueError(f"DeepSpeed config {path}: {', '.join(autos)} is 'auto', a HuggingFace Trainer placeholder "
+                         "that DeepSpeed itself cannot read: give a value")
+    try:
+        construct(_Schema, ds, strict=False)
+    except ValueError as err:
+        raise ValueError(f"DeepSpeed config {path}: {err}") from None
+    return ds
 
 
 def zero_stage(ds: dict[str, Any]) -> int:
@@ -53,7 +119,7 @@ def resolve_ds_config(ds: dict[str, Any], train: TrainConfig, world_size: int, *
     accumulation = train.batch_size // per_step
     for key, derived in (("gradient_accumulation_steps", accumulation), ("train_batch_size", train.batch_size)):
         given = ds.get(key)
-        if given not in (None, "auto") and int(given) != derived:
+        if given is not None and int(given) != derived:
             raise ValueError(
                 f"DeepSpeed config sets {key}={given} but micro-batch {micro} x world size {world_size} "
                 f"x accumulation for global batch {train.batch_size} needs {key}={derived}")

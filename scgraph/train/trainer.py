@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -19,17 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from scgraph.cli import Command, run
+from scgraph.cli import Command, explain, run
 from scgraph.config import PretrainConfig, RunConfig
 from scgraph.data.batch import Batch
 from scgraph.data.loader import ShardLoader, build_loader
 from scgraph.data.shards import ShardSet
 from scgraph.models.model import build_model, count_parameters, mvp_loss
 from scgraph.plots import line_plot
-from scgraph.tracking import Tracker, flatten, git_commit
+from scgraph.tracking import Tracker, check_store, flatten, git_commit
 from scgraph.train.checkpointer import Checkpointer
-from scgraph.train.distributed import init_distributed, leave, mean_over_ranks
+from scgraph.train.distributed import all_ranks_agree, init_distributed, leave, mean_over_ranks
 from scgraph.train.dsconfig import load_ds_config, precision, resolve_ds_config, zero_stage
 from scgraph.train.telemetry import MemoryMeter, measure_flops, optimizer_state_bytes
 
@@ -63,10 +65,14 @@ class Pretrainer:
         self.consumed = 0  # micro-batches consumed in the current epoch, on each rank
         self.losses: list[tuple[int, float]] = []
         self.tracker = Tracker(active=False)
+        self.logged_until = 0  # the last step whose metrics MLflow holds
+        self.last_tag: str | None = None
+        self.stop_signal: int | None = None
 
     # -- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
+        check_store(cfg.mlflow_uri)
         self.shards = ShardSet.open(cfg.shards)
         run = cfg.run
         if run.model.vocab_size != self.shards.vocab_size:  # the vocabulary is the shard set's
@@ -83,8 +89,14 @@ class Pretrainer:
         if tag and not cfg.resume:
             raise ValueError(f"{self.checkpoints.dir} already holds checkpoints (latest {tag}): pass --resume to "
                              "continue that run, or choose a new --output")
+        if cfg.resume_from:
+            if not (self.checkpoints.dir / cfg.resume_from).is_dir():
+                raise ValueError(f"--resume-from {cfg.resume_from}: no such checkpoint in {self.checkpoints.dir} "
+                                 f"(complete ones: {', '.join(self.checkpoints.complete_tags()) or 'none'})")
+            tag = cfg.resume_from
         self.resume_tag = tag if cfg.resume else None
         if self.resume_tag:
+            self._check_resumable(self.resume_tag)
             self.checkpoints.check_compatible(self.resume_tag, run, cfg.shards, self.shards.identity)
 
         torch.manual_seed(run.train.seed)
@@ -104,18 +116,26 @@ class Pretrainer:
                           else run.train.max_steps)
         self.memory = MemoryMeter(self.device)
 
+    def _check_resumable(self, tag: str) -> None:
+        """Every rank checks the checkpoint before any rank loads it or touches MLflow, so a damaged
+        one is refused by all ranks alike, naming the bad file and the previous complete tag."""
+        problem = self.checkpoints.problem(tag)
+        if not all_ranks_agree(problem is None, self.device):
+            raise self.checkpoints.refuse(tag, problem or f"checkpoint {self.checkpoints.dir / tag} failed its check "
+                                                          "on another rank")
+
     def _loader(self, epoch: int, skip: int) -> ShardLoader:
         run = self.cfg.run
         return build_loader(self.shards, run.tokenizer, batch_size=self.micro, mask_ratio=run.train.mask_ratio,
                             seed=run.train.seed, rank=self.rank, world_size=self.world,
                             num_workers=self.cfg.num_workers, shuffle_buffer=self.cfg.shuffle_buffer,
-                            epoch=epoch, skip_batches=skip)
+                            epoch=epoch, skip_batches=skip, verify=self.cfg.verify_shards)
 
     def _measure_flops(self, run: RunConfig):
         """FLOPs on real cells (the first batch of the epoch), on a CPU fp32 copy of the model."""
         batch = next(iter(build_loader(self.shards, run.tokenizer, batch_size=self.cfg.flops_cells,
                                        mask_ratio=run.train.mask_ratio, seed=run.train.seed,
-                                       shuffle_buffer=self.cfg.flops_cells)))
+                                       shuffle_buffer=self.cfg.flops_cells, verify=self.cfg.verify_shards)))
         return measure_flops(build_model(run.model), batch)
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -129,12 +149,19 @@ class Pretrainer:
         self.step, self.epoch, self.consumed = client["step"], client["epoch"], client["consumed"]
         self.losses = [tuple(x) for x in client.get("losses", [])]
         self._start_tracking(run_id=client.get("mlflow_run_id"))
+        self.tracker.tags({"resumed_from": self.resume_tag})
+        # steps between this checkpoint and the interruption were logged already (with the same
+        # values: the run is deterministic from here): log only beyond them
+        self.logged_until = self.tracker.last_step("loss")
         if self.rank == 0:
             print(f"scgraph: resumed {self.resume_tag} at step {self.step} (epoch {self.epoch}, "
                   f"{self.consumed} batches into it)", flush=True)
 
+    def _tag(self) -> str:
+        return f"step{self.step:08d}"
+
     def save_checkpoint(self) -> None:
-        tag = f"step{self.step:08d}"
+        tag = self._tag()
         meta = {"run": self.cfg.run.to_dict(), "shards": str(Path(self.cfg.shards).resolve()),
                 "shards_identity": self.shards.identity, "feature_ids": self.shards.feature_ids,
                 "feature_names": self.shards.feature_names, "step": self.step,
@@ -214,7 +241,8 @@ class Pretrainer:
             metrics["grad_norm"] = float(norm)
         if self.device.type == "cuda":
             metrics["peak_memory_bytes"] = float(torch.cuda.max_memory_allocated(self.device))
-        self.tracker.metrics(metrics, step=self.step)
+        if self.step > self.logged_until:
+            self.tracker.metrics(metrics, step=self.step)
         self.losses.append((self.step, loss))
         return metrics
 
@@ -242,8 +270,23 @@ class Pretrainer:
                     window = _Window()
                 if self.step % self.cfg.checkpoint_every == 0 and self.step < self.max_steps:
                     self.save_checkpoint()
-        self.save_checkpoint()
-        self._finish()
+                if self._stopping():
+                    break
+        if self.last_tag != self._tag():
+            self.save_checkpoint()
+        if self.stop_signal is None:
+            self._finish()
+        elif self.rank == 0:
+            print(f"scgraph: stopped by {signal.Signals(self.stop_signal).name} at step {self.step}; checkpoint "
+                  f"{self.checkpoints.dir / self.last_tag}: --resume continues from it", flush=True)
+
+    def _stopping(self) -> bool:
+        """Whether any rank was asked to stop (SIGTERM: SLURM's preemption and time limit; SIGINT;
+        SIGUSR1: an early warning): all ranks agree, so they stop at the same step."""
+        signals = torch.tensor([self.stop_signal or 0], device=self.device)
+        dist.all_reduce(signals, op=dist.ReduceOp.MAX)
+        self.stop_signal = int(signals.item()) or None
+        return self.stop_signal is not None
 
     def _finish(self) -> None:
         if self.rank != 0:
@@ -261,26 +304,40 @@ class Pretrainer:
         print(f"scgraph: {self.cfg.run.model.backbone} trained {self.step} steps on {self.world} rank(s), "
               f"final MVP loss {final:.4f}; checkpoint {self.checkpoints.dir / self.last_tag}", flush=True)
 
+    def catch_signals(self) -> None:
+        """Turn SIGTERM, SIGINT and SIGUSR1 into "checkpoint at the next step, then stop" (until
+        ``cleanup``, which gives back the handlers it found)."""
+        def request(signum: int, frame: object) -> None:
+            self.stop_signal = signum
+
+        self._handlers = {s: signal.signal(s, request) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+
     def cleanup(self, failed: bool = False) -> None:
-        self.tracker.end(failed=failed)
+        self.tracker.end("FAILED" if failed else "KILLED" if self.stop_signal else "FINISHED")
         leave(clean=not failed)
+        for signum, handler in getattr(self, "_handlers", {}).items():
+            signal.signal(signum, handler)
 
 
 def run_pretraining(cfg: PretrainConfig) -> int:
     """The whole lifecycle; returns the process exit code (0 only when this rank finished)."""
     trainer = Pretrainer(cfg)
+    trainer.catch_signals()
     try:
         trainer.setup()
         trainer.load_checkpoint()
         trainer.train()
     except BaseException as err:  # mark the MLflow run FAILED, say why in one line, exit non-zero
         trainer.cleanup(failed=True)
-        if isinstance(err, (ValueError, FileNotFoundError)):
-            print(f"error: {err}", file=sys.stderr, flush=True)
+        message = explain(err)
+        if message is not None:
+            print(f"error: {message}", file=sys.stderr, flush=True)
             return 2
         raise
     state = optimizer_state_bytes(trainer.engine.optimizer)
     trainer.cleanup()
+    if trainer.stop_signal:
+        return 128 + trainer.stop_signal
     print(f"scgraph: rank {trainer.rank}/{trainer.world} finished (optimizer state {state} bytes)", flush=True)
     return 0
 

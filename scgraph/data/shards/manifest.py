@@ -13,21 +13,24 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
 from scgraph import __version__
-from scgraph.data.shards.codec import Cell, decode_cell, iter_shard
+from scgraph.data.shards.codec import Cell, CorruptShardError, decode_cell, iter_shard
 from scgraph.data.vocab import GeneVocab
+from scgraph.io.files import write_atomic
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "scgraph-shards/1"
 #: Temporary files (a shard or manifest being written) end so; they never hold anything complete.
 TMP_SUFFIX = ".partial"
 _REQUIRED_KEYS = ("format", "source", "obs_filter", "vocabulary", "shards", "totals", "complete", "tool")
+_SHARD_KEYS = ("index", "name", "cells", "bytes", "sha256")
+_TOTALS_KEYS = ("cells", "shards", "bytes")
 
 
 def content_identity(vocabulary: dict[str, list[str]], shards: list[dict[str, Any]]) -> str:
@@ -51,12 +54,7 @@ def _manifest_text(payload: dict[str, Any]) -> str:
 
 def write_manifest(path: str, payload: dict[str, Any]) -> None:
     """Replace the manifest atomically: a reader (or a resumed run) never sees half of one."""
-    tmp = f"{path}.{os.getpid()}{TMP_SUFFIX}"
-    with open(tmp, "w") as f:
-        f.write(_manifest_text(payload))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, _manifest_text(payload))
 
 
 def build_manifest(
@@ -65,9 +63,11 @@ def build_manifest(
     plan: dict[str, Any],
     expected: range,
     shards: dict[int, dict[str, Any]],
+    fingerprint: dict[str, Any],
 ) -> dict[str, Any]:
     """The manifest of a shard set whose ``plan`` expects shards ``expected`` and that holds
-    ``shards`` (index -> record): totals, and the identity once complete. Written by the writer
+    ``shards`` (index -> record): totals, and the identity once complete. ``fingerprint`` says
+    which version of the source was read (a resume must read the same). Written by the writer
     after every shard and by ``merge`` for the joined parts."""
     listed = [shards[i] for i in sorted(shards)]
     complete = sorted(shards) == list(expected)
@@ -78,6 +78,7 @@ def build_manifest(
         "obs_filter": command["obs_filter"],
         "obs_columns": command["obs_columns"],
         "command": command,
+        "fingerprint": fingerprint,
         "plan": plan,
         "complete": complete,
         "identity": content_identity(vocabulary, listed) if complete else None,
@@ -118,7 +119,23 @@ def read_manifest(directory: str) -> dict[str, Any]:
         raise ValueError(f"{path}: corrupt manifest (missing {', '.join(missing)})")
     if manifest["format"] != FORMAT:
         raise ValueError(f"{path}: format {manifest['format']!r} is not {FORMAT!r}")
+    for where, record, keys in [("totals", manifest["totals"], _TOTALS_KEYS),
+                                ("vocabulary", manifest["vocabulary"], ("feature_id", "feature_name")),
+                                *[(f"shard {i}", r, _SHARD_KEYS) for i, r in enumerate(manifest["shards"])]]:
+        lacking = [k for k in keys if not isinstance(record, dict) or k not in record]
+        if lacking:
+            raise ValueError(f"{path}: corrupt manifest ({where} has no {', '.join(lacking)})")
     return manifest
+
+
+def digest_problem(record: dict[str, Any], size: int, sha256: str) -> str | None:
+    """What is wrong with a shard of ``size`` bytes and this ``sha256`` that the manifest lists as
+    ``record``, or None."""
+    if size != record["bytes"]:
+        return f"{record['name']}: {size} bytes, manifest says {record['bytes']}"
+    if sha256 != record["sha256"]:
+        return f"{record['name']}: sha256 mismatch (manifest {record['sha256'][:12]}.., file {sha256[:12]}..)"
+    return None
 
 
 @dataclass
@@ -127,6 +144,7 @@ class ShardSet:
 
     directory: str
     manifest: dict[str, Any]
+    _checked: set[int] = field(default_factory=set, init=False, repr=False, compare=False)
 
     @classmethod
     def open(cls, directory: str) -> ShardSet:
@@ -182,6 +200,23 @@ class ShardSet:
     @property
     def identity(self) -> str:
         return content_identity(self.manifest["vocabulary"], self.manifest["shards"])
+
+    def check_shard(self, index: int) -> None:
+        """Refuse shard ``index`` if its bytes are not those the manifest lists (size, sha256),
+        naming it: training must never read a damaged shard. Each is read once per ShardSet."""
+        if index in self._checked:
+            return
+        record, path = self.manifest["shards"][index], self.shard_paths[index]
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        problem = digest_problem(record, os.path.getsize(path), digest.hexdigest())
+        if problem:
+            raise CorruptShardError(f"{self.directory}/{problem}: the shard is damaged; write it again (the same "
+                                    "write command into a new --out) or find every bad one with "
+                                    "python -m sharding verify")
+        self._checked.add(index)
 
     def iter_cells(self) -> Iterator[Cell]:
         """Every cell once, in stored order, with its obs; no shuffling."""

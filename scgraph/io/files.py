@@ -1,0 +1,30 @@
+"""Writing files so that a kill or a full disk never leaves half of one, and I/O errors that name
+the file (``write()`` on a full disk raises an OSError with no file name)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def named(err: OSError, path: str | Path) -> OSError:
+    """``err`` with ``path`` as its file name, if it had none."""
+    if err.filename is None and err.errno is not None:
+        return type(err)(err.errno, err.strerror, str(path))
+    return err
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Replace ``path`` with ``data`` all at once: written to a temporary file beside it, fsynced,
+    then renamed over it, so a reader sees the old file or the new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise named(err, path) from None
