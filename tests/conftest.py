@@ -13,6 +13,11 @@ import scipy.sparse as sp
 
 from sharding.layout import build_census_layout
 
+# C++ ops that DeepSpeed builds at start (the CPU shared-memory all-reduce) go under the repository's
+# .venv, not ~/.cache: the suite then never waits on a lock that another checkout's killed build left.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR",
+                      os.path.join(os.path.dirname(__file__), "..", ".venv", "torch_extensions"))
+
 
 def cbmc_anndata() -> ad.AnnData:
     """CITE-seq CBMC (7,839 cells x 500 genes, 11 labels), raw counts in X, label in obs."""
@@ -26,19 +31,13 @@ def cbmc_anndata() -> ad.AnnData:
 
 
 def pbmc68k_counts() -> ad.AnnData:
-    """pbmc68k_reduced (700 cells, real gene symbols) with approximate raw counts in X (DATA.md)."""
-    import scanpy as sc
+    """pbmc68k_reduced (700 cells, real gene symbols) with approximate raw counts in X."""
+    from scgraph.data.datasets import load_pbmc68k_reduced
 
-    adata = sc.datasets.pbmc68k_reduced()
-    norm = sp.csr_matrix(adata.raw.X)
-    counts = norm.copy()
-    counts.data = np.expm1(counts.data) * np.repeat(
-        adata.obs["n_counts"].to_numpy() / 1e4, np.diff(norm.indptr)
-    )
-    counts.data = np.rint(counts.data).astype(np.float32)
-    counts.eliminate_zeros()
-    obs = adata.obs[["bulk_labels"]].copy()
-    return ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=adata.raw.var_names.astype(str)))
+    data = load_pbmc68k_reduced()
+    obs = pd.DataFrame({"bulk_labels": pd.Categorical(data.labels)},
+                       index=[f"pbmc{i}" for i in range(len(data.labels))])
+    return ad.AnnData(X=data.counts, obs=obs, var=pd.DataFrame(index=data.gene_ids))
 
 
 def generated_counts(n_cells: int, n_genes: int, genes_per_cell: int, seed: int = 0) -> sp.csr_matrix:
@@ -174,3 +173,17 @@ def dense_graph_mixer(mixer, h, genes, attn_mask):
     scores = (q @ k.transpose(-1, -2) * mixer.scale).masked_fill(~attn_mask, float("-inf"))
     out = torch.softmax(scores, dim=-1) @ v
     return mixer.out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def stored_artifacts(store: str, run_id: str):
+    """The folder of a run's artifacts in a SQLite store's mlartifacts (where every scgraph run keeps
+    them), and the names in it."""
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from scgraph.tracking import local_artifacts
+
+    folder = local_artifacts(store, MlflowClient(store).get_run(run_id).info.artifact_uri)
+    assert folder is not None, "artifacts are not beside the store"
+    return Path(folder), {p.name for p in Path(folder).iterdir()} if Path(folder).is_dir() else set()

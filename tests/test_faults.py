@@ -280,6 +280,19 @@ def test_a_bad_deepspeed_config_is_one_line_naming_the_key(tmp_path, capsys, tin
     assert not (tmp_path / "out").exists()
 
 
+def test_a_build_lock_left_by_a_killed_build_is_named_instead_of_waited_on(tmp_path, capsys, tiny_shards,
+                                                                          monkeypatch):
+    lock = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    os.utime(lock, (time.time() - 3600,) * 2)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    code = run(PRETRAIN, ["--shards", str(tiny_shards), "--output", str(tmp_path / "out"), "--mlflow-uri",
+                          f"sqlite:///{tmp_path}/m.db", *TINY])
+    err = one_line_error(capsys, code)
+    assert f"stale build lock {lock} (60 min old" in err and "delete it" in err
+
+
 def test_stores_that_are_not_databases_and_mistyped_paths_are_refused(tmp_path, capsys, tiny_shards):
     from scgraph.eval.compare import main as compare
 
@@ -324,7 +337,7 @@ def mlflow_run(store: str, experiment: str):
 def loss_steps(store: str, run_id: str) -> list[int]:
     import mlflow
 
-    return sorted(m.step for m in mlflow.MlflowClient(store).get_metric_history(run_id, "loss"))
+    return sorted(m.step for m in mlflow.MlflowClient(store).get_metric_history(run_id, "train/loss"))
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -20,9 +22,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# A C++ op builds in about a minute even on a loaded node; a build lock older than this was left by a
+# build that was killed, and torch would wait on it forever.
+STALE_BUILD_LOCK_S = 15 * 60
+
+
+def check_build_locks() -> None:
+    """Refuse to start when a JIT build lock of a C++ op (DeepSpeed builds ``deepspeed_shm_comm`` on
+    every CPU start) was left behind by a killed build: torch's file baton has no owner to check,
+    so every rank would wait on it without end. One line names the lock to delete."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now = time.time()
+    for lock in sorted(root.glob("*/lock")) + sorted(root.glob("*/*/lock")):
+        age = now - lock.stat().st_mtime
+        if age > STALE_BUILD_LOCK_S:
+            raise ValueError(f"stale build lock {lock} ({age / 60:.0f} min old, left by a killed build of a C++ "
+                             "op); delete it if no build is running, then start again")
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device) after joining the group: NCCL on GPUs, gloo on CPU. On a CPU
-    node the cores are divided among the node's ranks."""
+    node each rank takes the cores SLURM gave its task (``--cpus-per-task``), else an equal share of
+    the cores this process may run on (its affinity mask, which cgroups and ``taskset`` narrow)."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
@@ -30,9 +53,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        share = len(os.sched_getaffinity(0)) // local_world
+        torch.set_num_threads(max(1, int(os.environ.get("SLURM_CPUS_PER_TASK") or share)))
     import deepspeed
 
+    check_build_locks()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
