@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from bench_pretrain import DTYPES, VARIANTS
+from bench_speed import DTYPES, VARIANTS
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from scgraph.config import CENSUS_VOCAB_SIZE, PRESETS, ModelConfig
@@ -62,7 +62,7 @@ def measure(backbone: str, backend: SDPBackend | None, length: int, args: argpar
     with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
         cost = measure_training_step(model, batch, timed_steps=args.steps)
     return Point(model="", length=length, peak_bytes=cost.peak_memory_bytes,
-                 activation_bytes=cost.memory.get("memory_activations_bytes"), cells_per_s=cost.cells_per_s,
+                 activation_bytes=cost.memory.get("activations"), cells_per_s=cost.cells_per_s,
                  seconds_per_step=args.batch / cost.cells_per_s)
 
 

@@ -220,7 +220,7 @@ def test_parameter_counts_separate_the_adjacency():
     ({"hidden": 30, "graph_heads": 4}, "hidden \\(30\\) must be divisible by graph_heads \\(4\\)"),
     ({"adjacency_rank": 0}, "adjacency_rank must be > 0"),
     ({"adjacency_rank": -3}, "adjacency_rank must be > 0"),
-    ({"backbone": "mamba"}, "backbone must be one of transformer, gnn; got 'mamba'"),
+    ({"backbone": "mamba"}, "backbone must be one of transformer, gnn, gnn_linear; got 'mamba'"),
     ({"preset": "mine"}, "preset must be one of"),
     ({"dropout": 1.5}, "dropout must be in"),
 ])
@@ -232,3 +232,37 @@ def test_bad_model_config_is_a_clear_value_error(overrides, message):
 def test_each_backbone_checks_only_its_own_widths():
     assert small_config("gnn", hidden=30, heads=4).hidden == 30  # heads belong to the Transformer
     assert small_config("transformer", hidden=30, heads=5, graph_heads=4).hidden == 30
+
+
+@pytest.mark.parametrize("backbone", ["transformer", "gnn", "gnn_linear"])
+def test_a_bf16_model_takes_fp32_values_and_its_losses_stay_fp32(backbone):
+    """What a bf16 DeepSpeed engine does to the module (weights cast, data left fp32): the value
+    encoder casts the values, masks and padding still apply, and the losses are computed in fp32
+    close to the fp32 model's."""
+    from scgraph.config import RunConfig, TrainConfig
+    from scgraph.data.batch import Batch
+    from scgraph.train.objectives import pretraining_loss
+
+    torch.manual_seed(0)
+    run = RunConfig(model=small_config(backbone, "scbenchmark"), train=TrainConfig(objectives="mvp,gepc,recon"))
+    model = build_model(run.model)
+    low = build_model(run.model)
+    low.load_state_dict(model.state_dict())
+    low.to(torch.bfloat16)
+    genes, values = random_cells(3, 12, [12, 7, 3])
+    genes[:, 0] = run.model.cls_id
+    masked = torch.zeros_like(genes, dtype=torch.bool)
+    masked[:, 1] = True
+    batch = Batch(genes, values, masked, genes[:, 1:].clamp(max=G - 1), values[:, 1:], torch.ones(3, 11))
+    exact, exact_parts = pretraining_loss(model, batch, run.train.weights)
+    loss, parts = pretraining_loss(low, batch, run.train.weights)
+    assert loss.dtype == torch.float32 and all(p.dtype == torch.float32 for p in parts.values())
+    for name in exact_parts:  # bf16 keeps 8 bits of mantissa: a few per cent after two layers
+        assert parts[name].item() == pytest.approx(exact_parts[name].item(), rel=0.05), name
+    pred = low(genes, values, masked)
+    assert pred.dtype == torch.bfloat16 and torch.isfinite(pred).all()
+    leaked = values.clone()
+    leaked[masked] = 99.0  # a masked value never reaches the bf16 model either
+    torch.testing.assert_close(low(genes, leaked, masked), pred)
+    loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in low.parameters())

@@ -22,23 +22,46 @@ from scgraph.models.model import CellModel, mvp_loss
 
 
 def analytic_forward_flops(cfg: ModelConfig, length: int) -> int:
-    """Forward FLOPs for one cell of ``length`` tokens.
+    """Forward FLOPs for one cell of ``length`` tokens (matrix products, multiply-add = 2).
 
-    The GNN's scores A[g,g] are counted once per adjacency (the formula's cost); the fused kernel
-    recomputes them for each value sub-head, which the measured count shows.
+    The GNN's scores A[g,g] are counted once per adjacency head (the formula's cost, and what the
+    scores-once kernel does; the sub-head kernel recomputes them per sub-head). The linear GNN
+    never forms them: phi(V)^T (H W_v), then phi(U) times that.
     """
-    n, d = length, cfg.hidden
+    n, d, w = length, cfg.hidden, cfg.score_width
     per_layer = 2 * 2 * n * d * cfg.ffn_width
     if cfg.family == "attention":
         per_layer += 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d
     else:
         per_layer += 2 * n * d * d * (2 if cfg.graph_out_proj else 1)
-        per_layer += 2 * n * n * cfg.score_width * cfg.graph_heads + 2 * n * n * d
+        if cfg.backbone == "gnn_linear":
+            per_layer += 2 * 2 * n * w * d
+        else:
+            per_layer += 2 * n * n * w * cfg.graph_heads + 2 * n * n * d
         if cfg.adjacency == "symmetric_mlp":
             per_layer += cfg.graph_heads * 2 * 2 * n * cfg.adjacency_rank ** 2
     value_encoder = {"linear": 2 * n * d, "mlp": 2 * n * d + 2 * n * d * d, "bins": 0}[cfg.value_encoder]
     head = 2 * n * d
     return cfg.layers * per_layer + value_encoder + head
+
+
+#: Dense bf16/fp16 tensor-core peak TFLOP/s of common GPUs (vendor data sheets), for MFU. Matched
+#: by the longest name that occurs in ``torch.cuda.get_device_name()``.
+PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
+               "A800": 312.0, "L40S": 362.0, "L40": 181.0, "A10": 125.0, "L4": 121.0, "V100": 125.0, "A6000": 155.0,
+               "RTX 4090": 165.0, "RTX 3090": 71.0}
+
+
+def peak_tflops(device: torch.device, precision: str, explicit: float | None = None) -> float | None:
+    """The device's peak TFLOP/s for MFU: ``explicit``, else the table for a known GPU in bf16 or
+    fp16; None otherwise (fp32 on a GPU, any CPU: give --peak-tflops)."""
+    if explicit is not None:
+        return explicit
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    name = torch.cuda.get_device_name(device)
+    matches = [key for key in PEAK_TFLOPS if key in name]
+    return PEAK_TFLOPS[max(matches, key=len)] if matches else None
 
 
 @dataclass
@@ -205,12 +228,13 @@ class MemoryMeter:
         if "optimizer" not in self.parts:
             self.parts["optimizer"] = self._count(optimizer_tensors(optimizer))
 
-    def metrics(self) -> dict[str, float]:
-        out = {f"memory_{k}_bytes": float(v) for k, v in self.parts.items()}
+    def summary(self) -> dict[str, float]:
+        """Bytes: ``peak`` and, as measured, ``params``, ``activations``, ``gradients``, ``optimizer``."""
+        out = {k: float(v) for k, v in self.parts.items()}
         if self.device.type == "cuda":
-            out["peak_memory_bytes"] = float(torch.cuda.max_memory_allocated(self.device))
+            out["peak"] = float(torch.cuda.max_memory_allocated(self.device))
         else:
-            out["peak_memory_bytes"] = float(sum(self.parts.values()))
+            out["peak"] = float(sum(self.parts.values()))
         return out
 
 
@@ -231,7 +255,7 @@ def measure_training_step(model: CellModel, batch: Batch, *, timed_steps: int = 
     device = next(model.parameters()).device
     batch = batch.to(device)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
     meter = MemoryMeter(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -259,6 +283,6 @@ def measure_training_step(model: CellModel, batch: Batch, *, timed_steps: int = 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    metrics = meter.metrics()
-    return StepCost(peak_memory_bytes=metrics.pop("peak_memory_bytes"), memory=metrics,
+    memory = meter.summary()
+    return StepCost(peak_memory_bytes=memory.pop("peak"), memory=memory,
                     cells_per_s=timed_steps * len(batch) / seconds if seconds else float("nan"))
