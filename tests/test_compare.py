@@ -7,6 +7,7 @@ import csv
 import math
 
 import pytest
+from conftest import stored_artifacts
 from mlflow.tracking import MlflowClient
 
 from scgraph.eval.compare import Row, Table, collect, markdown, table_rows
@@ -35,6 +36,7 @@ def test_compare_builds_table_ii_from_the_experiments_runs(tiny_demo, probes, tm
     assert header in printed and "| 32/64 | TF |" in printed and "| 32/64 | GNN |" in printed
     assert f"{100 * (gnn.average(['cbmc']) - tf.average(['cbmc'])):+.2f} |" in printed
     assert "Transformer / GNN forward FLOPs per cell" in printed
+    assert "Table II, experiment tiny, recipe cell (objectives recon)" in printed
     assert header in (tmp_path / "table2.md").read_text()
     with open(tmp_path / "table2.csv") as f:
         rows = list(csv.DictReader(f))
@@ -45,7 +47,8 @@ def test_compare_builds_table_ii_from_the_experiments_runs(tiny_demo, probes, tm
     client = MlflowClient(tracking_uri=tiny_demo.mlflow_uri)
     experiment = client.get_experiment_by_name("tiny")
     (run,) = client.search_runs([experiment.experiment_id], "tags.`scgraph.kind` = 'compare'")
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"table2.csv", "table2.md", "table2.png"}
+    assert stored_artifacts(tiny_demo.mlflow_uri, run.info.run_id)[1] == {"table2.csv", "table2.md", "table2.png",
+                                                                          "loss_overlay.png"}
     assert collect("tiny", tiny_demo.mlflow_uri).rows == table.rows  # its own run is not a row
 
 
@@ -62,6 +65,11 @@ def test_several_settings_get_the_papers_average_rows():
     assert lines[4] == ["Average", "TF", "", "", "92.50", "97.00", "93.00", ""]
     assert lines[5] == ["Average", "GNN", "", "", "93.00", "96.00", "93.50", "+0.50"]
     assert markdown(table).count("\n") == 2 + len(lines) - 1
+    paper = Row("scbenchmark", 256, 512, "gnn", "e", 7.6e8, 2.7e7, {"lept": (0.90, 0.001)})
+    mixed = Table([rows[1], paper], ["lept"], [], several_presets=False, several_recipes=True)
+    rows[1].recipe, rows[1].objectives = "cell", "recon"
+    assert [mixed.setting(r) for r in mixed.rows] == ["cell 256/512", "paper 256/512"]
+    assert mixed.recipes() == "recipes cell (objectives recon), paper (objectives mvp)"
 
 
 @pytest.mark.slow

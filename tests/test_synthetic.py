@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import dense_graph_mixer
+from conftest import dense_graph_mixer, stored_artifacts
 
 from scgraph.cli import build_parser as command_parser
 from scgraph.config import StudyConfig
@@ -221,13 +221,13 @@ def test_study_writes_table_figures_and_logs_every_setting_to_mlflow(tmp_path) -
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.data.params["generator"] == "static_predecessor"
     assert parent.data.params["betas"] == "0,0.5"
-    assert {"ratio_avg_beta_0", "ratio_avg_beta_0.5"} <= set(parent.data.metrics)
+    assert {"study/ratio_avg_beta_0", "study/ratio_avg_beta_0.5"} <= set(parent.data.metrics)
     assert sorted(float(r.data.params["beta"]) for r in children) == [0.0, 0.5]
     for child in children:
-        assert {"tf_loss", "gnn_loss", "ratio"} <= set(child.data.metrics)
-        history = client.get_metric_history(child.info.run_id, "gnn_test_loss")
+        assert {"study/tf_loss", "study/gnn_loss", "study/ratio"} <= set(child.data.metrics)
+        history = client.get_metric_history(child.info.run_id, "study/gnn_test_loss")
         assert [m.step for m in history] == [1, 2]
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    _, artifacts = stored_artifacts(cfg.mlflow_uri, parent.info.run_id)
     assert {"table1.csv", "floors.csv", "fig3a_best_loss_vs_beta.png", "fig3b_test_loss_curves.png"} <= artifacts
 
 

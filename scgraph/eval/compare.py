@@ -21,12 +21,11 @@ from typing import Any
 import numpy as np
 
 from scgraph.cli import Command, run
-from scgraph.config import CompareConfig, backbones
-from scgraph.eval.evaluate import PROBE_KIND
+from scgraph.config import CompareConfig, backbones, short_name
+from scgraph.eval.evaluate import CONTROLS
 from scgraph.eval.figures import grouped_bar_chart
-from scgraph.tracking import Tracker, check_store, client, git_commit, tracking_uri
-
-COMPARE_KIND = "compare"
+from scgraph.plots import line_plot
+from scgraph.tracking import KIND, Tracker, check_store, client, git_commit, run_link, tracking_uri
 
 
 def _order(backbone: str) -> int:
@@ -47,6 +46,13 @@ class Row:
     flops: float = math.nan
     memory: float = math.nan
     accuracy: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: dataset -> control -> (mean, std): the probe's controls, run beside the encoder
+    controls: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    probe_run_ids: dict[str, str] = field(default_factory=dict)
+    loss: list[tuple[int, float]] = field(default_factory=list)
+    #: the training recipe and objectives (runs from before recipes existed used the paper's)
+    recipe: str = "paper"
+    objectives: str = "mvp"
 
     def average(self, datasets: list[str]) -> float:
         means = [self.accuracy[d][0] for d in datasets if d in self.accuracy]
@@ -59,10 +65,18 @@ class Table:
     datasets: list[str]
     notes: list[str]
     several_presets: bool
+    experiment_id: str = ""
+    several_recipes: bool = False
 
     def setting(self, row: Row) -> str:
-        base = f"{row.hidden}/{row.seq_len}"
-        return f"{row.preset} {base}" if self.several_presets else base
+        """The row's label: hidden/L, after the preset and the recipe when the table holds several."""
+        return " ".join([*([row.preset] if self.several_presets else []),
+                         *([row.recipe] if self.several_recipes else []), f"{row.hidden}/{row.seq_len}"])
+
+    def recipes(self) -> str:
+        """Which training recipe(s) the rows used, for the table's caption."""
+        used = dict.fromkeys(f"{r.recipe} (objectives {r.objectives})" for r in self.rows)
+        return "recipe " + ", ".join(used) if len(used) == 1 else "recipes " + ", ".join(used)
 
     def settings(self) -> list[str]:
         return list(dict.fromkeys(self.setting(r) for r in self.rows))
@@ -94,7 +108,7 @@ def collect(experiment: str, uri: str | None = None) -> Table:
         raise ValueError(f"no MLflow experiment named {experiment!r} in {tracking_uri(uri)} (experiments: {names})")
     runs = store.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'",
                               max_results=50_000, order_by=["attributes.start_time ASC"])
-    probes = [r for r in runs if r.data.tags.get("scgraph.kind") == PROBE_KIND]
+    probes = [r for r in runs if r.data.tags.get(KIND) == "probe"]
     if not probes:
         raise ValueError(f"experiment {experiment!r} has no finished probe runs: run launchers/probe.py on its "
                          "checkpoints first")
@@ -113,7 +127,7 @@ def collect(experiment: str, uri: str | None = None) -> Table:
     for probe in probes:
         p, tags = probe.data.params, probe.data.tags
         key = (p.get("run.model.preset", "?"), _number(p, "run.model.hidden"), _number(p, "run.tokenizer.seq_len"),
-               tags.get("backbone", "?"))
+               tags.get("backbone", "?"), p.get("run.train.recipe", "paper"), p.get("run.train.objectives", "mvp"))
         grouped[key][tags.get("pretraining_run_id", "none")][tags.get("dataset", "data")] = probe
 
     rows, notes = [], []
@@ -123,21 +137,26 @@ def collect(experiment: str, uri: str | None = None) -> Table:
         if older:
             notes.append(f"{key[3]} {key[1]}/{key[2]} ({key[0]}): using pretraining run {latest}; older run(s) "
                          f"{', '.join(older)} left out")
-        row = Row(*key, pretraining_run_id=latest)
+        row = Row(*key[:4], pretraining_run_id=latest, recipe=key[4], objectives=key[5])
         source = pretraining(latest)
         if source is not None:
             metrics = source.data.metrics
-            row.flops = metrics.get("flops_forward_per_cell", metrics.get("flops_per_cell", math.nan))
-            row.memory = metrics.get("peak_memory_bytes", math.nan)
+            row.flops = metrics.get("cost/forward_flops_per_cell", math.nan)
+            row.memory = metrics.get("cost/peak_memory_mib", math.nan) * 2**20
+            row.loss = sorted((m.step, m.value) for m in store.get_metric_history(latest, "train/loss"))
         else:
             notes.append(f"{key[3]} {key[1]}/{key[2]}: pretraining run {latest} not found, no FLOPs or memory")
         for dataset, probe in per_run[latest].items():
             m = probe.data.metrics
-            row.accuracy[dataset] = (m["accuracy_mean"], m.get("accuracy_std", 0.0))
+            row.accuracy[dataset] = (m["probe/accuracy_mean"], m.get("probe/accuracy_std", 0.0))
+            row.controls[dataset] = {c: (m[f"probe/{c}/accuracy_mean"], m.get(f"probe/{c}/accuracy_std", 0.0))
+                                     for c in CONTROLS if f"probe/{c}/accuracy_mean" in m}
+            row.probe_run_ids[dataset] = probe.info.run_id
         rows.append(row)
-    rows.sort(key=lambda r: (r.preset, r.hidden, r.seq_len, _order(r.backbone), r.backbone))
+    rows.sort(key=lambda r: (r.preset, r.recipe, r.hidden, r.seq_len, _order(r.backbone), r.backbone))
     datasets = sorted({d for r in rows for d in r.accuracy})
-    return Table(rows, datasets, notes, several_presets=len({r.preset for r in rows}) > 1)
+    return Table(rows, datasets, notes, several_presets=len({r.preset for r in rows}) > 1,
+                 experiment_id=found.experiment_id, several_recipes=len({r.recipe for r in rows}) > 1)
 
 
 def _si(value: float, unit: str = "") -> str:
@@ -176,13 +195,9 @@ def _averages(table: Table) -> list[list[str]]:
     for backbone, (means, average) in stats.items():
         tf = stats.get("transformer")
         diff = average - tf[1] if backbone == "gnn" and tf else math.nan
-        out.append(["Average", _model(backbone), "", "", *[_percent(m) for m in means], _percent(average),
+        out.append(["Average", short_name(backbone), "", "", *[_percent(m) for m in means], _percent(average),
                     _signed(diff)])
     return out
-
-
-def _model(backbone: str) -> str:
-    return {"transformer": "TF", "gnn": "GNN"}.get(backbone, backbone)
 
 
 def table_rows(table: Table) -> list[list[str]]:
@@ -190,7 +205,7 @@ def table_rows(table: Table) -> list[list[str]]:
     out = []
     for row in table.rows:
         diff = table.difference(row)
-        out.append([table.setting(row), _model(row.backbone), _si(row.flops), _si(row.memory, "B"),
+        out.append([table.setting(row), short_name(row.backbone), _si(row.flops), _si(row.memory, "B"),
                      *[_percent(*row.accuracy[d]) if d in row.accuracy else "–" for d in table.datasets],
                      _percent(row.average(table.datasets)), _signed(diff)])
     if len(table.settings()) > 1:
@@ -202,6 +217,20 @@ def markdown(table: Table) -> str:
     header = _header(table)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(table)]
+    return "\n".join(lines)
+
+
+def controls_markdown(table: Table) -> str:
+    """The encoders beside the probe's controls, per dataset: what pretraining earned."""
+    names = [c for c in CONTROLS if any(c in r.controls.get(d, {}) for r in table.rows for d in table.datasets)]
+    header = ["Settings", "Model", "Dataset", "pretrained", *[CONTROLS[c] for c in names]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table.rows:
+        for dataset in table.datasets:
+            if dataset in row.accuracy:
+                cells = [_percent(*row.controls[dataset][c]) if c in row.controls[dataset] else "–" for c in names]
+                lines.append("| " + " | ".join([table.setting(row), short_name(row.backbone), dataset,
+                                                _percent(*row.accuracy[dataset]), *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -221,19 +250,31 @@ def cost_ratios(table: Table) -> list[str]:
 
 
 def write_csv(table: Table, path: Path) -> Path:
-    """Numbers, not strings: one line per row, accuracies as fractions."""
-    fields = ["setting", "backbone", "preset", "hidden", "seq_len", "flops_forward_per_cell", "peak_memory_bytes",
-              *[f"{d}_accuracy_{s}" for d in table.datasets for s in ("mean", "std")], "average_accuracy",
-              "gnn_minus_tf", "pretraining_run_id"]
+    """Numbers, not strings: one line per row, accuracies as fractions, the controls beside them."""
+    columns = [(d, c) for d in table.datasets for c in CONTROLS]
+    fields = ["setting", "backbone", "preset", "recipe", "objectives", "hidden", "seq_len", "forward_flops_per_cell",
+              "peak_memory_bytes",
+              *[f"{d}_accuracy_{s}" for d in table.datasets for s in ("mean", "std")],
+              *[f"{d}_{c}_accuracy_mean" for d, c in columns], "average_accuracy", "gnn_minus_tf",
+              "pretraining_run_id"]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(fields)
         for row in table.rows:
             accuracy = [v for d in table.datasets for v in row.accuracy.get(d, (math.nan, math.nan))]
-            writer.writerow([table.setting(row), row.backbone, row.preset, row.hidden, row.seq_len, row.flops,
-                             row.memory, *accuracy, row.average(table.datasets), table.difference(row),
+            controls = [row.controls.get(d, {}).get(c, (math.nan, math.nan))[0] for d, c in columns]
+            writer.writerow([table.setting(row), row.backbone, row.preset, row.recipe, row.objectives, row.hidden,
+                             row.seq_len, row.flops,
+                             row.memory, *accuracy, *controls, row.average(table.datasets), table.difference(row),
                              row.pretraining_run_id])
     return path
+
+
+def loss_overlay(table: Table, path: Path) -> Path:
+    """Every row's pretraining loss on one pair of axes, so the backbones compare at a glance."""
+    curves = {f"{table.setting(r)} {short_name(r.backbone)}": tuple(zip(*r.loss)) for r in table.rows if r.loss}
+    return line_plot(curves, path, title=f"Pretraining loss, {table.recipes()}", xlabel="step",
+                     ylabel="weighted loss (MSE)")
 
 
 def bar_chart(table: Table, path: Path) -> Path:
@@ -242,36 +283,57 @@ def bar_chart(table: Table, path: Path) -> Path:
     for row in table.rows:
         means = [100 * row.accuracy.get(d, (math.nan, 0))[0] for d in table.datasets]
         stds = [100 * row.accuracy.get(d, (0, 0))[1] for d in table.datasets]
-        series[f"{table.setting(row)} {_model(row.backbone)}"] = (
+        series[f"{table.setting(row)} {short_name(row.backbone)}"] = (
             [*means, 100 * row.average(table.datasets)], [*stds, math.nan])
     return grouped_bar_chart(groups, series, path, title="Linear-probe accuracy (Table II)", ylabel="accuracy %")
 
 
 def run_compare(cfg: CompareConfig) -> Table:
-    """Collect, print, write table2.csv / table2.md / table2.png, and log them to a ``compare`` run."""
+    """Collect, print, write table2.csv / table2.md / table2.png / loss overlay, and log them to a
+    ``compare`` run that lists and links every run it read."""
     experiment, uri = cfg.experiment, cfg.mlflow_uri
     table = collect(experiment, uri)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown(table)
+    text, controls = markdown(table), controls_markdown(table)
     extra = [*cost_ratios(table), *table.notes]
-    (out / "table2.md").write_text(f"Table II, experiment {experiment}: linear-probe accuracy % (mean ± std over "
-                                   "repeats); FLOPs = forward FLOPs per cell; Mem = peak training memory\n\n"
-                                   + text + "\n" + "".join(f"\n- {line}" for line in extra) + "\n")
+    (out / "table2.md").write_text(f"Table II, experiment {experiment}, {table.recipes()}: linear-probe accuracy % "
+                                   "(mean ± std over repeats); FLOPs = forward FLOPs per cell; Mem = peak training "
+                                   "memory\n\n"
+                                   + text + "\n" + "".join(f"\n- {line}" for line in extra)
+                                   + "\n\nThe encoders beside the probe's controls (accuracy %):\n\n" + controls + "\n")
     paths = [write_csv(table, out / "table2.csv"), out / "table2.md", bar_chart(table, out / "table2.png")]
-    tracker = Tracker(active=True)
-    tracker.start(uri, experiment, "table2", {"experiment": experiment},
-                  {"scgraph.kind": COMPARE_KIND, "git_commit": git_commit()})
-    for path in paths:
-        tracker.artifact(path)
-    tracker.end()
-    print(f"Table II, experiment {experiment} (accuracy %, mean ± std over probe repeats; FLOPs forward per cell; "
-          "Mem peak training memory)")
+    if any(r.loss for r in table.rows):
+        paths.append(loss_overlay(table, out / "loss_overlay.png"))
+    _track(table, experiment, uri, paths)
+    print(f"Table II, experiment {experiment}, {table.recipes()} (accuracy %, mean ± std over probe repeats; FLOPs "
+          "forward per cell; Mem peak training memory)")
     print(text)
     for line in extra:
         print(f"  {line}")
+    print("The encoders beside the probe's controls (accuracy %):")
+    print(controls)
     print(f"wrote {', '.join(str(p) for p in paths)}", flush=True)
     return table
+
+
+def _track(table: Table, experiment: str, uri: str | None, paths: list[Path]) -> None:
+    """The Table II run: its description links every pretraining and probe run it read."""
+    links = []
+    for row in table.rows:
+        name = f"{table.setting(row)} {short_name(row.backbone)}"
+        probes = ", ".join(run_link(table.experiment_id, rid, f"probe on {d}") for d, rid in row.probe_run_ids.items())
+        links.append(f"- {name}: {run_link(table.experiment_id, row.pretraining_run_id, 'pretraining')}; {probes}")
+    description = (f"Table II of experiment {experiment}: cost and linear-probe accuracy of every (setting, backbone), "
+                   "from these runs:\n" + "\n".join(links))
+    read = {"pretraining_runs": ",".join(r.pretraining_run_id for r in table.rows),
+            "probe_runs": ",".join(rid for r in table.rows for rid in r.probe_run_ids.values())}
+    tracker = Tracker()
+    tracker.start(uri, experiment, "table2", "compare", description, {"experiment": experiment} | read,
+                  {"git_commit": git_commit()} | read)
+    for path in paths:
+        tracker.artifact(path)
+    tracker.end()
 
 
 COMMAND = Command(CompareConfig, run_compare, prog="launchers/compare.py")

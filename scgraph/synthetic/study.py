@@ -59,26 +59,29 @@ def parameter_counts(cfg: StudyConfig) -> dict[str, int]:
 def _start_tracking(cfg: StudyConfig) -> Tracker:
     """The study's MLflow run; each setting becomes a nested run as it completes."""
     tracker = Tracker()
-    tracker.start(cfg.mlflow_uri, cfg.experiment, f"table1-{cfg.generator}", cfg.params() | parameter_counts(cfg),
-                  {"scgraph.kind": "synthetic", "git_commit": git_commit()})
+    description = (f"Synthetic relative-position study (the paper's Table I): generator {cfg.generator}, betas "
+                   f"{','.join(f'{b:g}' for b in cfg.betas)} x sigmas {','.join(f'{s:g}' for s in cfg.sigmas)}, "
+                   f"{cfg.samples:,} samples, {cfg.epochs} epochs, {cfg.repeats} repeat(s); a nested run per setting.")
+    tracker.start(cfg.mlflow_uri, cfg.experiment, f"table1-{cfg.generator}", "synthetic", description,
+                  cfg.params() | parameter_counts(cfg), {"git_commit": git_commit()})
     return tracker
 
 
 def _log_setting(tracker: Tracker, result: SettingResult) -> None:
-    points = [(k, v, 0) for k, v in result.row().items() if k not in ("beta", "sigma")]
+    points = [(f"study/{k}", v, 0) for k, v in result.row().items() if k not in ("beta", "sigma")]
     for backbone, label in BACKBONE_LABELS.items():
         for r, curve in enumerate(result.curves[backbone]):
             suffix = f"_r{r}" if len(result.curves[backbone]) > 1 else ""
-            points += [(f"{label.lower()}_test_loss{suffix}", v, epoch)
+            points += [(f"study/{label.lower()}_test_loss{suffix}", v, epoch)
                        for epoch, v in enumerate(curve.test_losses, 1)]
-            points.append((f"{label.lower()}_best_epoch{suffix}", curve.best_epoch, 0))
+            points.append((f"study/{label.lower()}_best_epoch{suffix}", curve.best_epoch, 0))
     tracker.child(f"beta={result.beta:g} sigma={result.sigma:g}", {"beta": result.beta, "sigma": result.sigma},
                   points)
 
 
 def _finish_tracking(tracker: Tracker, results: list[SettingResult], out: Path, seconds: float) -> None:
-    tracker.metrics({"seconds": seconds} | {f"ratio_avg_beta_{beta:g}": ratio_average(results, beta)
-                                           for beta in sorted({r.beta for r in results})})
+    tracker.metrics({"study/seconds": seconds} | {f"study/ratio_avg_beta_{beta:g}": ratio_average(results, beta)
+                                                 for beta in sorted({r.beta for r in results})})
     for path in sorted(out.glob("*.csv")) + sorted(out.glob("*.png")) + sorted(out.glob("*.txt")):
         tracker.artifact(path)
     tracker.artifact(out / "results.json")
