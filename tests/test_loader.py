@@ -13,7 +13,7 @@ from conftest import encode_sample, generated_anndata
 
 from scgraph.config import TokenizerConfig, WriteOptions
 from scgraph.data.batch import Batch
-from scgraph.data.loader import build_loader, stream_slices
+from scgraph.data.loader import Layout, build_loader, epoch_runs, stream_part, without
 from scgraph.data.shards import ShardSet
 from scgraph.io.sources import SourceSpec
 from sharding.writer import write_shards
@@ -118,12 +118,37 @@ def test_resampled_streams_successive_epochs_and_resumes_across_them(tagged):
         len(stream)
 
 
-def test_stream_slices_cut_the_permuted_sequence_into_equal_runs():
-    cells = [300, 300, 300, 300, 80]
-    runs = [stream_slices(cells, seed=0, epoch=2, stream=s, cells_per_stream=256) for s in range(5)]
-    assert [sum(hi - lo for _, lo, hi in run) for run in runs] == [256] * 5
-    covered = Counter((shard, i) for run in runs for shard, lo, hi in run for i in range(lo, hi))
+def test_stream_parts_cut_the_permuted_sequence_into_equal_runs():
+    runs = epoch_runs([300, 300, 300, 300, 80], seed=0, epoch=2)
+    parts = [stream_part(runs, Layout(5, 1, 16), s) for s in range(5)]
+    assert [sum(hi - lo for _, lo, hi in part) for part in parts] == [256] * 5
+    covered = Counter((shard, i) for part in parts for shard, lo, hi in part for i in range(lo, hi))
     assert set(covered.values()) == {1} and len(covered) == 1280
+    assert without([(3, 0, 10)], {3: np.array([0, 4, 5, 9])}) == [(3, 1, 4), (3, 6, 9)]
+
+
+def consumed(shards, layout: Layout, batches: int, segments=()) -> list[int]:
+    """The cells the first ``batches`` batches of every rank of ``layout`` hold."""
+    loaders = [build_loader(shards, TOK, batch_size=layout.batch_size, mask_ratio=0.15, seed=3, rank=r,
+                            world_size=layout.world_size, num_workers=0 if layout.streams == 1 else layout.streams,
+                            shuffle_buffer=64, segments=segments) for r in range(layout.world_size)]
+    return [c for loader in loaders for b in itertools.islice(loader, batches) for c in cell_ids(b)]
+
+
+def test_a_changed_layout_trains_the_rest_of_the_epoch_once(tagged):
+    """2 ranks x 16 for 9 batches, then 3 ranks x 24 for 5, then 1 rank with 2 workers x 16 to the
+    end: no cell twice, and only the last layout's remainder (< ranks x streams x batch) left out
+    (what an earlier layout left over is planned into the next)."""
+    first, second, third = Layout(2, 1, 16), Layout(3, 1, 24), Layout(1, 2, 16)
+    a = consumed(tagged, first, 9)
+    b = consumed(tagged, second, 5, segments=((first, 9),))
+    c = consumed(tagged, third, 10**6, segments=((first, 9), (second, 5)))
+    assert (len(a), len(b)) == (2 * 9 * 16, 3 * 5 * 24)
+    trained = Counter(a + b + c)
+    assert set(trained.values()) == {1}
+    assert N_CELLS - len(trained) < 2 * 16
+    # an unchanged layout is the ordinary resume: the same batches as the uninterrupted epoch
+    assert consumed(tagged, first, 9) == a
 
 
 def test_loader_reads_a_path_and_reports_too_small_sets(tagged):

@@ -2,7 +2,8 @@
 
 One pipeline, as a user would run it: shard.sbatch's array of 2 tasks and its merge job write the
 shard set; pretrain.sbatch trains on it with srun-started gloo ranks, is requeued after its first
-checkpoint and resumes from it; probe.sbatch evaluates the result. Jobs run one after another
+checkpoint and resumes from it; probe.sbatch evaluates the result. A second pretrain.sbatch job is
+warned twice as at a time limit and requeues itself each time. Jobs run one after another
 (2 cores); each fixture is one step of the pipeline, so a failure names the step.
 """
 
@@ -11,15 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
 
 import mlflow
 import pytest
-from slurm_cluster import SlurmCluster, install, unavailable
+from slurm_cluster import started
 from test_pretrain import SMALL
 
+from scgraph.train.checkpointer import Checkpointer
 from sharding.cli import main as sharding_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,24 +30,13 @@ pytestmark = pytest.mark.slow
 # 2,000 real CBMC cells in 8 shards of 250: 4 shards per array task.
 SELECT = ["--max-cells", "2000", "--cells-per-shard", "250", "--seed", "1"]
 STEPS, CHECKPOINT_EVERY = 40, 10
+PREEMPT_STEPS, PREEMPT_CHECKPOINT_EVERY = 24, 4
 
 
 @pytest.fixture(scope="module")
-def packages() -> None:
-    reason = unavailable()
-    if reason:
-        pytest.skip(reason)
-    install()
-
-
-@pytest.fixture(scope="module")
-def cluster(packages):
-    cluster = SlurmCluster()
-    try:
-        cluster.start()
+def cluster():
+    with started() as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(scope="module")
@@ -110,15 +102,65 @@ def test_pretrain_job_requeued_after_a_checkpoint_resumes_from_it_and_logs_one_m
     assert (record.state, record.exit_code, record.restarts) == ("COMPLETED", "0:0", 1), log[-3000:]
     assert "restart 0," in log and "restart 1," in log and "DUE TO JOB REQUEUE" in log
     assert "2 ranks on 1 node(s), rendezvous localhost:" in log
-    assert f"resumed step{CHECKPOINT_EVERY:08d} at step {CHECKPOINT_EVERY}" in log
+    # The requeue's SIGTERM reaches the ranks during checkpoint 10 or after it (here at step 11 in
+    # the runs seen, a checkpoint takes 50 ms): they save at their next step, and the job resumes there.
+    ((tag, step),) = re.findall(r"resumed step(\d{8}) at step (\d+)", log)
+    assert int(tag) == int(step) and CHECKPOINT_EVERY <= int(step) < STEPS
     assert f"gnn trained {STEPS} steps on 2 rank(s)" in log
     assert "rank 0/2 finished" in log and "rank 1/2 finished" in log
     mlflow.set_tracking_uri(f"sqlite:///{work}/mlflow.db")
     (run,) = mlflow.search_runs(experiment_names=["slurm"], output_format="list")  # continued, not a second
     assert run.info.status == "FINISHED" and run.info.run_name == f"scgraph-pretrain-{job}"
     assert run.data.tags["backbone"] == "gnn" and run.data.params["world_size"] == "2"
-    history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "train/loss")
     assert {m.step for m in history} == set(range(1, STEPS + 1))
+
+
+def poll(condition, timeout: float, what: str, log: Path) -> None:
+    """Wait until ``condition()`` holds; a TimeoutError says what did not happen, with the job log."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not within {timeout} s\n" + log.read_text(errors="replace")[-3000:])
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def preempted(cluster, sharded, work):
+    """pretrain.sbatch warned twice with USR1, as --signal does before a time limit (`scancel
+    --signal=USR1 --batch`: to the batch script only, like --signal=B:), each time once a new
+    complete checkpoint shows that this start's ranks are training."""
+    env = {"DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "BACKBONE": "gnn", "SHARDS": str(work / "shards"),
+           "DS_CONFIG": "ds_configs/cpu_zero2.json", "OUTPUT": str(work / "preempted"),
+           "MLFLOW_URI": f"sqlite:///{work}/mlflow.db"}
+    job = cluster.sbatch("--ntasks-per-node", "2", "--cpus-per-task", "1", "--output", f"{work}/preempt-%j.out",
+                         "slurm/pretrain.sbatch", *SMALL, "--max-steps", str(PREEMPT_STEPS),
+                         "--checkpoint-every", str(PREEMPT_CHECKPOINT_EVERY), "--experiment", "preempt",
+                         env=env, cwd=ROOT)
+    log, checkpoints = work / f"preempt-{job}.out", Checkpointer(work / "preempted")
+    for restart in range(2):
+        old = set(checkpoints.complete_tags())  # this start's ranks take seconds to start: none of theirs yet
+        poll(lambda old=old: set(checkpoints.complete_tags()) - old, 300, f"a checkpoint of start {restart}", log)
+        cluster.scancel("--signal=USR1", "--batch", job)
+        poll(lambda n=restart: cluster.record(job)[0].restarts > n, 120, f"requeue {restart + 1}", log)
+    (record,) = cluster.wait(job, timeout=300)
+    return job, record, log.read_text(errors="replace")
+
+
+def test_pretrain_job_warned_before_its_time_limit_requeues_itself_and_finishes_in_one_mlflow_run(preempted, work):
+    job, record, log = preempted
+    assert (record.state, record.exit_code, record.restarts) == ("COMPLETED", "0:0", 2), log[-3000:]
+    stops = [int(s) for s in re.findall(r"scgraph: stopped by SIGUSR1 at step (\d+)", log)]
+    assert len(stops) == 2 and stops[0] < stops[1] < PREEMPT_STEPS, log[-3000:]  # two stops, both mid-run
+    assert log.count(f"requeueing job {job} to resume") == 2
+    for stop in stops:
+        assert f"resumed step{stop:08d} at step {stop}" in log
+    assert f"gnn trained {PREEMPT_STEPS} steps on 2 rank(s)" in log
+    mlflow.set_tracking_uri(f"sqlite:///{work}/mlflow.db")
+    (run,) = mlflow.search_runs(experiment_names=["preempt"], output_format="list")  # continued twice, not three
+    assert run.info.status == "FINISHED" and run.info.run_name == f"scgraph-pretrain-{job}"
+    history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, PREEMPT_STEPS + 1))  # each step once
 
 
 @pytest.mark.skipif(not (ROOT / "launchers" / "probe.py").is_file(), reason="launchers/probe.py not written yet")
@@ -130,11 +172,11 @@ def test_probe_job_evaluates_the_pretrained_checkpoint(cluster, pretrained, work
     (record,) = cluster.wait(job, timeout=300)
     assert (record.state, record.exit_code) == ("COMPLETED", "0:0"), logs(work, "probe-")[-3000:]
     result = json.loads((work / "probe" / "probe.json").read_text())
-    assert 0 <= result["accuracy_mean"] <= 1 and result["accuracy_std"] >= 0
+    assert result["accuracy_mean"] > 0.5  # far above chance: a random-init encoder scores over 0.8 on CBMC
     assert result["n_cells"] == 2000
 
 
-def test_scripts_are_shellcheck_clean(packages):
+def test_scripts_are_shellcheck_clean(cluster):  # the cluster fixture installs shellcheck with SLURM
     scripts = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "slurm").iterdir() if p.suffix in (".sbatch", ".sh"))
     assert len(scripts) >= 5
     done = subprocess.run(["shellcheck", "-x", *scripts], cwd=ROOT, capture_output=True, text=True, timeout=120,

@@ -14,6 +14,9 @@ import dataclasses
 import io
 import json
 import pickle
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +30,14 @@ from scgraph.models.model import CellModel, build_model
 
 CHECKPOINTS = "checkpoints"
 SCGRAPH_META = "scgraph.json"
+#: The exported encoder: ``model/encoder.pt`` (fp32 state dict) and ``model/scgraph.json`` (config,
+#: gene vocabulary). Logged as the pretraining run's artifact ``model``.
+MODEL_DIR = "model"
+ENCODER = "encoder.pt"
 #: Written last into a checkpoint: its files and their sizes.
 FILES = "scgraph.files.json"
+#: Suffix of a tag's universal checkpoint (see ``Checkpointer.universal``).
+UNIVERSAL = "_universal"
 
 
 def latest_tag(folder: Path) -> str | None:
@@ -87,11 +96,16 @@ class Checkpointer:
             write_atomic(folder / FILES, json.dumps(files))
         dist.barrier()
 
+    def mark_best(self, tag: str, rank: int) -> None:
+        """Point ``checkpoints/best`` at ``tag`` (the lowest validation loss so far)."""
+        if rank == 0:
+            write_atomic(self.dir / "best", tag)
+
     def complete_tags(self) -> list[str]:
         """Tags written whole, oldest first."""
         if not self.dir.is_dir():
             return []
-        return sorted(p.parent.name for p in self.dir.glob(f"*/{FILES}"))
+        return sorted(p.parent.name for p in self.dir.glob(f"*/{FILES}") if not p.parent.name.endswith(UNIVERSAL))
 
     def problem(self, tag: str) -> str | None:
         """What is wrong with checkpoint ``tag`` on disk (a missing or resized file), or None."""
@@ -113,6 +127,26 @@ class Checkpointer:
         advice = (f"resume from the previous complete checkpoint with --resume-from {earlier[-1]}" if earlier
                   else "no earlier complete checkpoint exists: start over in a new --output")
         return ValueError(f"{problem}; {advice}")
+
+    def universal(self, tag: str, rank: int) -> str:
+        """The tag of ``tag``'s DeepSpeed universal checkpoint (ZeRO state gathered per parameter,
+        loadable on any number of ranks), converted once by rank 0 with DeepSpeed's own tool; the
+        file list is written last, as for any checkpoint, so a killed conversion is redone."""
+        target = f"{tag}{UNIVERSAL}"
+        if rank == 0 and self.problem(target) is not None:
+            folder = self.dir / target
+            shutil.rmtree(folder, ignore_errors=True)
+            done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                                   str(self.dir / tag), "--output_folder", str(folder), "--inject_missing_state"],
+                                  capture_output=True, text=True)
+            if done.returncode:
+                raise ValueError(f"checkpoint {self.dir / tag} could not be converted for another number of ranks "
+                                 f"(deepspeed.checkpoint.ds_to_universal: {done.stderr.strip().splitlines()[-1:]})")
+            shutil.copy(self.dir / tag / SCGRAPH_META, folder / SCGRAPH_META)
+            write_atomic(folder / FILES, json.dumps({p.name: p.stat().st_size for p in sorted(folder.iterdir())
+                                                     if p.is_file() and p.name != FILES}))
+        dist.barrier()
+        return target
 
     def load(self, engine: Any, tag: str) -> dict[str, Any]:
         """Model, optimizer and scheduler into ``engine``; returns the client state. A file that
@@ -139,9 +173,13 @@ class Pretrained:
         return self.meta["feature_ids"]
 
 
-def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
-    """(checkpoints directory, tag) of a pretraining ``--output`` directory (its latest checkpoint),
-    its ``checkpoints`` directory, or one checkpoint directory; or a clear error."""
+def resolve_checkpoint(path: str | Path, mlflow_uri: str | None = None) -> tuple[Path, str]:
+    """(folder, name) of what ``path`` names: an exported encoder folder (``model/``, or the
+    ``runs:/<run_id>/model`` artifact of a pretraining run), a pretraining ``--output`` directory
+    (its latest checkpoint), its ``checkpoints`` directory, or one checkpoint directory; or a clear
+    error."""
+    if str(path).startswith("runs:/"):
+        path = run_artifact(str(path), mlflow_uri)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
@@ -153,18 +191,50 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
             read_meta(folder, tag)
             return folder, tag
     raise FileNotFoundError(f"{path} holds no model: expected a pretraining --output directory, its "
-                            f"{CHECKPOINTS}/ directory, or a checkpoint directory with {SCGRAPH_META}")
+                            f"{CHECKPOINTS}/ directory, a checkpoint directory with {SCGRAPH_META}, or an encoder "
+                            f"exported as runs:/RUN_ID/{MODEL_DIR}")
 
 
-def load_pretrained(path: str | Path) -> Pretrained:
-    """The encoder in fp32 on CPU, in eval mode, with its config and gene vocabulary. ZeRO 1-3
-    partitions are consolidated with DeepSpeed's own ``zero_to_fp32``; a ZeRO-0 checkpoint holds
-    the whole module already."""
-    folder, tag = resolve_checkpoint(path)
+def run_artifact(uri: str, mlflow_uri: str | None = None) -> Path:
+    """The local folder of a ``runs:/<run_id>/<path>`` artifact (downloaded if the store is remote)."""
+    from mlflow.exceptions import MlflowException
+
+    from scgraph.tracking import check_store, client, local_artifacts
+
+    run_id, _, inner = uri.removeprefix("runs:/").partition("/")
+    store = check_store(mlflow_uri, existing=True)
+    try:
+        run = client(store).get_run(run_id)
+    except MlflowException:
+        raise ValueError(f"{uri}: no run {run_id} in the MLflow store {store}") from None
+    local = local_artifacts(store, run.info.artifact_uri)
+    if local is not None:
+        return local / inner
+    import mlflow.artifacts
+
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=inner, tracking_uri=store))
+
+
+def export_encoder(pretrained: Pretrained, folder: Path) -> Path:
+    """The encoder as a self-contained folder (fp32 weights, run config, gene vocabulary): what a
+    user keeps, and what ``load_pretrained`` reads without DeepSpeed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(pretrained.model.state_dict(), folder / ENCODER)
+    write_atomic(folder / SCGRAPH_META, json.dumps(pretrained.meta | {"exported_from": str(pretrained.path)}))
+    return folder
+
+
+def load_pretrained(path: str | Path, mlflow_uri: str | None = None) -> Pretrained:
+    """The encoder in fp32 on CPU, in eval mode, with its config and gene vocabulary, from any form
+    ``resolve_checkpoint`` accepts. ZeRO 1-3 partitions are consolidated with DeepSpeed's own
+    ``zero_to_fp32``; a ZeRO-0 checkpoint and an exported encoder hold the whole module already."""
+    folder, tag = resolve_checkpoint(path, mlflow_uri)
     meta = read_meta(folder, tag)
     run = RunConfig.from_dict(meta["run"])
     try:
-        if meta.get("zero_stage", 0) >= 1:
+        if (folder / tag / ENCODER).is_file():
+            state = torch.load(folder / tag / ENCODER, map_location="cpu", weights_only=True)
+        elif meta.get("zero_stage", 0) >= 1:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
