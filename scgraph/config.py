@@ -30,8 +30,46 @@ BLOCK_LAYOUTS = ("pre_norm", "post_norm", "post_act")
 VALUE_ENCODERS = ("linear", "mlp", "bins")
 CELL_EMBEDDINGS = ("mean", "cls")
 NORMALIZATIONS = ("log1p", "none")
-SELECTIONS = ("random", "top")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+#: How training picks L of a cell's genes: uniformly, the top L by expression, or at random with
+#: probability proportional to the (normalised) value.
+SELECTIONS = ("random", "top", "weighted")
+#: How genes are chosen when a frozen encoder embeds cells: top-L by expression, a seeded random L,
+#: or all of each cell's genes.
+EMBED_SELECTIONS = ("top", "random", "all")
 MATCH_KEYS = ("feature_id", "feature_name")
+#: Pretraining objectives: ``mvp`` predicts each masked gene's value from its own token's final state
+#: (the paper's Eq. 5); ``gepc`` predicts it from the cell embedding and the gene alone (scGPT's GEPC);
+#: ``recon`` reconstructs the cell's whole expression profile, zeros included, from the cell embedding.
+OBJECTIVES = ("mvp", "gepc", "recon")
+
+# What each training recipe sets when a field is left as None. ``cell`` is the measured default:
+# a cell-level objective (reconstruction from the CLS/mean embedding) with AdamW, warmup and cosine
+# decay; ``paper`` is the authors' recipe (MVP alone, one constant learning rate, no decay).
+# ``warmup_steps`` None in a recipe means 5 % of the run's steps.
+RECIPES: dict[str, dict[str, Any]] = {
+    "cell": dict(objectives="recon", lr=3e-3, lr_schedule="cosine", warmup_steps=None, weight_decay=0.01),
+    "paper": dict(objectives="mvp", lr=2e-4, lr_schedule="constant", warmup_steps=0, weight_decay=0.0),
+}
+
+
+def parse_objectives(spec: str) -> dict[str, float]:
+    """``"mvp"``, ``"recon"`` or ``"mvp:1,recon:0.5"`` -> {objective: weight}; a name alone weighs 1."""
+    weights: dict[str, float] = {}
+    for part in spec.split(","):
+        name, _, weight = part.strip().partition(":")
+        if name not in OBJECTIVES:
+            raise ValueError(f"objectives: unknown objective {name!r} (choose from {', '.join(OBJECTIVES)})")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"objectives: weight of {name} must be a number; got {weight!r}") from None
+        if not value >= 0:
+            raise ValueError(f"objectives: weight of {name} must be >= 0; got {weight}")
+        weights[name] = value
+    if not any(weights.values()):
+        raise ValueError(f"objectives: at least one objective needs a weight > 0; got {spec!r}")
+    return weights
 
 
 @functools.cache
@@ -115,6 +153,10 @@ class ModelConfig:
     adjacency: str | None = option(None, "GNN adjacency (default: the preset's)",
                                    choices=lambda: registry("ADJACENCIES"))
     graph_out_proj: bool | None = option(None, "output projection after the GNN mixer (default: the preset's)")
+    feature_map: str = option("elu+1", "positive feature map of the linear GNN (gnn_linear)",
+                              choices=lambda: registry("FEATURE_MAPS"))
+    cell_decoder: bool | None = option(None, "a gene decoder that reads the cell embedding (default: when an "
+                                       "objective needs it)", cli=False)
 
     def __post_init__(self) -> None:
         _choice("backbone", self.backbone, backbones())
@@ -148,6 +190,12 @@ class ModelConfig:
         _choice("value_encoder", self.value_encoder, VALUE_ENCODERS)
         _choice("cell_embedding", self.cell_embedding, CELL_EMBEDDINGS)
         _choice("adjacency", self.adjacency, registry("ADJACENCIES"))
+        _choice("feature_map", self.feature_map, registry("FEATURE_MAPS"))
+        if self.family == "graph" and self.dropout > 0 and (self.hidden // self.graph_heads) % self.score_width:
+            raise ValueError(f"dropout in the GNN's attention runs on its sub-head kernel, which needs hidden / "
+                             f"graph_heads ({self.hidden // self.graph_heads}) to be a multiple of the adjacency's "
+                             f"width ({self.score_width}); set dropout 0 or change hidden, graph_heads or "
+                             "adjacency_rank")
 
     @property
     def family(self) -> str:
@@ -209,18 +257,43 @@ class TokenizerConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation: learning rate, batch, steps, masking, seed."""
+    """Optimisation: objectives, learning rate, batch, steps, masking, seed. The recipe fills every
+    field left as None (``RECIPES``); an explicit value wins."""
 
-    lr: float = option(2e-4, "AdamW learning rate")
-    weight_decay: float = option(0.0, "AdamW weight decay")
+    recipe: str = option("cell", "training recipe: cell = a cell-level objective with AdamW, warmup and cosine decay "
+                         "(measured best for cell embeddings), paper = the authors' MVP alone at one constant rate",
+                         choices=tuple(RECIPES))
+    objectives: str | None = option(None, "what pretraining predicts, with weights: mvp (masked values from their "
+                                    "tokens), gepc (masked values from the cell embedding), recon (the whole "
+                                    "profile from the cell embedding), e.g. 'recon' or 'mvp:1,recon:0.5' (default: "
+                                    "the recipe's)")
+    recon_genes: int = option(1024, "genes the recon objective scores per cell besides the expressed ones: that many "
+                              "unexpressed genes sampled and reweighted (the whole vocabulary when it is smaller)")
+    lr: float | None = option(None, "peak AdamW learning rate (default: the recipe's)")
+    lr_schedule: str | None = option(None, "learning rate after the warmup: constant, or decayed to --min-lr by the "
+                                     "last step (cosine, linear) (default: the recipe's)", choices=LR_SCHEDULES)
+    warmup_steps: int | None = option(None, "steps of linear warmup from lr/warmup to lr (default: the recipe's)")
+    min_lr: float = option(0.0, "learning rate at the last step of a cosine or linear decay")
+    weight_decay: float | None = option(None, "AdamW weight decay, applied to weight matrices only (not to norms, "
+                                        "biases, gene or value embeddings, or adjacency factors) (default: the "
+                                        "recipe's)")
     batch_size: int = option(256, "global batch in cells = micro-batch x ranks x accumulation")
     max_steps: int = option(1000, "optimizer steps (--epochs overrides)")
-    mask_ratio: float = option(0.15, "fraction of each cell's values to predict")
+    mask_ratio: float = option(0.15, "fraction of each cell's values masked (predicted by mvp and gepc; hidden from "
+                               "the encoder for recon too)")
     grad_clip: float | None = option(1.0, "clip the gradient norm to this (none: no clipping)")
     seed: int = option(0, "seed of model init, data order and masks")
     log_every: int = option(10, "log metrics every N steps")
 
     def __post_init__(self) -> None:
+        _choice("recipe", self.recipe, tuple(RECIPES))
+        for name, value in RECIPES[self.recipe].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.warmup_steps is None:
+            self.warmup_steps = max(1, round(0.05 * self.max_steps))
+        parse_objectives(self.objectives)
+        _positive("recon_genes", self.recon_genes)
         _positive("lr", self.lr)
         _positive("batch_size", self.batch_size)
         _positive("max_steps", self.max_steps)
@@ -231,6 +304,21 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0; got {self.weight_decay}")
         if self.grad_clip is not None:
             _positive("grad_clip", self.grad_clip)
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0; got {self.warmup_steps}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be in [0, lr = {self.lr:g}]; got {self.min_lr:g}")
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Each objective's weight in the loss."""
+        return parse_objectives(self.objectives)
+
+    @property
+    def decodes_cells(self) -> bool:
+        """Whether an objective reads the cell embedding (the model then carries a gene decoder)."""
+        return bool(self.weights.get("gepc") or self.weights.get("recon"))
 
 
 @dataclass
@@ -242,6 +330,11 @@ class RunConfig:
     train: TrainConfig = option(help="optimisation", default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        if self.model.cell_decoder is None:
+            self.model.cell_decoder = self.train.decodes_cells
+        if self.train.decodes_cells and not self.model.cell_decoder:
+            raise ValueError(f"objectives {self.train.objectives!r} read the cell embedding through a gene decoder, "
+                             "but model.cell_decoder is off")
         if self.tokenizer.cls_token is None:
             self.tokenizer.cls_token = self.model.cell_embedding == "cls"
         if self.model.cell_embedding == "cls" and not self.tokenizer.cls_token:
@@ -261,8 +354,10 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         """The inverse of ``to_dict`` (a checkpoint's or an MLflow run's record)."""
+        train = dict(data["train"])
+        train.setdefault("objectives", "mvp")  # recorded before objectives were configurable: MVP alone
         return cls(model=ModelConfig(**data["model"]), tokenizer=TokenizerConfig(**data["tokenizer"]),
-                   train=TrainConfig(**data["train"]))
+                   train=TrainConfig(**train))
 
 
 @dataclass
@@ -286,11 +381,27 @@ class PretrainConfig:
                                     "sqlite:///mlflow.db)")
     experiment: str = option("scgraph", "MLflow experiment name")
     run_name: str | None = option(None, "MLflow run name (default: MLflow's)")
+    system_metrics: bool = option(True, "log CPU, memory and GPU use to the MLflow run every 10 s (rank 0)")
+    val_shards: str | None = option(None, "held-out shard set (same vocabulary) for the validation loss", metavar="DIR")
+    val_fraction: float = option(0.0, "hold out this share of --shards' shards (whole shards, chosen by the seed) "
+                                 "for the validation loss instead of --val-shards")
+    val_every: int = option(0, "validation loss every N steps and at the end (0: only at the end when there is "
+                                "validation data)")
+    val_cells: int | None = option(None, "validate on at most this many held-out cells (the same ones each time)")
     num_workers: int = option(0, "DataLoader worker processes per rank")
     verify_shards: bool = option(True, "check each shard's sha256 against the manifest the first time the run reads "
                                  "it (--no-verify-shards: for shards verified already)")
     shuffle_buffer: int = option(4096, "cells in each stream's shuffle buffer")
     flops_cells: int = option(2, "real cells the FLOPs per cell are measured on")
+    graph_kernel: str = option("auto", "how the GNN computes softmax(U[g]V[g]^T) H W_v: auto (one fused SDPA call "
+                               "where a kernel takes the widths, else scores_once), scores_once (blocked, exact, "
+                               "nothing L x L kept), sdpa, or subheads (values as sub-heads of the adjacency's width, "
+                               "scores recomputed per sub-head)", choices=lambda: registry("KERNELS"))
+    activation_checkpointing: bool = option(False, "recompute each block's activations in backward instead of keeping "
+                                            "them (less memory, about a third more compute)")
+    compile: bool = option(False, "torch.compile the model (minutes of compilation first)")
+    peak_tflops: float | None = option(None, "the device's peak TFLOP/s for MFU (default: from a table of common "
+                                       "GPUs in bf16/fp16; none on CPU)")
 
     def __post_init__(self) -> None:
         if not self.shards:
@@ -306,6 +417,21 @@ class PretrainConfig:
         _positive("flops_cells", self.flops_cells)
         if self.resume_from is not None:
             self.resume = True
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1); got {self.val_fraction}")
+        if self.val_fraction and self.val_shards:
+            raise ValueError("give --val-shards or --val-fraction, not both")
+        if self.val_every < 0:
+            raise ValueError(f"val_every must be >= 0; got {self.val_every}")
+        if self.val_cells is not None:
+            _positive("val_cells", self.val_cells)
+        if self.peak_tflops is not None:
+            _positive("peak_tflops", self.peak_tflops)
+        model = self.run.model
+        value_width = model.hidden // model.graph_heads
+        if self.graph_kernel == "subheads" and model.family == "graph" and value_width % model.score_width:
+            raise ValueError(f"--graph-kernel subheads needs hidden / graph_heads ({value_width}) to be a multiple of "
+                             f"the adjacency's width ({model.score_width}); use scores_once")
 
 
 @dataclass
@@ -343,6 +469,10 @@ class ProbeConfig:
                                "--no-standardize feeds the raw embeddings")
     seed: int = option(0, "seed of the splits, probe inits and the random-encoder control (repeat i uses seed + i)")
     embed_batch_size: int = option(256, "cells per forward pass when embedding")
+    embed_selection: str = option("top", "which genes each cell shows the encoder (and the random-init control): "
+                                  "its top --embed-seq-len by expression, a seeded random --embed-seq-len, or all",
+                                  choices=EMBED_SELECTIONS)
+    embed_seq_len: int | None = option(None, "genes per cell when embedding (default: the training L)")
     tsne_cells: int = option(2000, "at most this many cells (a seeded sample) in the t-SNE figure")
     quiet: bool = option(False, "no progress bars")
 
@@ -387,8 +517,10 @@ class DemoConfig:
     seq_len: int = option(128, "genes per cell L")
     batch_size: int = option(32, "global pretraining batch (cells)")
     micro_batch_size: int = option(16, "cells per rank per forward")
-    steps: int = option(300, "pretraining steps of each backbone")
-    lr: float = option(1e-3, "pretraining Adam learning rate")
+    steps: int = option(600, "pretraining steps of each backbone")
+    recipe: str = option("cell", "training recipe (cell: the measured best for cell embeddings; paper: the authors' "
+                         "MVP alone)", choices=tuple(RECIPES))
+    lr: float | None = option(None, "pretraining AdamW peak learning rate (default: the recipe's)")
     ranks: int = option(2, "deepspeed processes (CPU ranks, or GPUs)")
     held_out_cells: int = option(2000, "CBMC cells kept out of pretraining for the probe")
     repeats: int = option(5, "probe repeats (split + probe seeds)")
@@ -396,6 +528,7 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         _choice("preset", self.preset, tuple(PRESETS))
+        _choice("recipe", self.recipe, tuple(RECIPES))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, (int, float)) and f.name != "seed" and value <= 0:

@@ -52,6 +52,7 @@ from scgraph.config import (
 from scgraph.data.datasets import load_cbmc
 from scgraph.data.shards import ShardSet
 from scgraph.eval.evaluate import format_report
+from scgraph.tracking import ui_command
 from scgraph.train.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +166,8 @@ class Demo:
         run = RunConfig(model=ModelConfig(backbone=backbone, preset=s.preset, hidden=s.hidden, layers=s.layers,
                                           heads=s.heads, adjacency_rank=s.adjacency_rank),
                         tokenizer=TokenizerConfig(seq_len=s.seq_len),
-                        train=TrainConfig(batch_size=s.batch_size, lr=s.lr, max_steps=s.steps, seed=s.seed))
+                        train=TrainConfig(recipe=s.recipe, batch_size=s.batch_size, lr=s.lr, max_steps=s.steps,
+                                          seed=s.seed))
         pretrain = PretrainConfig(run=run, shards=str(self.pretrain_shards), output=str(output),
                                   deepspeed_config="ds_configs/cpu_zero2.json", micro_batch_size=s.micro_batch_size,
                                   checkpoint_every=100, resume=True, mlflow_uri=self.mlflow_uri,
@@ -223,9 +225,19 @@ class Demo:
         for b in DEMO_BACKBONES:
             print(format_report(json.loads((self.root / "probe" / b / "probe.json").read_text())), end="\n\n")
         print(table)
-        print(f"Demo finished in {time.perf_counter() - start:.0f} s. Open the runs with:\n"
-              f"  mlflow ui --backend-store-uri {self.mlflow_uri}", flush=True)
+        print(f"Demo finished in {time.perf_counter() - start:.0f} s.\n{browse_hint(self.mlflow_uri, s.experiment)}",
+              flush=True)
         return table
+
+
+def browse_hint(uri: str, experiment: str) -> str:
+    """How to look at the comparison in MLflow's UI: the command, and the filters that show it."""
+    return (f"Browse the comparison in MLflow (then open http://127.0.0.1:5000):\n"
+            f"  {ui_command(uri)}\n"
+            f"  experiment {experiment}: filter tags.`scgraph.kind` = 'pretrain', select both runs, Compare -> "
+            "charts train/loss and cost/*\n"
+            f"  Table II: filter tags.`scgraph.kind` = 'compare' (its description links every run it read; "
+            "artifacts table2.md and loss_overlay.png); each probe is nested under its pretraining run")
 
 
 def run_demo(settings: DemoConfig) -> int:

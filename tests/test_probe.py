@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 
 import anndata as ad
-import mlflow
 import numpy as np
 import pytest
+from conftest import stored_artifacts
 from mlflow.tracking import MlflowClient
 
 from scgraph.data.datasets import load_cbmc
@@ -90,12 +90,13 @@ def test_cells_of_a_class_of_one_and_unlabelled_cells_are_left_out_and_said(cbmc
 
 
 @pytest.mark.slow
-def test_probe_reports_scores_of_both_backbones_beside_both_controls(probes):
+def test_probe_reports_scores_of_both_backbones_beside_every_control(probes):
     for backbone, report in probes.items():
-        assert SUMMARY_KEYS <= set(report) and set(report["controls"]) == {"random_encoder", "logistic_regression"}
+        assert SUMMARY_KEYS <= set(report)
+        assert set(report["controls"]) == {"random_encoder", "pca", "logistic_regression"}
         for summary in [report, *report["controls"].values()]:
             assert SUMMARY_KEYS <= set(summary)
-            assert 0 <= summary["accuracy_mean"] <= 1 and 0 <= summary["macro_f1_mean"] <= 1
+            assert 1 / 11 < summary["accuracy_mean"] <= 1 and 0 < summary["macro_f1_mean"] <= 1  # above chance
             assert summary["accuracy_std"] >= 0 and summary["n_cells"] == 400 and summary["n_classes"] == 11
         assert len(report["accuracy_per_repeat"]) == 2 and report["repeats"] == 2
         assert np.std(report["accuracy_per_repeat"], ddof=1) == pytest.approx(report["accuracy_std"])
@@ -120,13 +121,11 @@ def test_probe_run_is_in_mlflow_linked_to_its_pretraining_run_with_figures(tiny_
         pretraining = client.get_run(report["pretraining_run_id"])
         assert pretraining.info.experiment_id == run.info.experiment_id  # the checkpoint's experiment
         assert run.data.tags["scgraph.kind"] == "probe" and run.data.tags["backbone"] == backbone
-        assert run.data.metrics["accuracy_mean"] == pytest.approx(report["accuracy_mean"])
-        assert "random_encoder.accuracy_mean" in run.data.metrics
-        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert run.data.metrics["probe/accuracy_mean"] == pytest.approx(report["accuracy_mean"])
+        assert "probe/random_encoder/accuracy_mean" in run.data.metrics
+        folder, artifacts = stored_artifacts(tiny_demo.mlflow_uri, run.info.run_id)
         assert {"probe.json", f"tsne_{backbone}.png", f"confusion_{backbone}.png"} <= artifacts
-        local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="probe.json",
-                                                    tracking_uri=tiny_demo.mlflow_uri)
-        assert json.loads(open(local).read())["probe_run_id"] == run.info.run_id
+        assert json.loads((folder / "probe.json").read_text())["probe_run_id"] == run.info.run_id
 
 
 @pytest.mark.slow
@@ -141,6 +140,26 @@ def test_export_round_trips_through_anndata_in_input_order(tiny_demo, probes, he
         assert exported.obs["cell_type"].astype(str).tolist() == cells.labels("cell_type").tolist()
     shards = ShardSet.open(str(tiny_demo.heldout_shards))
     assert exported.n_vars == 520 and shards.n_cells == 400
+
+
+@pytest.mark.slow
+def test_scgraph_embed_puts_the_probes_embeddings_in_obsm_and_scanpy_reads_them(tiny_demo, probes, heldout_h5ad):
+    import scanpy as sc
+
+    import scgraph
+
+    adata = ad.read_h5ad(heldout_h5ad)
+    exported = ad.read_h5ad(probes["transformer"]["export"]["path"])
+    out = scgraph.embed(adata, str(tiny_demo.pretrain_output("transformer")), progress=False)
+    assert out is adata and adata.obsm["X_scgraph"].shape == (adata.n_obs, 32)
+    # the same cells, the same encoder, the same protocol as the probe's export
+    np.testing.assert_allclose(adata.obsm["X_scgraph"], exported.obsm["X_scgraph_transformer"], rtol=1e-5, atol=1e-5)
+    assert adata.uns["X_scgraph"]["genes_matched"] == 500 and adata.uns["X_scgraph"]["genes_dropped"] == 20
+    everything = scgraph.embed(adata.copy(), str(tiny_demo.pretrain_output("transformer")), key="X_all",
+                               selection="all", progress=False)
+    assert not np.allclose(everything.obsm["X_all"], adata.obsm["X_scgraph"])  # every gene, not the top 64
+    sc.pp.neighbors(adata, use_rep="X_scgraph")
+    assert adata.obsp["connectivities"].shape == (adata.n_obs, adata.n_obs)
 
 
 def test_probe_reads_a_census_layout_soma_collection(cbmc, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from scgraph.config import TokenizerConfig
 from scgraph.data.masking import mask_values
-from scgraph.data.tokenize import tokenize
+from scgraph.data.tokenize import profile, tokenize
 
 
 @dataclass
@@ -18,22 +19,29 @@ class Batch:
     genes: torch.Tensor  # (B, L) int64
     values: torch.Tensor  # (B, L) float32, the true values (targets at masked positions)
     masked: torch.Tensor  # (B, L) bool, positions to predict
+    # what the recon objective scores (B, S): gene ids, their values, their weights; None without it
+    profile_genes: torch.Tensor | None = None
+    profile_values: torch.Tensor | None = None
+    profile_weight: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(
-            self.genes.to(device, non_blocking=True),
-            self.values.to(device, non_blocking=True),
-            self.masked.to(device, non_blocking=True),
-        )
+        return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in dataclasses.astuple(self)))
 
     def __len__(self) -> int:
         return self.genes.shape[0]
 
 
 def make_batch(
-    counts: sp.spmatrix, tok: TokenizerConfig, vocab_size: int, mask_ratio: float, rng: np.random.Generator
+    counts: sp.spmatrix, tok: TokenizerConfig, vocab_size: int, mask_ratio: float, rng: np.random.Generator,
+    recon_genes: int | None = None,
 ) -> Batch:
-    """Tokenize and mask a block of cells (rows of ``counts``) with one rng."""
+    """Tokenize and mask a block of cells (rows of ``counts``) with one rng; with ``recon_genes``,
+    also the profile the recon objective scores (that many unexpressed genes per cell)."""
     tokens = tokenize(counts, tok, vocab_size, rng)
     masked = mask_values(tokens.genes, vocab_size, mask_ratio, rng)
-    return Batch(torch.from_numpy(tokens.genes), torch.from_numpy(tokens.values), torch.from_numpy(masked))
+    batch = Batch(torch.from_numpy(tokens.genes), torch.from_numpy(tokens.values), torch.from_numpy(masked))
+    if recon_genes is not None:
+        p = profile(counts, tok, vocab_size, recon_genes, rng)
+        batch.profile_genes, batch.profile_values = torch.from_numpy(p.genes), torch.from_numpy(p.values)
+        batch.profile_weight = torch.from_numpy(p.weight)
+    return batch

@@ -70,14 +70,20 @@ def tokenize(
         order = np.lexsort((matrix.indices, -values, rows))
     else:
         if rng is None:
-            raise ValueError("random gene selection needs an rng (numpy Generator) for reproducibility")
+            raise ValueError(f"{cfg.selection} gene selection needs an rng (numpy Generator) for reproducibility")
         # Only cells with more genes than seq_len need a random subset: shuffle within just those
-        # rows (row + U[0,1) keeps each row's block in place), and leave the rest in stored order.
+        # rows (row + a key in [0, 1) keeps each row's block in place), and leave the rest in stored order.
         order = np.arange(values.size)
         over = np.flatnonzero(np.repeat(counts > cfg.seq_len, counts))
         if over.size:
+            key = rng.random(over.size)
+            if cfg.selection == "weighted":
+                # Efraimidis-Spirakis: the smallest Exp(1) / value first is a draw without replacement
+                # with probability proportional to the value; e / (1 + e) keeps the order inside [0, 1).
+                e = -np.log1p(-key) / np.maximum(values[over], 1e-12)
+                key = e / (1.0 + e)
             # keys are distinct (almost surely), so the unstable sort gives the same order, 1.6x faster
-            order[over] = over[np.argsort(rows[over] + rng.random(over.size))]
+            order[over] = over[np.argsort(rows[over] + key)]
     rank = np.arange(values.size) - matrix.indptr[rows[order]]
     keep = order[rank < cfg.seq_len]
     kept_rows, slot = rows[keep], rank[rank < cfg.seq_len]
@@ -93,3 +99,60 @@ def tokenize(
     if cfg.cls_token:
         genes[:, 0] = vocab_size + 1
     return Tokens(genes=genes, values=vals, n_genes=n_genes)
+
+
+@dataclass
+class Profile:
+    """What the ``recon`` objective scores per cell: ``genes`` (n, S) ids (pad = vocab_size),
+    ``values`` (n, S) the normalised expression (0 for an unexpressed gene), ``weight`` (n, S) how
+    much each entry counts (0 at pad). Summed ``weight * error**2`` over ``weight.sum()`` estimates
+    the mean squared error over the whole vocabulary without bias."""
+
+    genes: np.ndarray
+    values: np.ndarray
+    weight: np.ndarray
+
+
+def profile(matrix: sp.spmatrix, cfg: TokenizerConfig, vocab_size: int, unexpressed: int,
+            rng: np.random.Generator) -> Profile:
+    """Each cell's expressed genes with their values (normalised as the model's input, never binned)
+    plus ``unexpressed`` genes drawn uniformly from those it does not express, weighted
+    (vocabulary - expressed) / kept draws so zeros count as much as in the full profile. When the
+    vocabulary is no larger than that, every gene is scored with weight 1 (the exact full profile)."""
+    matrix = sp.csr_matrix(matrix)
+    matrix.sum_duplicates()
+    matrix.eliminate_zeros()
+    n = matrix.shape[0]
+    values = _values(matrix, cfg)
+    counts = np.diff(matrix.indptr)
+    if counts.max(initial=0) + unexpressed >= vocab_size:
+        dense = sp.csr_matrix((values, matrix.indices, matrix.indptr), shape=(n, vocab_size)).toarray()
+        genes = np.broadcast_to(np.arange(vocab_size), (n, vocab_size)).copy()
+        return Profile(genes, dense.astype(np.float32), np.ones((n, vocab_size), dtype=np.float32))
+    width = counts.max(initial=0) + unexpressed
+    genes = np.full((n, width), vocab_size, dtype=np.int64)
+    vals = np.zeros((n, width), dtype=np.float32)
+    weight = np.zeros((n, width), dtype=np.float32)
+    rows = np.repeat(np.arange(n), counts)
+    slot = np.arange(values.size) - matrix.indptr[rows]
+    genes[rows, slot], vals[rows, slot], weight[rows, slot] = matrix.indices, values, 1.0
+    # draws that hit an expressed gene are dropped (rejection): keys row * V + gene are sorted
+    drawn = rng.integers(0, vocab_size, (n, unexpressed))
+    keys = rows.astype(np.int64) * vocab_size + matrix.indices
+    drawn_keys = np.arange(n)[:, None] * vocab_size + drawn
+    hit = keys[np.minimum(np.searchsorted(keys, drawn_keys), max(keys.size - 1, 0))] == drawn_keys if keys.size else \
+        np.zeros_like(drawn, dtype=bool)
+    kept = (~hit).sum(axis=1, keepdims=True)
+    at = counts[:, None] + np.arange(unexpressed)
+    genes[np.arange(n)[:, None], at] = np.where(hit, vocab_size, drawn)
+    weight[np.arange(n)[:, None], at] = np.where(hit, 0.0, (vocab_size - counts[:, None]) / np.maximum(kept, 1))
+    return Profile(genes, vals, weight)
+
+
+def mean_profile(matrix: sp.spmatrix, cfg: TokenizerConfig, vocab_size: int) -> np.ndarray:
+    """(vocab_size,) each gene's mean normalised value over the cells of ``matrix``, zeros included:
+    what a decoder that knows nothing of the cell should predict."""
+    matrix = sp.csr_matrix(matrix)
+    matrix.sum_duplicates()
+    totals = np.bincount(matrix.indices, weights=_values(matrix, cfg), minlength=vocab_size)
+    return (totals / max(matrix.shape[0], 1)).astype(np.float32)

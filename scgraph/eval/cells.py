@@ -71,12 +71,17 @@ def _cells(counts: sp.csr_matrix, obs: pd.DataFrame, feature_ids: list[str], fea
 
 
 def _read_h5ad(path: str) -> Cells:
-    """Raw counts from raw.X when present (the CELLxGENE convention for a normalised X), else X,
-    as the sharding tool's ``--h5ad-matrix auto`` reads them."""
     try:
         adata = ad.read_h5ad(path)
     except (OSError, KeyError) as err:
         raise ValueError(f"--data {path} is not a readable .h5ad file ({err})") from None
+    return cells_of(adata, _dataset_name(path))
+
+
+def cells_of(adata: ad.AnnData, name: str) -> Cells:
+    """An AnnData's cells: raw counts from raw.X when present (the CELLxGENE convention for a
+    normalised X), else X, as the sharding tool's ``--h5ad-matrix auto`` reads them; gene ids from
+    var['feature_id'] (else the var names), names from var['feature_name'] (else the var names)."""
     source = adata.raw if adata.raw is not None else adata
     counts = sp.csr_matrix(source.X, dtype=np.float32)
     check_counts(counts, adata.obs_names)
@@ -85,7 +90,7 @@ def _read_h5ad(path: str) -> Cells:
     ids = [str(x) for x in var["feature_id"]] if "feature_id" in var.columns else names
     if "feature_name" in var.columns:
         names = [str(x) for x in var["feature_name"]]
-    return Cells(adata, counts, ids, names, _dataset_name(path))
+    return Cells(adata, counts, ids, names, name)
 
 
 def _read_shards(directory: str) -> Cells:

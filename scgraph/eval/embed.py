@@ -1,29 +1,49 @@
-"""Frozen encoders -> one vector per cell, the input of the linear probe.
+"""Frozen encoders -> one vector per cell: ``scgraph.embed`` for scanpy users, and the probe's input.
 
-Cells are tokenized exactly as in pretraining (the checkpoint's tokenizer config: normalisation,
-L genes, CLS token), with a fixed seed for the random choice among a cell's genes when it has more
-than L, so that the same cell always gets the same embedding.
+Cells are tokenized with the checkpoint's tokenizer (normalisation, binning, CLS token) but the
+genes each cell shows the encoder are the inference protocol's: by default the cell's top genes by
+expression, a deterministic choice, so the same cell always gets the same embedding; or every
+expressed gene (both backbones are length-agnostic: a set of any size goes in); or a seeded random
+subset, as in training. The number of genes at inference is separate from the training L.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from scgraph.config import RunConfig
+from scgraph.config import EMBED_SELECTIONS, RunConfig, TokenizerConfig
 from scgraph.data.tokenize import tokenize
 from scgraph.models.model import CellModel, build_model
 
 
-def embed_cells(model: CellModel, run: RunConfig, counts: sp.csr_matrix, *, batch_size: int = 256, seed: int = 0,
-                desc: str | None = None, progress: bool = True) -> np.ndarray:
+def inference_tokenizer(tok: TokenizerConfig, selection: str, seq_len: int | None, counts: sp.csr_matrix
+                        ) -> TokenizerConfig:
+    """The training tokenizer with the inference protocol's gene choice: ``top`` or ``random``
+    ``seq_len`` genes (default: the training L), or ``all`` of each cell's genes."""
+    if selection not in EMBED_SELECTIONS:
+        raise ValueError(f"embed selection must be one of {', '.join(EMBED_SELECTIONS)}; got {selection!r}")
+    if selection == "all":
+        length = max(1, int(np.diff(counts.indptr).max(initial=0)))
+        return dataclasses.replace(tok, seq_len=length, selection="top")
+    return dataclasses.replace(tok, seq_len=seq_len or tok.seq_len, selection=selection)
+
+
+def embed_cells(model: CellModel, run: RunConfig, counts: sp.csr_matrix, *, selection: str = "top",
+                seq_len: int | None = None, batch_size: int = 256, seed: int = 0, desc: str | None = None,
+                progress: bool = True) -> np.ndarray:
     """(cells, hidden) float32: ``model.cell_embedding`` (mean over genes or the CLS output, as the
     model was configured) of each row of ``counts``, given in the model's vocabulary; on the GPU
-    when there is one (the model is moved there)."""
+    when there is one (the model is moved there). With ``all`` each batch is as long as its
+    longest cell: padding changes no embedding."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    counts = sp.csr_matrix(counts)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rng = np.random.default_rng(seed)
     model = model.to(device).eval()
@@ -31,7 +51,9 @@ def embed_cells(model: CellModel, run: RunConfig, counts: sp.csr_matrix, *, batc
     with torch.inference_mode():
         for start in tqdm(range(0, counts.shape[0], batch_size), desc=desc, unit="batch", disable=not progress,
                           leave=False):
-            tokens = tokenize(counts[start:start + batch_size], run.tokenizer, run.model.vocab_size, rng)
+            block = counts[start:start + batch_size]
+            tok = inference_tokenizer(run.tokenizer, selection, seq_len, block)
+            tokens = tokenize(block, tok, run.model.vocab_size, rng)
             embedding = model.cell_embedding(torch.from_numpy(tokens.genes).to(device),
                                              torch.from_numpy(tokens.values).to(device))
             out.append(embedding.float().cpu().numpy())
@@ -45,3 +67,33 @@ def random_encoder(run: RunConfig, seed: int = 0) -> CellModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_model(run.model).eval()
+
+
+def embed(adata: ad.AnnData, checkpoint: str, *, key: str = "X_scgraph", selection: str = "top",
+          seq_len: int | None = None, match_genes_by: str = "feature_id", batch_size: int = 256,
+          mlflow_uri: str | None = None, progress: bool = True) -> ad.AnnData:
+    """Embed every cell of ``adata`` with a pretrained encoder and store the vectors in
+    ``adata.obsm[key]`` (``adata`` is returned, changed in place), ready for
+    ``sc.pp.neighbors(adata, use_rep=key)``.
+
+    ``checkpoint``: a pretraining ``--output`` directory, a checkpoint, an exported ``model/``
+    folder, or ``runs:/RUN_ID/model`` (with ``mlflow_uri``). Raw counts come from ``adata.raw.X``
+    when present, else ``X``; genes are matched to the model's vocabulary by ``var['feature_id']``
+    (or the var names), or by ``feature_name`` for gene symbols; genes it never saw are dropped.
+    ``selection`` / ``seq_len``: which genes each cell shows the encoder (see the module doc).
+    """
+    from scgraph.data.vocab import GeneVocab
+    from scgraph.eval.cells import cells_of, match_genes
+    from scgraph.train.checkpointer import load_pretrained
+
+    pretrained = load_pretrained(checkpoint, mlflow_uri)
+    cells = cells_of(adata, "adata")
+    mapping = match_genes(cells, GeneVocab(pretrained.meta["feature_ids"], pretrained.meta["feature_names"]),
+                          match_genes_by)
+    adata.obsm[key] = embed_cells(pretrained.model, pretrained.run, mapping.apply(cells.counts), selection=selection,
+                                  seq_len=seq_len, batch_size=batch_size, progress=progress,
+                                  desc=f"embed ({pretrained.run.model.backbone})")
+    adata.uns[key] = {"checkpoint": str(checkpoint), "backbone": pretrained.run.model.backbone,
+                      "selection": selection, "seq_len": seq_len or pretrained.run.tokenizer.seq_len,
+                      "genes_matched": mapping.matched, "genes_dropped": mapping.dropped}
+    return adata

@@ -8,6 +8,7 @@ cells are embedded, so a bad command ends in seconds with one line saying what t
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from scgraph.cli import Command, run
 from scgraph.config import ProbeConfig
@@ -22,15 +24,18 @@ from scgraph.data.vocab import GeneVocab
 from scgraph.eval.cells import Cells, match_genes, read_cells
 from scgraph.eval.embed import embed_cells, random_encoder
 from scgraph.eval.figures import confusion_plot, tsne_plot
-from scgraph.eval.probe import LinearProbe, Scores, evaluate, logistic_regression
+from scgraph.eval.probe import LinearProbe, clustering_agreement, evaluate, knn, logistic_regression, pca_features
 from scgraph.io.counts import log1p_cp10k
 from scgraph.tracking import Tracker, check_store, flatten, git_commit
 from scgraph.train.checkpointer import Pretrained, load_pretrained, resolve_checkpoint
 
 #: The controls, as named in probe.json, MLflow metrics and the printed table.
 CONTROLS = {"random_encoder": "random-init encoder, same shape",
-            "logistic_regression": "logistic regression, log1p CP10k"}
-PROBE_KIND = "probe"
+            "pca": "PCA-50 of log1p CP10k",
+            "logistic_regression": "log1p CP10k (logistic regression)"}
+#: Each feature set's scores, as probe.json and MLflow name them.
+SCORES = ("accuracy_mean", "accuracy_std", "macro_f1_mean", "macro_f1_std", "knn_accuracy_mean", "knn_accuracy_std",
+          "ari", "nmi", "silhouette")
 
 
 def labelled_cells(labels: np.ndarray, key: str) -> tuple[np.ndarray, list[str]]:
@@ -55,10 +60,6 @@ def labelled_cells(labels: np.ndarray, key: str) -> tuple[np.ndarray, list[str]]
     return keep, notes
 
 
-def _summary(scores: Scores, n_cells: int, n_classes: int, genes_matched: int) -> dict[str, Any]:
-    return scores.summary() | {"n_cells": n_cells, "n_classes": n_classes, "genes_matched": genes_matched}
-
-
 def export_embeddings(cells: Cells, embeddings: np.ndarray, backbone: str, path: str | Path) -> str:
     """The read cells (all of them, in input order) with ``.obsm["X_scgraph_<backbone>"]``, ready
     for ``sc.pp.neighbors(adata, use_rep=...)``; returns the obsm key."""
@@ -70,92 +71,124 @@ def export_embeddings(cells: Cells, embeddings: np.ndarray, backbone: str, path:
 
 
 def run_probe(opts: ProbeConfig) -> dict[str, Any]:
-    """The whole probe; returns what it writes to ``OUT/probe.json``."""
-    resolve_checkpoint(opts.checkpoint)  # fail on a wrong path before reading any data
+    """The whole probe; returns what it writes to ``OUT/probe.json``. Every check a user can fail
+    runs first; the MLflow run then starts, before the cells are embedded, and ends with the work."""
+    resolve_checkpoint(opts.checkpoint, opts.mlflow_uri)  # fail on a wrong path before reading any data
     if opts.mlflow_uri:
         check_store(opts.mlflow_uri)
     cells = read_cells(opts.data, opts.organism)
     labels = cells.labels(opts.label_key)
     keep, notes = labelled_cells(labels, opts.label_key)
-    pretrained = load_pretrained(opts.checkpoint)
+    pretrained = load_pretrained(opts.checkpoint, opts.mlflow_uri)
     match = match_genes(cells, GeneVocab(pretrained.meta["feature_ids"], pretrained.meta["feature_names"]),
                         opts.match_genes_by)
-    counts = match.apply(cells.counts)
-    run, backbone = pretrained.run, pretrained.run.model.backbone
-    progress = not opts.quiet
     if match.dropped:
         notes.append(f"{match.dropped} of {match.matched + match.dropped} genes are not in the model's vocabulary "
                      "and were dropped")
     y = labels[keep].astype(str)
-    classes = np.unique(y)
-    embeddings = embed_cells(pretrained.model, run, counts, batch_size=opts.embed_batch_size, seed=opts.seed,
-                             desc=f"embed ({backbone})", progress=progress)
-    baseline = embed_cells(random_encoder(run, opts.seed), run, counts[keep], batch_size=opts.embed_batch_size,
-                           seed=opts.seed, desc="embed (random encoder)", progress=progress)
+    facts = {"n_cells": len(keep), "n_classes": len(np.unique(y)), "genes_matched": match.matched,
+             "genes_dropped": match.dropped}
+    dataset = opts.dataset_name or cells.name
+    tracker = _start_tracking(opts, pretrained, dataset, cells, facts)
+    try:
+        report = _probe(opts, pretrained, cells, match.apply(cells.counts), keep, y, dataset, facts, notes)
+        report["probe_run_id"] = tracker.run_id
+        _finish_tracking(tracker, report, Path(opts.out))
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end()
+    print(format_report(report), flush=True)
+    return report
+
+
+def _probe(opts: ProbeConfig, pretrained: Pretrained, cells: Cells, counts: Any, keep: np.ndarray, y: np.ndarray,
+           dataset: str, facts: dict[str, int], notes: list[str]) -> dict[str, Any]:
+    """Embed, score the encoder and its controls, draw the figures, export: probe.json's content."""
+    run, backbone = pretrained.run, pretrained.run.model.backbone
+    progress = not opts.quiet
+    protocol = dict(selection=opts.embed_selection, seq_len=opts.embed_seq_len, batch_size=opts.embed_batch_size,
+                    seed=opts.seed, progress=progress)
+    embeddings = embed_cells(pretrained.model, run, counts, desc=f"embed ({backbone})", **protocol)
+    baseline = embed_cells(random_encoder(run, opts.seed), run, counts[keep], desc="embed (random encoder)",
+                           **protocol)
 
     def probe(seed: int) -> LinearProbe:
         return LinearProbe(epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, seed=seed,
                            standardize=opts.standardize)
 
+    expression = log1p_cp10k(counts[keep])
+    features = {"pretrained": (embeddings[keep], probe), "random_encoder": (baseline, probe),
+                "pca": (pca_features(expression, seed=opts.seed), probe),
+                "logistic_regression": (expression, logistic_regression)}
     split = dict(repeats=opts.repeats, seed=opts.seed, test_fraction=opts.test_fraction, progress=progress)
-    scores = {"pretrained": evaluate(probe, embeddings[keep], y, desc=f"probe ({backbone})", **split),
-              "random_encoder": evaluate(probe, baseline, y, desc="probe (random encoder)", **split),
-              "logistic_regression": evaluate(logistic_regression, log1p_cp10k(counts[keep]), y,
-                                              desc="logistic regression", **split)}
-    size = (len(keep), len(classes), match.matched)
-    dataset = opts.dataset_name or cells.name
-    report: dict[str, Any] = _summary(scores["pretrained"], *size) | {
-        "controls": {name: _summary(scores[name], *size) for name in CONTROLS},
-        "genes_dropped": match.dropped, "repeats": opts.repeats, "test_fraction": opts.test_fraction,
-        "standardize": opts.standardize,
+    scores, summaries = {}, {}
+    for name, (X, linear) in features.items():
+        scores[name] = evaluate(linear, X, y, desc=f"probe ({name})", **split)
+        dense = X.toarray() if sp.issparse(X) else X
+        neighbours = evaluate(knn, dense, y, **split).summary()
+        summaries[name] = scores[name].summary() | {f"knn_{k}": v for k, v in neighbours.items()
+                                                    if k.startswith("accuracy")} | clustering_agreement(dense, y,
+                                                                                                        opts.seed)
+    report: dict[str, Any] = summaries["pretrained"] | facts | {
+        "controls": {name: summaries[name] | facts for name in CONTROLS},
+        "embedding": {"selection": opts.embed_selection, "seq_len": opts.embed_seq_len or run.tokenizer.seq_len},
+        "repeats": opts.repeats, "test_fraction": opts.test_fraction, "standardize": opts.standardize,
         "accuracy_per_repeat": scores["pretrained"].accuracy, "macro_f1_per_repeat": scores["pretrained"].macro_f1,
         "backbone": backbone, "preset": run.model.preset,
         "model": {"hidden": run.model.hidden, "layers": run.model.layers, "seq_len": run.tokenizer.seq_len},
         "dataset": dataset, "label_key": opts.label_key,
         "checkpoint": str(pretrained.path.resolve()), "pretraining_run_id": pretrained.meta.get("mlflow_run_id"),
         "notes": notes}
-
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    figures = [
+    report["figures"] = [str(p) for p in (
         tsne_plot(embeddings[keep], y, out / f"tsne_{backbone}.png", max_cells=opts.tsne_cells, seed=opts.seed,
                   title=f"{backbone} cell embeddings, {dataset} (t-SNE)"),
-        confusion_plot(scores["pretrained"].y_true, scores["pretrained"].y_pred, classes,
-                       out / f"confusion_{backbone}.png", title=f"Linear probe on {backbone}, {dataset} (repeat 1)")]
+        confusion_plot(scores["pretrained"].y_true, scores["pretrained"].y_pred, np.unique(y),
+                       out / f"confusion_{backbone}.png", title=f"Linear probe on {backbone}, {dataset} (repeat 1)"))]
     if opts.export:
         report["export"] = {"path": str(Path(opts.export).resolve()),
                             "obsm_key": export_embeddings(cells, embeddings, backbone, opts.export)}
-    _track(opts, pretrained, report, figures, out / "probe.json")
-    print(format_report(report), flush=True)
     return report
 
 
-def _track(opts: ProbeConfig, pretrained: Pretrained, report: dict[str, Any], figures: list[Path],
-           json_path: Path) -> None:
-    """One MLflow run in the pretraining run's store and experiment (unless told otherwise),
-    tagged with the pretraining run's id; probe.json is written inside the run so it names it."""
-    meta = pretrained.meta
-    tracker = Tracker(active=True)
-    params = flatten("", {"run": pretrained.run.to_dict()}) | {
+def _start_tracking(opts: ProbeConfig, pretrained: Pretrained, dataset: str, cells: Cells,
+                    facts: dict[str, int]) -> Tracker:
+    """The probe's run, in the pretraining run's store and experiment unless told otherwise: there
+    it is the pretraining run's child (nested under it in the UI)."""
+    meta, run = pretrained.meta, pretrained.run
+    source = meta.get("mlflow_run_id")
+    uri, experiment = opts.mlflow_uri or meta.get("mlflow_uri"), opts.experiment or meta.get("experiment") or "scgraph"
+    params = flatten("", {"run": run.to_dict()}) | facts | {
         f"probe.{k}": v for k, v in asdict(opts).items() if k not in ("quiet", "mlflow_uri", "experiment")}
-    tags = {"scgraph.kind": PROBE_KIND, "backbone": report["backbone"], "preset": report["preset"],
-            "dataset": report["dataset"], "pretraining_run_id": str(report["pretraining_run_id"]),
-            "checkpoint": report["checkpoint"], "git_commit": git_commit()}
-    tracker.start(opts.mlflow_uri or meta.get("mlflow_uri"), opts.experiment or meta.get("experiment") or "scgraph",
-                  f"probe-{report['backbone']}-{report['dataset']}", params, tags)
-    try:
-        metrics = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        for name, summary in report["controls"].items():
-            metrics |= {f"{name}.{k}": v for k, v in summary.items()}
-        tracker.metrics(metrics)
-        report["probe_run_id"] = tracker.run_id
-        json_path.write_text(json.dumps(report, indent=2))
-        for path in [json_path, *figures]:
-            tracker.artifact(path)
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    tracker.end()
+    tags = {"backbone": run.model.backbone, "preset": run.model.preset, "dataset": dataset,
+            "pretraining_run_id": str(source), "checkpoint": str(pretrained.path.resolve()), "git_commit": git_commit()}
+    tracker = Tracker()
+    same_experiment = source is not None and experiment == meta.get("experiment")
+    description = (f"Linear probe, kNN and clustering scores of the frozen {run.model.backbone} encoder of "
+                   f"pretraining run {source} on {dataset} ({facts['n_cells']:,} cells, {facts['n_classes']} classes, "
+                   f"{opts.repeats} repeat(s)), beside a random-init encoder of the same shape, PCA-50 and logistic "
+                   "regression on log1p CP10k.")
+    tracker.start(uri, experiment, f"probe-{run.model.backbone}-{dataset}", "probe", description, params, tags,
+                  parent=source if same_experiment else None)
+    tracker.dataset(dataset, hashlib.sha256(np.asarray(cells.adata.obs_names).astype(str).tobytes()).hexdigest()[:12],
+                    str(Path(opts.data).resolve()) if "://" not in opts.data else opts.data,
+                    {"cells": cells.counts.shape[0], "genes": cells.counts.shape[1], "label_key": opts.label_key},
+                    "evaluation")
+    return tracker
+
+
+def _finish_tracking(tracker: Tracker, report: dict[str, Any], out: Path) -> None:
+    """Scores as ``probe/`` metrics (the controls as ``probe/<control>/``), probe.json and figures."""
+    metrics = {f"probe/{k}": report[k] for k in SCORES}
+    for name in CONTROLS:
+        metrics |= {f"probe/{name}/{k}": report["controls"][name][k] for k in SCORES}
+    tracker.metrics(metrics)
+    json_path = out / "probe.json"
+    json_path.write_text(json.dumps(report, indent=2))
+    for path in [json_path, *report["figures"]]:
+        tracker.artifact(path)
 
 
 def _cell(summary: dict[str, Any], metric: str) -> str:
@@ -163,19 +196,22 @@ def _cell(summary: dict[str, Any], metric: str) -> str:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """The printed table: the pretrained encoder and both controls, in percent, and one sentence
-    saying whether pretraining beat the random encoder."""
+    """The printed table: the pretrained encoder beside every control, and one sentence saying what
+    pretraining earned over the random encoder."""
     backbone, model = report["backbone"], report["model"]
     rows = [(f"pretrained {backbone} encoder", report)] + [
         (CONTROLS[name], report["controls"][name]) for name in CONTROLS]
     split = f"{round(100 * (1 - report['test_fraction']))}/{round(100 * report['test_fraction'])}"
+    embedding = report.get("embedding", {})
     lines = [f"Linear probe: {backbone} ({report['preset']}, hidden {model['hidden']}, {model['layers']} layers, "
              f"L {model['seq_len']}) on {report['dataset']}: {report['n_cells']} cells, {report['n_classes']} classes, "
              f"{report['genes_matched']} genes matched ({report['genes_dropped']} dropped), {report['repeats']} "
-             f"repeat(s) of a {split} stratified split; one linear layer on "
-             f"{'z-scored' if report['standardize'] else 'raw'} embeddings",
-             f"  {'':36}{'accuracy %':>16}{'macro-F1 %':>18}"]
-    lines += [f"  {name:36}{_cell(s, 'accuracy'):>16}{_cell(s, 'macro_f1'):>18}" for name, s in rows]
+             f"repeat(s) of a {split} stratified split; cells embedded with their {embedding.get('selection', 'top')} "
+             f"{embedding.get('seq_len', model['seq_len'])} genes; one linear layer on "
+             f"{'z-scored' if report['standardize'] else 'raw'} features",
+             f"  {'':36}{'accuracy %':>16}{'macro-F1 %':>16}{'kNN acc %':>16}{'ARI':>7}{'NMI':>7}{'silh.':>7}"]
+    lines += [f"  {name:36}{_cell(s, 'accuracy'):>16}{_cell(s, 'macro_f1'):>16}{_cell(s, 'knn_accuracy'):>16}"
+              f"{s['ari']:7.3f}{s['nmi']:7.3f}{s['silhouette']:7.3f}" for name, s in rows]
     lines += [f"  note: {note}" for note in report["notes"]]
     gain = 100 * (report["accuracy_mean"] - report["controls"]["random_encoder"]["accuracy_mean"])
     if gain > 0:

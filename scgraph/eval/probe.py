@@ -190,3 +190,36 @@ def evaluate(make: Callable[[int], Classifier], X: Any, y: np.ndarray, *, repeat
 def logistic_regression(seed: int) -> LogisticRegression:
     """The expression-only control: what a linear model reaches without any encoder."""
     return LogisticRegression(max_iter=1000, random_state=seed)
+
+
+def knn(seed: int, k: int = 10) -> Any:
+    """k-nearest-neighbour classifier (k = 10, as the authors' own evaluation), Euclidean on the
+    features as they are (as scanpy's neighbour graph uses an embedding): the embedding's local
+    structure, with no trained weights."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    return KNeighborsClassifier(n_neighbors=k)
+
+
+def clustering_agreement(X: Any, y: np.ndarray, seed: int = 0, silhouette_cells: int = 3000) -> dict[str, float]:
+    """How well the embedding's own structure matches the labels, with no label used to build it:
+    ARI and NMI of k-means with as many clusters as labels, and the silhouette of the labels (on
+    at most ``silhouette_cells`` cells, a seeded sample); Euclidean on the features as they are."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+
+    X = np.asarray(X, dtype=np.float64)
+    clusters = KMeans(n_clusters=len(np.unique(y)), n_init=10, random_state=seed).fit_predict(X)
+    sample = min(len(y), silhouette_cells)
+    return {"ari": float(adjusted_rand_score(y, clusters)), "nmi": float(normalized_mutual_info_score(y, clusters)),
+            "silhouette": float(silhouette_score(X, y, sample_size=sample, random_state=seed))}
+
+
+def pca_features(expression: Any, components: int = 50, seed: int = 0) -> np.ndarray:
+    """The first ``components`` principal components of (log1p CP10k) expression: the standard
+    single-cell embedding a pretrained encoder has to beat."""
+    from sklearn.decomposition import PCA
+
+    components = min(components, min(expression.shape) - 1)
+    solver = "arpack" if hasattr(expression, "tocsr") else "auto"  # arpack centres sparse input implicitly
+    return PCA(n_components=components, svd_solver=solver, random_state=seed).fit_transform(expression)

@@ -10,6 +10,7 @@ Runs under the ``deepspeed`` launcher, ``torchrun``, or plain ``python`` (world 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import signal
@@ -25,15 +26,18 @@ import torch.distributed as dist
 from scgraph.cli import Command, explain, run
 from scgraph.config import PretrainConfig, RunConfig
 from scgraph.data.batch import Batch
-from scgraph.data.loader import ShardLoader, build_loader
+from scgraph.data.loader import Layout, Segment, ShardLoader, build_loader
 from scgraph.data.shards import ShardSet
-from scgraph.models.model import build_model, count_parameters, mvp_loss
+from scgraph.data.tokenize import mean_profile
+from scgraph.models.model import build_model, count_parameters
 from scgraph.plots import line_plot
 from scgraph.tracking import Tracker, check_store, flatten, git_commit
-from scgraph.train.checkpointer import Checkpointer
+from scgraph.train.checkpointer import MODEL_DIR, UNIVERSAL, Checkpointer, export_encoder, load_pretrained, read_meta
 from scgraph.train.distributed import all_ranks_agree, init_distributed, leave, mean_over_ranks
 from scgraph.train.dsconfig import load_ds_config, precision, resolve_ds_config, zero_stage
-from scgraph.train.telemetry import MemoryMeter, measure_flops, optimizer_state_bytes
+from scgraph.train.objectives import pretraining_loss
+from scgraph.train.optim import param_groups, scheduler
+from scgraph.train.telemetry import MemoryMeter, measure_flops, optimizer_state_bytes, peak_tflops
 
 
 @dataclass
@@ -41,13 +45,16 @@ class _Window:
     """What happened since the last log line: the source of loss and throughput metrics."""
 
     loss: float = 0.0
+    parts: dict[str, float] = field(default_factory=dict)
     micro: int = 0
     cells: int = 0
     tokens: int = 0
     start: float = field(default_factory=time.perf_counter)
 
-    def add(self, loss: float, batch: Batch, vocab_size: int) -> None:
-        self.loss += loss
+    def add(self, loss: tuple[float, dict[str, float]], batch: Batch, vocab_size: int) -> None:
+        self.loss += loss[0]
+        for name, value in loss[1].items():
+            self.parts[name] = self.parts.get(name, 0.0) + value
         self.micro += 1
         self.cells += len(batch)
         self.tokens += int((batch.genes < vocab_size).sum())
@@ -58,14 +65,18 @@ class Pretrainer:
 
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg
+        # the recon objective's batches carry each cell's profile
+        self.recon_genes = cfg.run.train.recon_genes if cfg.run.train.weights.get("recon") else None
         self.output = Path(cfg.output)
         self.checkpoints = Checkpointer(self.output)
         self.step = 0
         self.epoch = 0
         self.consumed = 0  # micro-batches consumed in the current epoch, on each rank
+        self.segments: list[Segment] = []  # earlier parts of the current epoch on other data layouts
         self.losses: list[tuple[int, float]] = []
         self.tracker = Tracker(active=False)
         self.logged_until = 0  # the last step whose metrics MLflow holds
+        self.best: tuple[int, float] = (0, math.inf)  # (step, validation loss) of the best checkpoint
         self.last_tag: str | None = None
         self.stop_signal: int | None = None
 
@@ -98,22 +109,42 @@ class Pretrainer:
         if self.resume_tag:
             self._check_resumable(self.resume_tag)
             self.checkpoints.check_compatible(self.resume_tag, run, cfg.shards, self.shards.identity)
+            saved_world = read_meta(self.checkpoints.dir, self.resume_tag).get("world_size", self.world)
+            if saved_world != self.world and zero_stage(self.ds) > 0:
+                # ZeRO partitions are per rank: DeepSpeed's universal checkpoint loads on any number
+                if self.rank == 0:
+                    print(f"scgraph: {self.resume_tag} was written by {saved_world} rank(s), resuming on "
+                          f"{self.world}: through DeepSpeed's universal checkpoint", flush=True)
+                self.resume_tag = self.checkpoints.universal(self.resume_tag, self.rank)
+            if self.resume_tag.endswith(UNIVERSAL):
+                self.ds["checkpoint"] = {**self.ds.get("checkpoint", {}), "load_universal": True}
 
-        torch.manual_seed(run.train.seed)
-        model = build_model(run.model)
-        self.params = count_parameters(model)
-        self.flops = self._measure_flops(run)
-        client_optimizer = None
-        if "optimizer" not in self.ds:
-            client_optimizer = torch.optim.AdamW(model.parameters(), lr=run.train.lr,
-                                                 weight_decay=run.train.weight_decay)
-        import deepspeed
-
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_optimizer,
-                                                    model_parameters=model.parameters(), config=self.ds)
+        self.val_shards = self._validation_shards()
         self.batches_per_epoch = self._loader(0, 0).batches_per_epoch
         self.max_steps = (cfg.epochs * self.batches_per_epoch // self.accumulation if cfg.epochs
                           else run.train.max_steps)
+        torch.manual_seed(run.train.seed)
+        model = build_model(run.model)
+        if model.decoder is not None:  # (a resumed run's checkpoint then replaces it)
+            sample = self.shards.sample_counts(cfg.verify_shards)
+            model.decoder.start_at(torch.from_numpy(mean_profile(sample, run.tokenizer, run.model.vocab_size)))
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(self.ds), torch.float32)
+        self.graph_kernel = model.choose_kernels(cfg.graph_kernel, self.device, dtype)
+        model.checkpointing = cfg.activation_checkpointing
+        self.params = count_parameters(model)
+        self.flops = self._measure_flops(run)
+        self.peak = peak_tflops(self.device, precision(self.ds), cfg.peak_tflops)
+        groups = param_groups(model, run.train.weight_decay)
+        client_optimizer = None
+        if "optimizer" not in self.ds:  # fused: one kernel for all parameters (4x cheaper than the default on CPU)
+            client_optimizer = torch.optim.AdamW(groups, lr=run.train.lr, fused=True)
+        import deepspeed
+
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_optimizer, model_parameters=groups,
+                                                    lr_scheduler=scheduler(run.train, self.max_steps),
+                                                    config=self.ds)
+        if cfg.compile:
+            self.engine.compile()
         self.memory = MemoryMeter(self.device)
 
     def _check_resumable(self, tag: str) -> None:
@@ -124,12 +155,69 @@ class Pretrainer:
             raise self.checkpoints.refuse(tag, problem or f"checkpoint {self.checkpoints.dir / tag} failed its check "
                                                           "on another rank")
 
+    def _validation_shards(self) -> ShardSet | None:
+        """--val-shards (same vocabulary), or --val-fraction of the training shards split off (then
+        training reads only the rest); None without validation data."""
+        cfg = self.cfg
+        if cfg.val_fraction:
+            self.shards, held = self.shards.split(cfg.val_fraction, cfg.run.train.seed)
+            return held
+        if not cfg.val_shards:
+            return None
+        held = ShardSet.open(cfg.val_shards)
+        if held.feature_ids != self.shards.feature_ids:
+            raise ValueError(f"--val-shards {cfg.val_shards} is not in the vocabulary of --shards {cfg.shards}: "
+                             f"write it with python -m sharding write --vocab-from {cfg.shards}")
+        return held
+
+    def _layout(self) -> Layout:
+        """This run's data layout: ranks, streams per rank, micro-batch."""
+        return Layout(self.world, max(1, self.cfg.num_workers), self.micro)
+
     def _loader(self, epoch: int, skip: int) -> ShardLoader:
         run = self.cfg.run
         return build_loader(self.shards, run.tokenizer, batch_size=self.micro, mask_ratio=run.train.mask_ratio,
+                            recon_genes=self.recon_genes,
                             seed=run.train.seed, rank=self.rank, world_size=self.world,
                             num_workers=self.cfg.num_workers, shuffle_buffer=self.cfg.shuffle_buffer,
-                            epoch=epoch, skip_batches=skip, verify=self.cfg.verify_shards)
+                            epoch=epoch, skip_batches=skip, verify=self.cfg.verify_shards,
+                            segments=tuple(self.segments) if epoch == self.epoch else ())
+
+    def validate(self) -> float:
+        """The loss on held-out cells: the same cells with the same masks every time (their own
+        fixed seed), split over the ranks, averaged over all of them; the model is not changed."""
+        run, cfg = self.cfg.run, self.cfg
+        try:
+            loader = build_loader(self.val_shards, run.tokenizer, batch_size=self.micro, recon_genes=self.recon_genes,
+                                  mask_ratio=run.train.mask_ratio, seed=run.train.seed + 1, rank=self.rank,
+                                  world_size=self.world, shuffle_buffer=0, verify=cfg.verify_shards)
+        except ValueError as err:
+            raise ValueError(f"validation data too small: {err}") from None
+        limit = loader.batches_per_epoch
+        if cfg.val_cells is not None:
+            limit = min(limit, -(-cfg.val_cells // (self.micro * self.world)))
+        self.engine.eval()
+        total, batches = 0.0, 0
+        with torch.no_grad():
+            for batch in itertools.islice(loader, limit):
+                batch = batch.to(self.device)
+                total += pretraining_loss(self.engine, batch, run.train.weights)[0].item()
+                batches += 1
+        self.engine.train()
+        return mean_over_ranks([total / batches], self.device)[0]
+
+    def _validate_and_keep_best(self) -> None:
+        loss = self.validate()
+        self.tracker.metrics({"val/loss": loss}, step=self.step)
+        if loss < self.best[1]:
+            self.best = (self.step, loss)
+            if self.last_tag != self._tag():
+                self.save_checkpoint()
+            self.checkpoints.mark_best(self.last_tag, self.rank)
+            self.tracker.tags({"best_checkpoint": self.last_tag, "best_val_loss": f"{loss:.6g}"})
+        if self.rank == 0:
+            print(f"scgraph: step {self.step}: validation loss {loss:.4f} (best {self.best[1]:.4f} at step "
+                  f"{self.best[0]})", flush=True)
 
     def _measure_flops(self, run: RunConfig):
         """FLOPs on real cells (the first batch of the epoch), on a CPU fp32 copy of the model."""
@@ -147,12 +235,23 @@ class Pretrainer:
             return
         client = self.checkpoints.load(self.engine, self.resume_tag)
         self.step, self.epoch, self.consumed = client["step"], client["epoch"], client["consumed"]
+        self.segments = [(Layout(*row[:3]), row[3]) for row in client.get("segments", [])]
+        saved = Layout(*client.get("layout", dataclasses.astuple(self._layout())))
+        if saved != self._layout() and self.consumed:
+            # another world size, micro-batch or number of workers: the rest of the epoch is planned
+            # afresh from the cells the earlier layout(s) did not consume
+            self.segments.append((saved, self.consumed))
+            self.consumed = 0
+            if self.rank == 0:
+                print(f"scgraph: the data layout changed ({saved} -> {self._layout()}): epoch {self.epoch} "
+                      "continues with the cells not trained yet", flush=True)
         self.losses = [tuple(x) for x in client.get("losses", [])]
+        self.best = tuple(client.get("best", self.best))
         self._start_tracking(run_id=client.get("mlflow_run_id"))
         self.tracker.tags({"resumed_from": self.resume_tag})
         # steps between this checkpoint and the interruption were logged already (with the same
         # values: the run is deterministic from here): log only beyond them
-        self.logged_until = self.tracker.last_step("loss")
+        self.logged_until = self.tracker.last_step("train/loss")
         if self.rank == 0:
             print(f"scgraph: resumed {self.resume_tag} at step {self.step} (epoch {self.epoch}, "
                   f"{self.consumed} batches into it)", flush=True)
@@ -165,33 +264,46 @@ class Pretrainer:
         meta = {"run": self.cfg.run.to_dict(), "shards": str(Path(self.cfg.shards).resolve()),
                 "shards_identity": self.shards.identity, "feature_ids": self.shards.feature_ids,
                 "feature_names": self.shards.feature_names, "step": self.step,
-                "zero_stage": zero_stage(self.ds), "precision": precision(self.ds),
+                "zero_stage": zero_stage(self.ds), "precision": precision(self.ds), "world_size": self.world,
                 "mlflow_run_id": self.tracker.run_id, "mlflow_uri": self.cfg.mlflow_uri,
                 "experiment": self.cfg.experiment}
         client = {"step": self.step, "epoch": self.epoch, "consumed": self.consumed,
-                  "losses": self.losses, "mlflow_run_id": self.tracker.run_id}
+                  "layout": dataclasses.astuple(self._layout()),
+                  "segments": [[*dataclasses.astuple(layout), batches] for layout, batches in self.segments],
+                  "losses": self.losses, "mlflow_run_id": self.tracker.run_id, "best": list(self.best)}
         self.checkpoints.save(self.engine, tag, meta, client, self.rank)
         self.last_tag = tag
 
     # -- tracking ----------------------------------------------------------------------------
     def _start_tracking(self, run_id: str | None) -> None:
-        cfg = self.cfg
+        cfg, model = self.cfg, self.cfg.run.model
         self.tracker = Tracker(active=self.rank == 0)
         params = flatten("", {"run": cfg.run.to_dict(), "deepspeed": self.ds}) | {
             "shards": cfg.shards, "world_size": self.world, "micro_batch_size": self.micro,
             "gradient_accumulation_steps": self.accumulation, "max_steps": self.max_steps,
-            "device": self.device.type, "precision": precision(self.ds), "zero_stage": zero_stage(self.ds)}
-        tags = {"backbone": cfg.run.model.backbone, "preset": cfg.run.model.preset,
-                "shards_identity": self.shards.identity, "git_commit": git_commit(),
-                "output": str(self.output.resolve())}
-        self.tracker.start(cfg.mlflow_uri, cfg.experiment, cfg.run_name, params if run_id is None else {},
-                           tags, run_id=run_id)
+            "device": self.device.type, "precision": precision(self.ds), "zero_stage": zero_stage(self.ds),
+            "graph_kernel": self.graph_kernel or "", "peak_tflops": self.peak or ""}
+        tags = {"backbone": model.backbone, "preset": model.preset, "shards_identity": self.shards.identity,
+                "git_commit": git_commit(), "output": str(self.output.resolve())}
+        shape = f"{model.preset} preset, hidden {model.hidden}, {model.layers} layers, L {cfg.run.tokenizer.seq_len}"
+        data = f"shard set {self.shards.identity} ({self.shards.n_cells:,} cells, {self.shards.vocab_size:,} genes)"
+        setup = (f"{self.max_steps} steps of {cfg.run.train.batch_size} cells on {self.world} rank(s), "
+                 f"{precision(self.ds)}, ZeRO stage {zero_stage(self.ds)}")
+        description = f"Masked-value pretraining of the {model.backbone} ({shape}) on {data}: {setup}."
+        self.tracker.start(cfg.mlflow_uri, cfg.experiment, cfg.run_name, "pretrain", description,
+                           params if run_id is None else {}, tags, run_id=run_id)
+        if cfg.system_metrics:
+            self.tracker.system_metrics()
         if run_id is None:
-            self.tracker.metrics(dict(self.params) | {
-                "flops_per_cell": self.flops.forward_backward,
-                "flops_per_cell_analytic": self.flops.analytic_forward_backward,
-                "flops_forward_per_cell": self.flops.forward,
-                "flops_forward_per_cell_analytic": self.flops.analytic_forward}, step=0)
+            self.tracker.dataset(f"shards-{self.shards.identity}", self.shards.identity,
+                                 str(Path(cfg.shards).resolve()),
+                                 {"cells": self.shards.n_cells, "genes": self.shards.vocab_size,
+                                  "shards": len(self.shards.shard_cells)}, "training")
+            self.tracker.metrics({f"cost/{k}": v for k, v in self.params.items()} | {
+                "cost/train_flops_per_cell": self.flops.forward_backward,
+                "cost/train_flops_per_cell_analytic": self.flops.analytic_forward_backward,
+                "cost/forward_flops_per_cell": self.flops.forward,
+                "cost/forward_flops_per_cell_analytic": self.flops.analytic_forward})
             if self.rank == 0:
                 self.output.mkdir(parents=True, exist_ok=True)
                 resolved = self.output / "resolved_config.json"
@@ -201,6 +313,12 @@ class Pretrainer:
                 if cfg.deepspeed_config:
                     self.tracker.artifact(cfg.deepspeed_config, "config")
 
+    def _log_memory(self) -> None:
+        """The memory summary, once per run at step 0 (measured in the first optimizer step on CPU,
+        the CUDA allocator's peak at the end)."""
+        self.tracker.metrics({f"cost/{'peak_memory' if k == 'peak' else f'memory_{k}'}_mib": v / 2**20
+                              for k, v in self.memory.summary().items()})
+
     # -- training ----------------------------------------------------------------------------
     def _batches(self):
         """Micro-batches from the saved data position onwards, epoch after epoch."""
@@ -208,39 +326,48 @@ class Pretrainer:
             for batch in self._loader(self.epoch, self.consumed):
                 self.consumed += 1
                 yield batch
-            self.epoch, self.consumed = self.epoch + 1, 0
+            self.epoch, self.consumed, self.segments = self.epoch + 1, 0, []
 
-    def _micro_step(self, batch: Batch, measure: bool, boundary: bool) -> float:
+    def _micro_step(self, batch: Batch, measure: bool, boundary: bool) -> tuple[float, dict[str, float]]:
         """Forward, backward and (at an accumulation boundary) the optimizer step of one micro-batch;
-        ``measure`` records the memory of each phase (first optimizer step only)."""
+        ``measure`` records the memory of each phase (first optimizer step only). The loss and each
+        objective's part."""
         engine = self.engine
         if measure:
             self.memory.before_forward(engine.module)
-        loss = mvp_loss(engine(batch.genes, batch.values, batch.masked), batch.values, batch.masked)
+        loss, parts = pretraining_loss(engine, batch, self.cfg.run.train.weights)
         if measure:
             self.memory.after_forward()
-        value = loss.item()
+        value, *values = torch.stack([loss.detach(), *parts.values()]).tolist()  # one device sync
         if not math.isfinite(value):
-            raise FloatingPointError(f"MVP loss became {value} at step {self.step + 1} on rank {self.rank}")
+            raise FloatingPointError(f"the loss became {value} at step {self.step + 1} on rank {self.rank}")
         engine.backward(loss)
         if measure and boundary:
             self.memory.after_backward(engine.module, engine.optimizer)
+        if boundary:
+            self.step_lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on in step())
         engine.step()
         if measure and boundary:
             self.memory.after_step(engine.optimizer)
-            self.tracker.metrics(self.memory.metrics(), step=self.step + 1)
-        return value
+            if self.device.type == "cpu":
+                self._log_memory()
+        return value, dict(zip(parts, values))
 
     def _log(self, window: _Window) -> dict[str, float]:
         elapsed = time.perf_counter() - window.start
         loss, cells, tokens = mean_over_ranks([window.loss / window.micro, window.cells, window.tokens], self.device)
-        metrics = {"loss": loss, "lr": self.engine.get_lr()[0], "cells_per_s": cells * self.world / elapsed,
-                   "tokens_per_s": tokens * self.world / elapsed, "epoch": self.epoch}
+        names = sorted(window.parts)
+        parts = mean_over_ranks([window.parts[n] / window.micro for n in names], self.device) if len(names) > 1 else []
+        metrics = {"train/loss": loss, **{f"train/loss_{n}": v for n, v in zip(names, parts)}, "train/lr": self.step_lr,
+                   "train/cells_per_s": cells * self.world / elapsed,
+                   "train/tokens_per_s": tokens * self.world / elapsed, "train/epoch": self.epoch}
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
-            metrics["grad_norm"] = float(norm)
-        if self.device.type == "cuda":
-            metrics["peak_memory_bytes"] = float(torch.cuda.max_memory_allocated(self.device))
+            metrics["train/grad_norm"] = float(norm)
+        tflops = self.flops.forward_backward * metrics["train/cells_per_s"] / 1e12  # all ranks together
+        metrics["train/tflops"] = tflops
+        if self.peak:
+            metrics["train/mfu"] = tflops / (self.peak * self.world)
         if self.step > self.logged_until:
             self.tracker.metrics(metrics, step=self.step)
         self.losses.append((self.step, loss))
@@ -266,14 +393,19 @@ class Pretrainer:
                 bar.update()
                 if self.step % self.cfg.run.train.log_every == 0 or self.step == self.max_steps:
                     metrics = self._log(window)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", cells_s=f"{metrics['cells_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", cells_s=f"{metrics['train/cells_per_s']:.0f}")
                     window = _Window()
                 if self.step % self.cfg.checkpoint_every == 0 and self.step < self.max_steps:
                     self.save_checkpoint()
+                if self.val_shards and self.cfg.val_every and self.step % self.cfg.val_every == 0 \
+                        and self.step < self.max_steps:
+                    self._validate_and_keep_best()
                 if self._stopping():
                     break
         if self.last_tag != self._tag():
             self.save_checkpoint()
+        if self.val_shards and self.stop_signal is None and self.best[0] != self.step:
+            self._validate_and_keep_best()
         if self.stop_signal is None:
             self._finish()
         elif self.rank == 0:
@@ -291,18 +423,25 @@ class Pretrainer:
     def _finish(self) -> None:
         if self.rank != 0:
             return
+        backbone = self.cfg.run.model.backbone
+        if self.device.type == "cuda" and self.logged_until == 0:
+            self._log_memory()
         if self.losses:
             steps, losses = zip(*self.losses)
-            curve = line_plot({self.cfg.run.model.backbone: (steps, losses)}, self.output / "loss_curve.png",
-                              title="Masked value prediction", xlabel="step", ylabel="MVP loss (MSE)")
+            curve = line_plot({backbone: (steps, losses)}, self.output / "loss_curve.png",
+                              title=f"{backbone}: pretraining loss ({self.cfg.run.train.objectives})", xlabel="step",
+                              ylabel="weighted loss (MSE)")
             self.tracker.artifact(curve)
         reference = self.output / "final_checkpoint.json"
         reference.write_text(json.dumps({"checkpoint_dir": str(self.checkpoints.dir.resolve()),
                                          "tag": self.last_tag, "step": self.step}, indent=2))
         self.tracker.artifact(reference)
+        model = export_encoder(load_pretrained(self.checkpoints.dir / self.last_tag), self.output / MODEL_DIR)
+        self.tracker.artifact(model)
         final = self.losses[-1][1] if self.losses else float("nan")
-        print(f"scgraph: {self.cfg.run.model.backbone} trained {self.step} steps on {self.world} rank(s), "
-              f"final MVP loss {final:.4f}; checkpoint {self.checkpoints.dir / self.last_tag}", flush=True)
+        print(f"scgraph: {backbone} trained {self.step} steps on {self.world} rank(s), final loss {final:.4f}; "
+              f"checkpoint {self.checkpoints.dir / self.last_tag}; encoder {self.output / MODEL_DIR}"
+              + (f" (runs:/{self.tracker.run_id}/{MODEL_DIR})" if self.tracker.run_id else ""), flush=True)
 
     def catch_signals(self) -> None:
         """Turn SIGTERM, SIGINT and SIGUSR1 into "checkpoint at the next step, then stop" (until

@@ -10,6 +10,7 @@ It is replaced atomically after every shard, so a reader never sees half of one.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -201,6 +202,23 @@ class ShardSet:
     def identity(self) -> str:
         return content_identity(self.manifest["vocabulary"], self.manifest["shards"])
 
+    def split(self, fraction: float, seed: int) -> tuple[ShardSet, ShardSet]:
+        """(the rest, held out): ``fraction`` of the shards (at least one, never all), chosen by a
+        permutation seeded with ``seed``, so the same arguments always hold out the same cells."""
+        n = len(self.manifest["shards"])
+        if n < 2:
+            raise ValueError(f"{self.directory} has {n} shard: holding out a fraction of it for validation needs "
+                             "at least 2 (write smaller shards, or give --val-shards)")
+        held = set(np.random.default_rng([seed, 7]).permutation(n)[: min(n - 1, max(1, round(fraction * n)))])
+        return self._subset([i for i in range(n) if i not in held]), self._subset(sorted(held))
+
+    def _subset(self, indices: list[int]) -> ShardSet:
+        shards = [self.manifest["shards"][i] for i in indices]
+        totals = {k: sum(s[k] for s in shards) for k in ("cells", "bytes", "nnz") if all(k in s for s in shards)}
+        manifest = self.manifest | {"shards": shards, "totals": totals | {"shards": len(shards)},
+                                    "identity": content_identity(self.manifest["vocabulary"], shards)}
+        return ShardSet(self.directory, manifest)
+
     def check_shard(self, index: int) -> None:
         """Refuse shard ``index`` if its bytes are not those the manifest lists (size, sha256),
         naming it: training must never read a damaged shard. Each is read once per ShardSet."""
@@ -224,17 +242,28 @@ class ShardSet:
             for sample in iter_shard(path):
                 yield decode_cell(sample, os.path.basename(path))
 
+    def sample_counts(self, verify: bool, shards: int = 64, cells_per_shard: int = 64) -> sp.csr_matrix:
+        """The first cells of up to ``shards`` shards spread evenly over the set, as cells x
+        vocabulary CSR: a cheap look at the data's statistics that spans its sources (a Census
+        shard set is ordered by dataset); ``verify`` checks each shard read first."""
+        picks = np.unique(np.linspace(0, len(self.shard_paths) - 1, min(shards, len(self.shard_paths))).round())
+        for i in picks.astype(int) if verify else ():
+            self.check_shard(i)
+        cells = [cell for i in picks.astype(int) for cell in itertools.islice(
+            (decode_cell(s, os.path.basename(self.shard_paths[i])) for s in iter_shard(self.shard_paths[i])),
+            cells_per_shard)]
+        return _csr(cells, self.vocab_size)
+
     def read_all(self) -> tuple[list[int], sp.csr_matrix, list[dict[str, Any]]]:
         """(soma_joinids, counts as cells x vocabulary CSR, obs) of every cell: a small set (a probe's
         labelled cells) read whole."""
-        joinids, genes, counts, obs = [], [], [], []
-        for cell in self.iter_cells():
-            joinids.append(cell.soma_joinid)
-            genes.append(cell.genes)
-            counts.append(cell.counts)
-            obs.append(cell.obs)
-        indptr = np.concatenate(([0], np.cumsum([len(g) for g in genes])))
-        matrix = sp.csr_matrix((np.concatenate(counts) if counts else np.zeros(0, np.float32),
-                                np.concatenate(genes) if genes else np.zeros(0, np.int32), indptr),
-                               shape=(len(genes), self.vocab_size))
-        return joinids, matrix, obs
+        cells = list(self.iter_cells())
+        return [c.soma_joinid for c in cells], _csr(cells, self.vocab_size), [c.obs for c in cells]
+
+
+def _csr(cells: list[Cell], vocab_size: int) -> sp.csr_matrix:
+    """Decoded cells as one cells x vocabulary CSR matrix of counts."""
+    indptr = np.concatenate(([0], np.cumsum([len(c.genes) for c in cells])))
+    return sp.csr_matrix((np.concatenate([c.counts for c in cells]) if cells else np.zeros(0, np.float32),
+                          np.concatenate([c.genes for c in cells]) if cells else np.zeros(0, np.int32), indptr),
+                         shape=(len(cells), vocab_size))

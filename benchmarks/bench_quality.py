@@ -1,0 +1,209 @@
+"""Cell-embedding quality on held-out cells: both backbones, both training recipes, against the
+random-init encoder, PCA-50 and logistic regression, under one probe and one embedding protocol.
+
+    python benchmarks/bench_quality.py --out runs/bench_quality          # about an hour on 2 cores
+
+For each real labelled set (CBMC; pbmc68k_reduced) a seeded share of the cells is held out; the
+rest is sharded with the sharding tool and pretrained with ``launchers/pretrain.py`` (one process,
+the same steps, size and batch for every model: a fixed CPU budget); the held-out cells are probed
+with ``launchers/probe.py``'s code (linear probe, kNN, k-means ARI/NMI, silhouette, and its three
+controls). Also: a learning curve (probe accuracy of the checkpoints along the ``cell`` recipe's
+run), an ablation of the objectives and of how training picks genes (CBMC, Transformer), and the
+inference protocol (top / random / all genes) on the final encoders. Writes quality.md,
+quality.json and learning_curve.png to --out; the tables go into benchmarks/RESULTS.md by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from scgraph.cli import to_argv
+from scgraph.config import ModelConfig, PretrainConfig, ProbeConfig, RunConfig, TokenizerConfig, TrainConfig
+from scgraph.data.datasets import LabelledCounts, load_cbmc, load_pbmc68k_reduced
+from scgraph.eval.evaluate import CONTROLS
+from scgraph.eval.evaluate import main as probe_main
+from scgraph.plots import line_plot
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = {"cbmc": (load_cbmc, 2000), "pbmc68k_reduced": (load_pbmc68k_reduced, 300)}  # loader, held-out cells
+#: The demo's model size and budget: what a 2-core machine pretrains in a few minutes.
+SHAPE = dict(preset="scbenchmark", hidden=64, layers=2, heads=4, adjacency_rank=16)
+SEQ_LEN, BATCH = 128, 32
+#: Ablations on CBMC with the Transformer: (tag, label, TrainConfig / TokenizerConfig overrides).
+ABLATIONS = [("mvp", "objective mvp (cell schedule)", dict(objectives="mvp")),
+             ("gepc", "objective gepc", dict(objectives="gepc")),
+             ("mvp_recon", "objectives mvp + recon", dict(objectives="mvp,recon")),
+             ("weighted", "training genes: weighted by value", dict(selection="weighted")),
+             ("top", "training genes: top-L", dict(selection="top"))]
+SCORES = [("accuracy_mean", "linear"), ("knn_accuracy_mean", "kNN"), ("ari", "ARI"), ("nmi", "NMI")]
+
+
+def prepare(name: str, root: Path, seed: int) -> tuple[Path, Path]:
+    """(shards of the pretraining cells, an .h5ad of the held-out cells with ``cell_type``)."""
+    loader, held = DATASETS[name]
+    data: LabelledCounts = loader()
+    held_out = np.zeros(len(data.labels), dtype=bool)
+    held_out[np.random.default_rng(seed).choice(len(data.labels), held, replace=False)] = True
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    var = pd.DataFrame(index=data.gene_ids)
+    for split, rows in (("pretrain", ~held_out), ("heldout", held_out)):
+        obs = pd.DataFrame({"cell_type": pd.Categorical(data.labels[rows])},
+                           index=[f"{name}{i}" for i in np.flatnonzero(rows)])
+        ad.AnnData(X=data.counts[rows], obs=obs, var=var).write_h5ad(folder / f"{split}.h5ad")
+    shards = folder / "shards"
+    if not (shards / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "sharding", "write", "--quiet", "--h5ad", str(folder / "pretrain.h5ad"),
+                        "--out", str(shards), "--cells-per-shard", "1000"], check=True, cwd=ROOT)
+    return shards, folder / "heldout.h5ad"
+
+
+def pretrain(shards: Path, out: Path, store: str, backbone: str, recipe: str, steps: int, seed: int,
+             every: int, **overrides) -> Path:
+    """One model through ``launchers/pretrain.py`` (reused when it finished before)."""
+    if (out / "final_checkpoint.json").is_file():
+        return out
+    tok = {k: overrides.pop(k) for k in ("selection",) if k in overrides}
+    run = RunConfig(model=ModelConfig(backbone=backbone, **SHAPE), tokenizer=TokenizerConfig(seq_len=SEQ_LEN, **tok),
+                    train=TrainConfig(recipe=recipe, batch_size=BATCH, max_steps=steps, seed=seed, **overrides))
+    cfg = PretrainConfig(run=run, shards=str(shards), output=str(out), checkpoint_every=every, mlflow_uri=store,
+                         experiment="bench-quality", run_name=out.name, system_metrics=False)
+    started = time.time()
+    subprocess.run([sys.executable, "launchers/pretrain.py", *to_argv(cfg)], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
+    print(f"  pretrained {out.name} in {time.time() - started:.0f} s (load {os.getloadavg()[0]:.1f})", flush=True)
+    return out
+
+
+def probe(checkpoint: Path, cells: Path, dataset: str, out: Path, store: str, seed: int,
+          selection: str = "top") -> dict:
+    """probe.json of one checkpoint on the held-out cells (reused when present)."""
+    report = out / "probe.json"
+    if not report.is_file():
+        cfg = ProbeConfig(checkpoint=str(checkpoint), data=str(cells), dataset_name=dataset, out=str(out),
+                          mlflow_uri=store, experiment="bench-quality-probes", seed=seed, embed_selection=selection,
+                          tsne_cells=500, quiet=True)
+        with open(os.devnull, "w") as quiet:
+            stdout, sys.stdout = sys.stdout, quiet
+            try:
+                code = probe_main(to_argv(cfg))
+            finally:
+                sys.stdout = stdout
+        if code:
+            raise SystemExit(f"probe of {checkpoint} failed ({code})")
+    return json.loads(report.read_text())
+
+
+def score_row(label: str, scores: dict) -> str:
+    return f"| {label} | " + " | ".join(f"{100 * scores[k]:.1f}" for k, _ in SCORES) + " |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_quality")
+    parser.add_argument("--steps", type=int, default=600, help="pretraining steps of every model")
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    root, steps, seed = args.out.resolve(), args.steps, args.seed
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    root.mkdir(parents=True, exist_ok=True)
+    started, load = time.time(), os.getloadavg()[0]
+    results: dict = {"steps": steps, "shape": SHAPE, "seq_len": SEQ_LEN, "batch": BATCH, "datasets": {}}
+    header = "| encoder | " + " | ".join(n for _, n in SCORES) + " |\n|---|" + "---:|" * len(SCORES)
+    lines = [f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU; load {load:.1f} at the start. Every model: "
+             f"{SHAPE}, L = {SEQ_LEN}, batch {BATCH}, {steps} steps, one process. Scores in % on held-out cells "
+             "(linear probe and kNN: mean of 5 stratified 70/30 splits; ARI/NMI of k-means with as many clusters "
+             "as labels). Embedding protocol: top-L genes by expression, the training L.", ""]
+    curve: dict[str, tuple[list[int], list[float]]] = {}
+    for name in args.datasets:
+        shards, cells = prepare(name, root, seed)
+        table = [f"### {name}", "", header]
+        rows: dict = {}
+        for recipe in ("cell", "paper"):
+            for backbone in ("transformer", "gnn", "gnn_linear") if recipe == "cell" else ("transformer", "gnn"):
+                tag = f"{name}-{backbone}-{recipe}"
+                out = pretrain(shards, root / "pretrain" / tag, store, backbone, recipe, steps, seed, steps // 6)
+                report = probe(out, cells, name, root / "probe" / tag, store, seed)
+                rows[tag] = report
+                table.append(score_row(f"{backbone}, recipe {recipe}", report))
+                if recipe == "cell" and name == "cbmc":
+                    points = sorted((out / "checkpoints").glob("step*"))
+                    xs, ys = [0], [report["controls"]["random_encoder"]["accuracy_mean"]]
+                    for point in points:
+                        step = int(point.name.removeprefix("step"))
+                        if point.is_dir() and step % (steps // 6) == 0:
+                            at = probe(point, cells, name, root / "probe" / f"{tag}-{point.name}", store, seed)
+                            xs.append(step)
+                            ys.append(at["accuracy_mean"])
+                    curve[backbone] = (xs, ys)
+        first = rows[f"{name}-transformer-cell"]["controls"]
+        for control, text in CONTROLS.items():
+            table.append(score_row(text, first[control]) if control != "random_encoder" else
+                         score_row(f"{text} (Transformer)", first[control]))
+        for backbone in ("gnn", "gnn_linear"):
+            table.append(score_row(f"{CONTROLS['random_encoder']} ({backbone})", rows[f"{name}-{backbone}-cell"]
+                                   ["controls"]["random_encoder"]))
+        lr, pca = first["logistic_regression"]["accuracy_mean"], first["pca"]["accuracy_mean"]
+        table += ["", "Targets (cell recipe, linear probe):", ""]
+        for backbone in ("transformer", "gnn", "gnn_linear"):
+            report = rows[f"{name}-{backbone}-cell"]
+            acc, rand = report["accuracy_mean"], report["controls"]["random_encoder"]["accuracy_mean"]
+            table.append(f"- {backbone}: {100 * acc:.1f} % = {acc / lr:.3f} x LR (target >= 0.90); removes "
+                         f"{(acc - rand) / max(lr - rand, 1e-9):.2f} of the random encoder's gap to LR (target >= "
+                         f"0.5); {100 * (acc - pca):+.1f} points against PCA-50 (target > 0)")
+        gap = rows[f"{name}-gnn-cell"]["accuracy_mean"] - rows[f"{name}-transformer-cell"]["accuracy_mean"]
+        table.append(f"- GNN - Transformer: {100 * gap:+.1f} points (target within 2)")
+        results["datasets"][name] = rows
+        lines += table + [""]
+    if curve:
+        line_plot(curve, root / "learning_curve.png", title="CBMC held out: linear probe vs pretraining step",
+                  xlabel="pretraining step (0 = random init)", ylabel="probe accuracy")
+        lines += ["### Learning curve (CBMC, recipe cell, linear probe accuracy %)", "",
+                  "| step | " + " | ".join(curve) + " |", "|---:|" + "---:|" * len(curve)]
+        for i, step in enumerate(next(iter(curve.values()))[0]):
+            lines.append(f"| {step} | " + " | ".join(f"{100 * ys[i]:.1f}" for _, ys in curve.values()) + " |")
+        results["learning_curve"] = curve
+        lines.append("")
+    if not args.no_ablations and "cbmc" in args.datasets:
+        shards, cells = prepare("cbmc", root, seed)
+        lines += ["### Ablations (CBMC, Transformer, cell recipe unless named)", "", header]
+        lines.append(score_row("recipe cell (recon)", results["datasets"]["cbmc"]["cbmc-transformer-cell"]))
+        for short, label, overrides in ABLATIONS:
+            tag = f"cbmc-transformer-{short}"
+            out = pretrain(shards, root / "pretrain" / tag, store, "transformer", "cell", steps, seed, steps,
+                           **overrides)
+            report = probe(out, cells, "cbmc", root / "probe" / tag, store, seed)
+            results.setdefault("ablations", {})[label] = report
+            lines.append(score_row(label, report))
+        lines += ["", "### Which genes the frozen encoder sees (CBMC, recipe cell)", "", header]
+        for backbone in ("transformer", "gnn"):
+            out = root / "pretrain" / f"cbmc-{backbone}-cell"
+            for selection in ("top", "random", "all"):
+                report = probe(out, cells, "cbmc", root / "probe" / f"cbmc-{backbone}-cell-{selection}", store,
+                               seed, selection)
+                lines.append(score_row(f"{backbone}, {selection} genes", report))
+                lines.append(score_row(f"random-init {backbone}, {selection} genes",
+                                       report["controls"]["random_encoder"]))
+        lines.append("")
+    lines.append(f"{time.time() - started:.0f} s in all; load {os.getloadavg()[0]:.1f} at the end.")
+    text = "\n".join(lines)
+    print(text)
+    (root / "quality.md").write_text(text + "\n")
+    (root / "quality.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
