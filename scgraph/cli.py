@@ -462,15 +462,16 @@ def _get(cfg: Any, path: tuple[str, ...]) -> Any:
     return cfg
 
 
-def _implied(cfg: Any) -> Any:
-    """``cfg`` rebuilt with every None-default field left to validation (a preset, another field):
-    what a command line need not say. None if that does not validate."""
-    values = _nest({leaf.dest: None if leaf.field.default is None else _get(cfg, leaf.path)
-                    for leaf in _leaves(type(cfg))})
+def _implied(cfg: Any, leaf: _Leaf) -> Any:
+    """What validation derives for ``leaf`` (a None-default field: a preset's layout, a recipe's
+    rate) when a command line leaves it unset and says every other field as in ``cfg``; MISSING
+    when that does not validate. One field at a time: fields derived from each other (a recipe's
+    objectives, the decoder they need) are each checked against the others' actual values."""
+    values = _nest({other.dest: _get(cfg, other.path) for other in _leaves(type(cfg))} | {leaf.dest: None})
     try:
-        return construct(type(cfg), values)
+        return _get(construct(type(cfg), values), leaf.path)
     except ValueError:
-        return None
+        return MISSING
 
 
 def to_argv(cfg: Any) -> list[str]:
@@ -478,12 +479,11 @@ def to_argv(cfg: Any) -> list[str]:
     its declared default, except values validation derives by itself (a preset's layouts). A
     differing field that only a config file can set is an error."""
     out: list[str] = []
-    implied = _implied(cfg)
     for leaf in _leaves(type(cfg)):
         value = _get(cfg, leaf.path)
         if leaf.default is not MISSING and value == leaf.default:
             continue
-        if leaf.field.default is None and implied is not None and _get(implied, leaf.path) == value:
+        if leaf.field.default is None and value is not None and _implied(cfg, leaf) == value:
             continue
         if not leaf.meta.get("cli", True):
             raise ValueError(f"{leaf.dest} = {value!r} cannot be set on a command line; use a config file")

@@ -59,6 +59,15 @@ def test_argv_leaves_out_what_a_preset_implies():
     assert "--block-layout" in to_argv(explicit)
 
 
+def test_argv_of_fields_derived_from_each_other_says_the_cause_and_leaves_out_the_effect():
+    """Objectives without recon need no cell decoder: --objectives alone rebuilds both."""
+    cfg = PretrainConfig(run=RunConfig(model=ModelConfig(backbone="gnn"), train=TrainConfig(objectives="mvp")),
+                         shards="s")
+    assert cfg.run.model.cell_decoder is False
+    assert to_argv(cfg) == ["--backbone", "gnn", "--objectives", "mvp", "--shards", "s"]
+    assert parse(command(PretrainConfig), to_argv(cfg)) == cfg
+
+
 def test_yaml_sections_and_flags_are_layered_and_typed(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model:\n  backbone: gnn\n  hidden: 64\ntrain:\n  lr: 1.0e-3\nshards: /data\n")
