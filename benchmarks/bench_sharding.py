@@ -8,7 +8,8 @@ Generates a census-schema experiment (build-soma layout; counts with ``--genes-p
 genes per cell out of ``--genes``; the census averages about 2,000), then measures in one run: a
 plain tiledbsoma read of X["raw"] (``tables()`` and ``blockwise(axis=0).scipy()``, as a user would
 write them), ``python -m sharding write`` with 1 and 2 workers (in a subprocess, so its peak RSS is
-its own), and the loader (batches of 256, L=512) with 0 and 2 workers. Prints a markdown table and
+its own), and the loader (batches of 256, L=512) with 0 and 2 workers, without and with the cell
+recipe's expression profiles (1,024 genes per cell). Prints a markdown table and
 the load average around each measurement (other jobs on the cores slow every row). Targets
 (issue 3): write >= 0.5x the plain blockwise read; loader >= 10,000 cells/s.
 """
@@ -110,7 +111,8 @@ def write(census: str, out: str, workers: int) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def loader_rate(shards: str, num_workers: int, batch_size: int = 256, seq_len: int = 512) -> float:
+def loader_rate(shards: str, num_workers: int, recon_genes: int | None, batch_size: int = 256,
+                seq_len: int = 512) -> float:
     from scgraph.config import TokenizerConfig
     from scgraph.data.loader import build_loader
 
@@ -121,6 +123,7 @@ def loader_rate(shards: str, num_workers: int, batch_size: int = 256, seq_len: i
         mask_ratio=0.15,
         seed=0,
         num_workers=num_workers,
+        recon_genes=recon_genes,
     )
     start, cells = time.perf_counter(), 0
     for batch in loader:
@@ -178,9 +181,12 @@ def main() -> None:
             )
             if workers == 2:
                 shutil.rmtree(os.path.join(work, "shards1"))  # the same bytes; spare the disk
-        for workers in (0, 2):
-            before = load()
-            rows.append((f"loader B=256 L=512 num_workers={workers}", loader_rate(out, workers), "", "", before))
+        # recon 1,024: the default cell recipe's batches also carry each cell's expression profile
+        for recon in (None, 1024):
+            for workers in (0, 2):
+                before = load()
+                what = f"loader B=256 L=512 num_workers={workers}" + (f" recon {recon}" if recon else "")
+                rows.append((what, loader_rate(out, workers, recon), "", "", before))
     finally:
         shutil.rmtree(work)
     print(f"\n{n_cells:,} cells, {vocab:,} genes, {nnz / n_cells:.0f} genes/cell, {os.cpu_count()} CPUs\n")
