@@ -9,7 +9,8 @@ the same steps, size and batch for every model: a fixed CPU budget); the held-ou
 with ``launchers/probe.py``'s code (linear probe, kNN, k-means ARI/NMI, silhouette, and its three
 controls). Also: a learning curve (probe accuracy of the checkpoints along the ``cell`` recipe's
 run), an ablation of the objectives and of how training picks genes (CBMC, Transformer), and the
-inference protocol (top / random / all genes) on the final encoders. Writes quality.md,
+inference protocol (top / random / all genes) on the final encoders, and the grid of how training
+picks genes x training L x inference protocol. Writes quality.md,
 quality.json and learning_curve.png to --out; the tables go into benchmarks/RESULTS.md by hand.
 """
 
@@ -29,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from scgraph.cli import to_argv
-from scgraph.config import ModelConfig, PretrainConfig, ProbeConfig, RunConfig, TokenizerConfig, TrainConfig
+from scgraph.config import DemoConfig, ModelConfig, PretrainConfig, ProbeConfig, RunConfig, TokenizerConfig, TrainConfig
 from scgraph.data.datasets import LabelledCounts, load_cbmc, load_pbmc68k_reduced
 from scgraph.eval.evaluate import CONTROLS
 from scgraph.eval.evaluate import main as probe_main
@@ -37,15 +38,22 @@ from scgraph.plots import line_plot
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = {"cbmc": (load_cbmc, 2000), "pbmc68k_reduced": (load_pbmc68k_reduced, 300)}  # loader, held-out cells
-#: The demo's model size and budget: what a 2-core machine pretrains in a few minutes.
-SHAPE = dict(preset="scbenchmark", hidden=64, layers=2, heads=4, adjacency_rank=16)
-SEQ_LEN, BATCH = 128, 32
+#: The demo's model size and budget (``make demo``'s defaults): what a 2-core machine pretrains in minutes.
+DEMO = DemoConfig()
+SHAPE = dict(preset=DEMO.preset, hidden=DEMO.hidden, layers=DEMO.layers, heads=DEMO.heads,
+             adjacency_rank=DEMO.adjacency_rank)
+SEQ_LEN, BATCH = DEMO.seq_len, DEMO.batch_size
 #: Ablations on CBMC with the Transformer: (tag, label, TrainConfig / TokenizerConfig overrides).
 ABLATIONS = [("mvp", "objective mvp (cell schedule)", dict(objectives="mvp")),
              ("gepc", "objective gepc", dict(objectives="gepc")),
              ("mvp_recon", "objectives mvp + recon", dict(objectives="mvp,recon")),
-             ("weighted", "training genes: weighted by value", dict(selection="weighted")),
-             ("top", "training genes: top-L", dict(selection="top"))]
+             ("random", "training genes: L at random", dict(selection="random")),
+             ("weighted", "training genes: weighted by value", dict(selection="weighted"))]
+#: The gene-choice grid (CBMC, Transformer): how training picks genes x the training L, each frozen
+#: encoder embedded with every inference protocol (selection, genes; None: the training L).
+GRID_SELECTIONS = ("top", "random", "weighted")
+GRID_TRAIN_LENS = (SEQ_LEN, 2 * SEQ_LEN)
+GRID_EMBED = [("top", SEQ_LEN), ("top", 2 * SEQ_LEN), ("random", None), ("all", None)]
 SCORES = [("accuracy_mean", "linear"), ("knn_accuracy_mean", "kNN"), ("ari", "ARI"), ("nmi", "NMI")]
 
 
@@ -70,12 +78,12 @@ def prepare(name: str, root: Path, seed: int) -> tuple[Path, Path]:
 
 
 def pretrain(shards: Path, out: Path, store: str, backbone: str, recipe: str, steps: int, seed: int,
-             every: int, **overrides) -> Path:
+             every: int, seq_len: int = SEQ_LEN, **overrides) -> Path:
     """One model through ``launchers/pretrain.py`` (reused when it finished before)."""
     if (out / "final_checkpoint.json").is_file():
         return out
     tok = {k: overrides.pop(k) for k in ("selection",) if k in overrides}
-    run = RunConfig(model=ModelConfig(backbone=backbone, **SHAPE), tokenizer=TokenizerConfig(seq_len=SEQ_LEN, **tok),
+    run = RunConfig(model=ModelConfig(backbone=backbone, **SHAPE), tokenizer=TokenizerConfig(seq_len=seq_len, **tok),
                     train=TrainConfig(recipe=recipe, batch_size=BATCH, max_steps=steps, seed=seed, **overrides))
     cfg = PretrainConfig(run=run, shards=str(shards), output=str(out), checkpoint_every=every, mlflow_uri=store,
                          experiment="bench-quality", run_name=out.name, system_metrics=False)
@@ -86,14 +94,17 @@ def pretrain(shards: Path, out: Path, store: str, backbone: str, recipe: str, st
     return out
 
 
-def probe(checkpoint: Path, cells: Path, dataset: str, out: Path, store: str, seed: int,
-          selection: str = "top") -> dict:
-    """probe.json of one checkpoint on the held-out cells (reused when present)."""
+def probe(checkpoint: Path, cells: Path, dataset: str, root: Path, store: str, seed: int,
+          selection: str = "top", seq_len: int | None = None) -> dict:
+    """probe.json of one checkpoint on the held-out cells embedded with ``selection`` and ``seq_len``
+    genes (None: the training L); reused when the same protocol was probed before."""
+    out = root / "probe" / (checkpoint.name if (selection, seq_len) == ("top", None) else
+                            f"{checkpoint.name}-{selection}{seq_len or ''}")
     report = out / "probe.json"
     if not report.is_file():
         cfg = ProbeConfig(checkpoint=str(checkpoint), data=str(cells), dataset_name=dataset, out=str(out),
                           mlflow_uri=store, experiment="bench-quality-probes", seed=seed, embed_selection=selection,
-                          tsne_cells=500, quiet=True)
+                          embed_seq_len=seq_len, tsne_cells=500, quiet=True)
         with open(os.devnull, "w") as quiet:
             stdout, sys.stdout = sys.stdout, quiet
             try:
@@ -109,10 +120,42 @@ def score_row(label: str, scores: dict) -> str:
     return f"| {label} | " + " | ".join(f"{100 * scores[k]:.1f}" for k, _ in SCORES) + " |"
 
 
+def gene_choice_grid(shards: Path, cells: Path, root: Path, store: str, steps: int, seed: int,
+                     results: dict) -> list[str]:
+    """Training choice x training L x inference protocol (CBMC, Transformer, cell recipe): linear
+    probe accuracy of each frozen encoder, and of the random-init encoder embedded the same way."""
+    columns = [f"{selection} {length or 'L'}" if selection != "all" else "all" for selection, length in GRID_EMBED]
+    lines = ["### Gene choice: training x inference x L (CBMC, Transformer, cell recipe, linear probe %)", "",
+             "Rows: how pretraining picked each cell's genes and how many (L); columns: which genes the frozen "
+             "encoder sees (top-n by expression, n random ones, or all expressed; L: the training L).", "",
+             "| training | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    random_rows: dict[int, list[float]] = {}
+    grid = results.setdefault("gene_choice_grid", {})
+    for length in GRID_TRAIN_LENS:
+        for selection in GRID_SELECTIONS:
+            # the L = 128 models are the main table's and the ablation's; L = 256 ones are new
+            short = {"top": "cell"}.get(selection, selection) if length == SEQ_LEN else f"{selection}-L{length}"
+            tag = f"cbmc-transformer-{short}"
+            out = pretrain(shards, root / "pretrain" / tag, store, "transformer", "cell", steps, seed, steps,
+                           seq_len=length, selection=selection)
+            accuracies, controls = [], []
+            for how, n in GRID_EMBED:
+                report = probe(out, cells, "cbmc", root, store, seed, how, None if n == length else n)
+                grid[f"{selection} L{length} -> {how} {n or 'L'}"] = report
+                accuracies.append(report["accuracy_mean"])
+                controls.append(report["controls"]["random_encoder"]["accuracy_mean"])
+            random_rows[length] = controls
+            lines.append(f"| {selection} L{length} | " + " | ".join(f"{100 * a:.1f}" for a in accuracies) + " |")
+    for length, controls in random_rows.items():
+        lines.append(f"| random-init, embedded as L{length} | " + " | ".join(f"{100 * a:.1f}" for a in controls) + " |")
+    return lines + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_quality")
-    parser.add_argument("--steps", type=int, default=600, help="pretraining steps of every model")
+    parser.add_argument("--steps", type=int, default=DEMO.steps, help="pretraining steps of every model "
+                        "(default: the demo's)")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -135,8 +178,8 @@ def main() -> None:
         for recipe in ("cell", "paper"):
             for backbone in ("transformer", "gnn", "gnn_linear") if recipe == "cell" else ("transformer", "gnn"):
                 tag = f"{name}-{backbone}-{recipe}"
-                out = pretrain(shards, root / "pretrain" / tag, store, backbone, recipe, steps, seed, steps // 6)
-                report = probe(out, cells, name, root / "probe" / tag, store, seed)
+                out = pretrain(shards, root / "pretrain" / tag, store, backbone, recipe, steps, seed, steps // 3)
+                report = probe(out, cells, name, root, store, seed)
                 rows[tag] = report
                 table.append(score_row(f"{backbone}, recipe {recipe}", report))
                 if recipe == "cell" and name == "cbmc":
@@ -144,8 +187,8 @@ def main() -> None:
                     xs, ys = [0], [report["controls"]["random_encoder"]["accuracy_mean"]]
                     for point in points:
                         step = int(point.name.removeprefix("step"))
-                        if point.is_dir() and step % (steps // 6) == 0:
-                            at = probe(point, cells, name, root / "probe" / f"{tag}-{point.name}", store, seed)
+                        if point.is_dir() and step % (steps // 3) == 0:
+                            at = probe(point, cells, name, root / "curve" / tag, store, seed)
                             xs.append(step)
                             ys.append(at["accuracy_mean"])
                     curve[backbone] = (xs, ys)
@@ -185,19 +228,19 @@ def main() -> None:
             tag = f"cbmc-transformer-{short}"
             out = pretrain(shards, root / "pretrain" / tag, store, "transformer", "cell", steps, seed, steps,
                            **overrides)
-            report = probe(out, cells, "cbmc", root / "probe" / tag, store, seed)
+            report = probe(out, cells, "cbmc", root, store, seed)
             results.setdefault("ablations", {})[label] = report
             lines.append(score_row(label, report))
         lines += ["", "### Which genes the frozen encoder sees (CBMC, recipe cell)", "", header]
         for backbone in ("transformer", "gnn"):
             out = root / "pretrain" / f"cbmc-{backbone}-cell"
             for selection in ("top", "random", "all"):
-                report = probe(out, cells, "cbmc", root / "probe" / f"cbmc-{backbone}-cell-{selection}", store,
-                               seed, selection)
+                report = probe(out, cells, "cbmc", root, store, seed, selection)
                 lines.append(score_row(f"{backbone}, {selection} genes", report))
                 lines.append(score_row(f"random-init {backbone}, {selection} genes",
                                        report["controls"]["random_encoder"]))
         lines.append("")
+        lines += gene_choice_grid(shards, cells, root, store, steps, seed, results)
     lines.append(f"{time.time() - started:.0f} s in all; load {os.getloadavg()[0]:.1f} at the end.")
     text = "\n".join(lines)
     print(text)

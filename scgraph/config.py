@@ -238,7 +238,9 @@ class TokenizerConfig:
                                 choices=NORMALIZATIONS)
     target_sum: float = option(1e4, "library size each cell is scaled to before log1p")
     n_bins: int | None = option(None, "bin values scGPT-style into this many bins (default: no binning)")
-    selection: str = option("random", "which genes when a cell has more than L", choices=SELECTIONS)
+    selection: str = option("top", "which genes when a cell has more than L: the top L by expression (measured best "
+                            "for cell embeddings), L at random, or L drawn with probability proportional to the value",
+                            choices=SELECTIONS)
     cls_token: bool | None = option(None, "prepend a CLS token (default: when the cell embedding is the CLS output)")
 
     def __post_init__(self) -> None:
@@ -510,14 +512,14 @@ class DemoConfig:
                       "(use a new one after changing model settings)")
     experiment: str = option("scgraph-demo", "MLflow experiment")
     preset: str = option("scbenchmark", "architecture preset", choices=tuple(PRESETS))
-    hidden: int = option(64, "hidden size of both backbones")
+    hidden: int = option(128, "hidden size of both backbones")
     layers: int = option(2, "blocks of both backbones")
     heads: int = option(4, "attention heads of the Transformer")
     adjacency_rank: int = option(16, "rank of the GNN's adjacency factors")
     seq_len: int = option(128, "genes per cell L")
     batch_size: int = option(32, "global pretraining batch (cells)")
     micro_batch_size: int = option(16, "cells per rank per forward")
-    steps: int = option(600, "pretraining steps of each backbone")
+    steps: int = option(1800, "pretraining steps of each backbone")
     recipe: str = option("cell", "training recipe (cell: the measured best for cell embeddings; paper: the authors' "
                          "MVP alone)", choices=tuple(RECIPES))
     lr: float | None = option(None, "pretraining AdamW peak learning rate (default: the recipe's)")

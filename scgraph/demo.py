@@ -16,6 +16,7 @@ probe.json naming the checkpoint it probed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -200,8 +201,26 @@ class Demo:
         return self.command("compare", [sys.executable, "launchers/compare.py", *to_argv(compare)])
 
     # -- the whole pipeline ------------------------------------------------------------------
+    def claim_folder(self) -> None:
+        """Record the settings in OUT/settings.json, or refuse a folder made with other ones: its
+        finished steps (a 600-step model, say) would be reused or resumed as if they were these."""
+        record = self.root / "settings.json"
+        mine = {k: v for k, v in dataclasses.asdict(self.settings).items() if k != "out"}
+        if record.is_file():
+            theirs = json.loads(record.read_text())
+            changed = [f"{k} {theirs.get(k)} -> {v}" for k, v in mine.items() if theirs.get(k) != v]
+            if changed:
+                raise ValueError(f"{self.root} holds a demo run with other settings ({', '.join(changed)}); remove "
+                                 "it or pass --out NEW_FOLDER")
+        elif self.root.is_dir() and any(self.root.iterdir()):
+            raise ValueError(f"{self.root} holds files but no settings.json (a demo run of an older scgraph, or "
+                             "not a demo folder); remove it or pass --out NEW_FOLDER")
+        self.root.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(mine, indent=1) + "\n")
+
     def run(self) -> str:
         s = self.settings
+        self.claim_folder()
         steps = [("census-layout SOMA collection from CBMC", self.build_census),
                  ("pretraining shards (census path)",
                   lambda: self.write_shards("shards_pretrain", self.pretrain_shards, "pretrain")),

@@ -62,3 +62,18 @@ def test_a_failing_step_names_its_log(tmp_path):
 def test_bad_settings_are_refused(field, value, message):
     with pytest.raises(ValueError, match=message):
         DemoConfig(**{field: value})
+
+
+def test_a_folder_made_with_other_settings_is_refused_in_one_line(tmp_path, capsys):
+    from scgraph.demo import main
+
+    Demo(DemoConfig(out=str(tmp_path / "a"), hidden=128, steps=600)).claim_folder()
+    Demo(DemoConfig(out=str(tmp_path / "a"), hidden=128, steps=600)).claim_folder()  # the same settings: reused
+    with pytest.raises(ValueError, match=r"holds a demo run with other settings \(hidden 128 -> 64, steps 600 -> 3\)"):
+        Demo(DemoConfig(out=str(tmp_path / "a"), hidden=64, steps=3)).claim_folder()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "pretrain").mkdir()  # an older scgraph's demo folder: no settings record
+    assert main(["--out", str(tmp_path / "old")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds files but no settings.json" in err
+    assert (tmp_path / "old" / "pretrain").is_dir() and not (tmp_path / "old" / "settings.json").exists()
