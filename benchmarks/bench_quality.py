@@ -8,9 +8,9 @@ rest is sharded with the sharding tool and pretrained with ``launchers/pretrain.
 the same steps, size and batch for every model: a fixed CPU budget); the held-out cells are probed
 with ``launchers/probe.py``'s code (linear probe, kNN, k-means ARI/NMI, silhouette, and its three
 controls). Also: a learning curve (probe accuracy of the checkpoints along the ``cell`` recipe's
-run), an ablation of the objectives and of how training picks genes (CBMC, Transformer), and the
-inference protocol (top / random / all genes) on the final encoders, and the grid of how training
-picks genes x training L x inference protocol. Writes quality.md,
+run), an ablation of the objectives (CBMC, Transformer), of how training picks genes (both sets,
+both backbones), of the inference protocol (top / random / all genes) on the final encoders, and
+the grid of how training picks genes x training L x inference protocol. Writes quality.md,
 quality.json and learning_curve.png to --out; the tables go into benchmarks/RESULTS.md by hand.
 """
 
@@ -30,7 +30,16 @@ import numpy as np
 import pandas as pd
 
 from scgraph.cli import to_argv
-from scgraph.config import DemoConfig, ModelConfig, PretrainConfig, ProbeConfig, RunConfig, TokenizerConfig, TrainConfig
+from scgraph.config import (
+    SELECTIONS,
+    DemoConfig,
+    ModelConfig,
+    PretrainConfig,
+    ProbeConfig,
+    RunConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
 from scgraph.data.datasets import LabelledCounts, load_cbmc, load_pbmc68k_reduced
 from scgraph.eval.evaluate import CONTROLS
 from scgraph.eval.evaluate import main as probe_main
@@ -43,15 +52,15 @@ DEMO = DemoConfig()
 SHAPE = dict(preset=DEMO.preset, hidden=DEMO.hidden, layers=DEMO.layers, heads=DEMO.heads,
              adjacency_rank=DEMO.adjacency_rank)
 SEQ_LEN, BATCH = DEMO.seq_len, DEMO.batch_size
-#: Ablations on CBMC with the Transformer: (tag, label, TrainConfig / TokenizerConfig overrides).
+#: Objective ablations on CBMC with the Transformer: (tag, label, TrainConfig overrides).
 ABLATIONS = [("mvp", "objective mvp (cell schedule)", dict(objectives="mvp")),
              ("gepc", "objective gepc", dict(objectives="gepc")),
-             ("mvp_recon", "objectives mvp + recon", dict(objectives="mvp,recon")),
-             ("random", "training genes: L at random", dict(selection="random")),
-             ("weighted", "training genes: weighted by value", dict(selection="weighted"))]
+             ("mvp_recon", "objectives mvp + recon", dict(objectives="mvp,recon"))]
+#: How pretraining picks a cell's L genes; the default's models are the main tables'.
+DEFAULT_SELECTION = TokenizerConfig().selection
+GRID_SELECTIONS = (DEFAULT_SELECTION, *(s for s in SELECTIONS if s != DEFAULT_SELECTION))
 #: The gene-choice grid (CBMC, Transformer): how training picks genes x the training L, each frozen
 #: encoder embedded with every inference protocol (selection, genes; None: the training L).
-GRID_SELECTIONS = ("top", "random", "weighted")
 GRID_TRAIN_LENS = (SEQ_LEN, 2 * SEQ_LEN)
 GRID_EMBED = [("top", SEQ_LEN), ("top", 2 * SEQ_LEN), ("random", None), ("all", None)]
 SCORES = [("accuracy_mean", "linear"), ("knn_accuracy_mean", "kNN"), ("ari", "ARI"), ("nmi", "NMI")]
@@ -120,6 +129,28 @@ def score_row(label: str, scores: dict) -> str:
     return f"| {label} | " + " | ".join(f"{100 * scores[k]:.1f}" for k, _ in SCORES) + " |"
 
 
+def model_tag(selection: str) -> str:
+    """The tag part of a cell-recipe model trained with ``selection``: ``cell`` for the default."""
+    return "cell" if selection == DEFAULT_SELECTION else selection
+
+
+def training_genes(name: str, shards: Path, cells: Path, root: Path, store: str, steps: int, seed: int,
+                   results: dict) -> list[str]:
+    """Every training selection for both backbones on one dataset (cell recipe, default inference)."""
+    lines = [f"### Training genes ({name}, cell recipe; embedded with the top-L genes)", "",
+             "| encoder | " + " | ".join(n for _, n in SCORES) + " |", "|---|" + "---:|" * len(SCORES)]
+    for backbone in ("transformer", "gnn"):
+        for selection in GRID_SELECTIONS:
+            tag = f"{name}-{backbone}-{model_tag(selection)}"
+            out = pretrain(shards, root / "pretrain" / tag, store, backbone, "cell", steps, seed, steps,
+                           selection=selection)
+            report = probe(out, cells, name, root, store, seed)
+            results.setdefault("training_genes", {})[tag] = report
+            default = " (default)" if selection == DEFAULT_SELECTION else ""
+            lines.append(score_row(f"{backbone}, {selection} L{default}", report))
+    return lines + [""]
+
+
 def gene_choice_grid(shards: Path, cells: Path, root: Path, store: str, steps: int, seed: int,
                      results: dict) -> list[str]:
     """Training choice x training L x inference protocol (CBMC, Transformer, cell recipe): linear
@@ -133,8 +164,8 @@ def gene_choice_grid(shards: Path, cells: Path, root: Path, store: str, steps: i
     grid = results.setdefault("gene_choice_grid", {})
     for length in GRID_TRAIN_LENS:
         for selection in GRID_SELECTIONS:
-            # the L = 128 models are the main table's and the ablation's; L = 256 ones are new
-            short = {"top": "cell"}.get(selection, selection) if length == SEQ_LEN else f"{selection}-L{length}"
+            # the L = 128 models are the main table's and the training-genes table's; L = 256 ones are new
+            short = model_tag(selection) if length == SEQ_LEN else f"{selection}-L{length}"
             tag = f"cbmc-transformer-{short}"
             out = pretrain(shards, root / "pretrain" / tag, store, "transformer", "cell", steps, seed, steps,
                            seq_len=length, selection=selection)
@@ -231,7 +262,10 @@ def main() -> None:
             report = probe(out, cells, "cbmc", root, store, seed)
             results.setdefault("ablations", {})[label] = report
             lines.append(score_row(label, report))
-        lines += ["", "### Which genes the frozen encoder sees (CBMC, recipe cell)", "", header]
+        lines.append("")
+        for name in args.datasets:
+            lines += training_genes(name, *prepare(name, root, seed), root, store, steps, seed, results)
+        lines += ["### Which genes the frozen encoder sees (CBMC, recipe cell)", "", header]
         for backbone in ("transformer", "gnn"):
             out = root / "pretrain" / f"cbmc-{backbone}-cell"
             for selection in ("top", "random", "all"):

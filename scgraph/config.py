@@ -238,9 +238,9 @@ class TokenizerConfig:
                                 choices=NORMALIZATIONS)
     target_sum: float = option(1e4, "library size each cell is scaled to before log1p")
     n_bins: int | None = option(None, "bin values scGPT-style into this many bins (default: no binning)")
-    selection: str = option("top", "which genes when a cell has more than L: the top L by expression (measured best "
-                            "for cell embeddings), L at random, or L drawn with probability proportional to the value",
-                            choices=SELECTIONS)
+    selection: str = option("random", "which genes when a cell has more than L: L at random (a new draw each epoch; "
+                            "measured best across datasets), the top L by expression, or L drawn with probability "
+                            "proportional to the value", choices=SELECTIONS)
     cls_token: bool | None = option(None, "prepend a CLS token (default: when the cell embedding is the CLS output)")
 
     def __post_init__(self) -> None:
