@@ -202,8 +202,9 @@ def main() -> None:
              "(linear probe and kNN: mean of 5 stratified 70/30 splits; ARI/NMI of k-means with as many clusters "
              "as labels). Embedding protocol: top-L genes by expression, the training L.", ""]
     curve: dict[str, tuple[list[int], list[float]]] = {}
+    prepared: dict[str, tuple[Path, Path]] = {}  # each dataset loaded, split and sharded once
     for name in args.datasets:
-        shards, cells = prepare(name, root, seed)
+        prepared[name] = shards, cells = prepare(name, root, seed)
         table = [f"### {name}", "", header]
         rows: dict = {}
         for recipe in ("cell", "paper"):
@@ -252,7 +253,7 @@ def main() -> None:
         results["learning_curve"] = curve
         lines.append("")
     if not args.no_ablations and "cbmc" in args.datasets:
-        shards, cells = prepare("cbmc", root, seed)
+        shards, cells = prepared["cbmc"]
         lines += ["### Ablations (CBMC, Transformer, cell recipe unless named)", "", header]
         lines.append(score_row("recipe cell (recon)", results["datasets"]["cbmc"]["cbmc-transformer-cell"]))
         for short, label, overrides in ABLATIONS:
@@ -264,7 +265,7 @@ def main() -> None:
             lines.append(score_row(label, report))
         lines.append("")
         for name in args.datasets:
-            lines += training_genes(name, *prepare(name, root, seed), root, store, steps, seed, results)
+            lines += training_genes(name, *prepared[name], root, store, steps, seed, results)
         lines += ["### Which genes the frozen encoder sees (CBMC, recipe cell)", "", header]
         for backbone in ("transformer", "gnn"):
             out = root / "pretrain" / f"cbmc-{backbone}-cell"
