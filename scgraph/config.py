@@ -26,7 +26,7 @@ from scgraph.cli import option
 #: Size of the CELLxGENE Census gene vocabulary used by the paper (homo sapiens).
 CENSUS_VOCAB_SIZE = 60_664
 
-BLOCK_LAYOUTS = ("pre_norm", "post_norm", "post_act")
+BLOCK_LAYOUTS = ("pre_norm", "post_norm", "post_act", "residual")
 VALUE_ENCODERS = ("linear", "mlp", "bins")
 CELL_EMBEDDINGS = ("mean", "cls")
 NORMALIZATIONS = ("log1p", "none")
@@ -122,6 +122,15 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 def _positive(name: str, value: float) -> None:
     if not value > 0:
         raise ValueError(f"{name} must be > 0; got {value!r}")
+
+
+def _check_schedule(cfg: TrainConfig | StudyConfig) -> None:
+    """The learning-rate schedule's fields, shared by pretraining and the synthetic study."""
+    _choice("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
+    if cfg.warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0; got {cfg.warmup_steps}")
+    if not 0 <= cfg.min_lr <= cfg.lr:
+        raise ValueError(f"min_lr must be in [0, lr = {cfg.lr:g}]; got {cfg.min_lr:g}")
 
 
 @dataclass
@@ -306,11 +315,7 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0; got {self.weight_decay}")
         if self.grad_clip is not None:
             _positive("grad_clip", self.grad_clip)
-        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0; got {self.warmup_steps}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"min_lr must be in [0, lr = {self.lr:g}]; got {self.min_lr:g}")
+        _check_schedule(self)
 
     @property
     def weights(self) -> dict[str, float]:
@@ -562,8 +567,9 @@ class StudyConfig:
     OUT/table1.csv, table1.txt, fig3a_best_loss_vs_beta.png, fig3b_test_loss_curves.png, results.json, and logs to
     MLflow."""
 
-    generator: str | None = option(None, "value generator (default: static_predecessor, the closest to the "
-                                   "paper's shape of those tried)", choices=_generators)
+    generator: str | None = option(None, "value generator (default: static_decay, whose error floors are the "
+                                   "closest to the paper's Table I; benchmarks/bench_generators.py)",
+                                   choices=_generators)
     betas: tuple[float, ...] = option((0.0, 0.1, 0.2, 0.3, 0.4, 0.5), "relative-position coefficients, each in "
                                       f"[{BETA_RANGE[0]:g}, {BETA_RANGE[1]:g}]", metavar="B,B,...")
     sigmas: tuple[float, ...] = option((0.1, 0.2, 0.3, 0.4, 0.5), "std of the exogenous values, each > 0",
@@ -572,7 +578,11 @@ class StudyConfig:
     train_fraction: float = option(0.7, "share of samples for training; the rest is the test set")
     epochs: int = option(200, "training epochs per model")
     batch_size: int = option(256, "batch size")
-    lr: float = option(1e-3, "Adam learning rate")
+    lr: float = option(1e-3, "peak Adam learning rate")
+    lr_schedule: str = option("constant", "learning rate after the warmup: constant, or decayed to --min-lr by the "
+                              "last step (cosine, linear)", choices=LR_SCHEDULES)
+    warmup_steps: int = option(0, "steps of linear warmup from lr/warmup to lr")
+    min_lr: float = option(0.0, "learning rate at the last step of a cosine or linear decay")
     repeats: int = option(1, "datasets (and model inits) per setting; losses are averaged over them")
     alpha: float = option(0.1, "absolute-position coefficient")
     mu: tuple[float, ...] = option((1.0, 2.0, 3.0, 4.0), "means of the exogenous values of tokens A, B, C, D",
@@ -582,9 +592,10 @@ class StudyConfig:
     hidden: int = option(8, "model width")
     mlp_ratio: float = option(0.0, "feed-forward width / hidden in the Block (0: no feed-forward, the paper's "
                               "'single layer' between linear input and output layers)")
-    heads: int = option(1, "Transformer attention heads")
-    block_layout: str = option("post_norm", "layout of the shared Block (post_norm: the mixer reads the linear input "
-                               "layer's output, as in the paper; see scgraph/synthetic/models.py)",
+    heads: int = option(2, "Transformer attention heads (same parameter count for any number; with one, attention "
+                        "can only average the senders' values and stalls far above its floor at beta > 0)")
+    block_layout: str = option("residual", "layout of the shared Block (residual: no normalisation, so the GNN is "
+                               "the bare static aggregation of the paper's Eq. 12; see scgraph/synthetic/models.py)",
                                choices=BLOCK_LAYOUTS)
     position_embedding: bool = option(True, "a learned absolute-position embedding in both models")
     init: str = option("pytorch", "initialisation of the Linear layers: pytorch (PyTorch's default, as the paper's "
@@ -630,6 +641,7 @@ class StudyConfig:
                              "train / rest test")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0; got {self.lr}")
+        _check_schedule(self)
         if self.mlp_ratio < 0:
             raise ValueError(f"mlp_ratio must be >= 0; got {self.mlp_ratio}")
         if self.hidden % self.heads:

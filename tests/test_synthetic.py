@@ -21,7 +21,7 @@ from scgraph.synthetic.generators import (
     values,
 )
 from scgraph.synthetic.models import build_synthetic_model, synthetic_model_config
-from scgraph.synthetic.study import COMMAND, main, run_study
+from scgraph.synthetic.study import COMMAND, REDUCED, main, run_study
 from scgraph.synthetic.train import evaluate
 
 A, B, C, D = range(4)
@@ -44,6 +44,9 @@ HAND_WORKED = {
     "predecessor": [2.9, 2.94, 6.014, 6.1084],
     # v_k = alpha k + e_k + sum_{j<k} w v_j / 4 + 2 beta v_{k-1}; e.g. A: 1.2 - 0.4 * 2.9 / 4 + 1.74
     "static_predecessor": [2.9, 2.65, 6.24375, 6.4953125],
+    # v_k = alpha k + e_k + sum_{j<k} w v_j / 4 + beta (2.2 v_{k-1} + 0.5 v_{k-2}); e.g. D:
+    # 0.2 + 4.05 + (0.1 * 2.9 + 0.5 * 2.824) / 4 + 0.3 (2.2 * 2.824 + 0.5 * 2.9) = 6.97434
+    "static_decay": [2.9, 2.824, 6.97434, 7.7522474],
 }
 
 
@@ -90,7 +93,7 @@ def test_beta_zero_removes_every_dependence_on_relative_order(generator: str) ->
         assert (spread < 1e-12) == independent, (beta, spread)
 
 
-@pytest.mark.parametrize("generator", ["sequential", "static_predecessor"])
+@pytest.mark.parametrize("generator", ["sequential", "static_predecessor", "static_decay"])
 def test_beta_zero_leaves_only_the_static_term_of_sequential_generators(generator: str) -> None:
     """In the sequential family beta = 0 removes the distance and predecessor terms, but the static
     term sums over the tokens generated *before* k, so the default generator still follows the
@@ -115,6 +118,23 @@ def test_error_floors_match_the_hand_derived_predecessor_chain() -> None:
     assert at_zero.order_and_values == pytest.approx(sigma ** 2, rel=0.03)  # nothing to learn from others
     assert at_zero.ratio == pytest.approx(1.0, abs=0.01)
     assert at_zero.order_only == pytest.approx(sigma ** 2, rel=0.03)
+
+
+def test_error_floors_match_the_hand_derived_decay_chain() -> None:
+    """static_decay without static terms (w = 0) at beta = 0.5 is v_k = alpha k + e_k + 1.1 v_{k-1}
+    + 0.25 v_{k-2}. Its density in v_m holds e_m, e_{m+1} (coefficient -1.1) and e_{m+2} (-0.25)
+    when they exist, so given the other values v_m is known to sigma^2 / 2.2725 at positions 0 and
+    1, sigma^2 / 2.21 at 2 and sigma^2 at 3. At beta = 0 a value is its own e: nothing to learn
+    from the others, and a static adjacency loses nothing."""
+    sigma, mu, no_w = 0.2, (1.0, 2.0, 3.0, 4.0), torch.zeros(4, 4, dtype=torch.float64)
+    got = floors("static_decay", beta=0.5, sigma=sigma, w=no_w, alpha=0.1, mu=mu)
+    expected = sigma ** 2 * (2 / 2.2725 + 1 / 2.21 + 1) / 4
+    assert got.order_and_values == pytest.approx(expected, rel=0.03)
+    assert got.order_and_values < got.token_weights <= got.static_adjacency
+    assert got.ratio > 5  # the relative terms are what a static adjacency cannot weight
+    at_zero = floors("static_decay", beta=0.0, sigma=sigma, w=no_w, alpha=0.1, mu=mu)
+    for floor in (at_zero.order_and_values, at_zero.static_adjacency, at_zero.order_only):
+        assert floor == pytest.approx(sigma ** 2, rel=0.03)
 
 
 def test_synthetic_models_are_the_census_block_and_mixers() -> None:
@@ -169,6 +189,8 @@ def test_position_embedding_is_what_breaks_permutation_equivariance(backbone: st
     (dict(epochs=0), "epochs must be >= 1"),
     (dict(train_fraction=1.0), "train_fraction must be in"),
     (dict(hidden=6, heads=1), "hidden (6) must be divisible by the adjacency rank"),
+    (dict(lr_schedule="step"), "lr_schedule must be one of"),
+    (dict(lr=1e-3, min_lr=1e-2), "min_lr must be in"),
 ])
 def test_study_config_rejects_bad_arguments_in_one_line(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError) as err:
@@ -194,23 +216,33 @@ def test_cli_reports_a_bad_argument_by_name(capsys: pytest.CaptureFixture[str]) 
 
 @pytest.mark.slow  # ~20 s: MLflow builds its sqlite schema
 def test_study_writes_table_figures_and_logs_every_setting_to_mlflow(tmp_path) -> None:
-    cfg = StudyConfig(betas=(0.0, 0.5), sigmas=(0.1,), samples=300, epochs=2, workers=1, out=tmp_path,
+    cfg = StudyConfig(betas=(0.0, 0.5), sigmas=(0.1,), samples=300, epochs=2, repeats=2, workers=1, out=tmp_path,
                       mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db")
     results = run_study(cfg, progress=False)
     with open(tmp_path / "table1.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["beta", "sigma", "tf_loss", "gnn_loss", "ratio"]
+    assert list(rows[0]) == ["beta", "sigma", "tf_loss", "gnn_loss", "ratio", "tf_loss_std", "gnn_loss_std",
+                             "ratio_std"]
     assert [(float(r["beta"]), float(r["sigma"])) for r in rows] == [(0.0, 0.1), (0.5, 0.1)]
     for row, result in zip(rows, sorted(results, key=lambda r: r.beta)):
         assert float(row["ratio"]) == pytest.approx(float(row["gnn_loss"]) / float(row["tf_loss"]), rel=1e-4)
-        assert float(row["tf_loss"]) == pytest.approx(min(result.curves["transformer"][0].test_losses),
-                                                      rel=1e-4)
+        tf_best = [min(c.test_losses) for c in result.curves["transformer"]]
+        gnn_best = [min(c.test_losses) for c in result.curves["gnn"]]
+        assert float(row["tf_loss"]) == pytest.approx(sum(tf_best) / 2, rel=1e-4)
+        assert float(row["tf_loss_std"]) == pytest.approx(abs(tf_best[0] - tf_best[1]) / 2 ** 0.5, rel=1e-4)
+        ratios = [g / t for g, t in zip(gnn_best, tf_best)]
+        assert float(row["ratio_std"]) == pytest.approx(abs(ratios[0] - ratios[1]) / 2 ** 0.5, rel=1e-4)
     with open(tmp_path / "floors.csv") as f:
         floor_rows = list(csv.DictReader(f))
     assert [(float(r["beta"]), float(r["sigma"])) for r in floor_rows] == [(0.0, 0.1), (0.5, 0.1)]
-    assert all(float(r["order_and_values"]) <= float(r["token_weights"]) <= float(r["order_only"])
-               for r in floor_rows)
-    assert "Error floors" in (tmp_path / "table1.txt").read_text()
+    for r in floor_rows:
+        assert float(r["order_and_values"]) <= float(r["token_weights"]) <= float(r["order_only"])
+        assert float(r["token_weights"]) <= float(r["static_adjacency"])
+        assert float(r["ratio"]) == pytest.approx(float(r["static_adjacency"]) / float(r["order_and_values"]),
+                                                  rel=1e-4)
+    table = (tmp_path / "table1.txt").read_text()
+    assert "Error floors" in table
+    assert f"{results[0].loss('gnn'):.4f}±{results[0].loss_std('gnn'):.4f}" in table
     for png in ("fig3a_best_loss_vs_beta.png", "fig3b_test_loss_curves.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -219,14 +251,15 @@ def test_study_writes_table_figures_and_logs_every_setting_to_mlflow(tmp_path) -
     runs = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert parent.data.params["generator"] == "static_predecessor"
+    assert parent.data.params["generator"] == "static_decay"
     assert parent.data.params["betas"] == "0,0.5"
     assert {"study/ratio_avg_beta_0", "study/ratio_avg_beta_0.5"} <= set(parent.data.metrics)
     assert sorted(float(r.data.params["beta"]) for r in children) == [0.0, 0.5]
     for child in children:
         assert {"study/tf_loss", "study/gnn_loss", "study/ratio"} <= set(child.data.metrics)
-        history = client.get_metric_history(child.info.run_id, "study/gnn_test_loss")
-        assert [m.step for m in history] == [1, 2]
+        for repeat in ("r0", "r1"):
+            history = client.get_metric_history(child.info.run_id, f"study/gnn_test_loss_{repeat}")
+            assert [m.step for m in history] == [1, 2]
     _, artifacts = stored_artifacts(cfg.mlflow_uri, parent.info.run_id)
     assert {"table1.csv", "floors.csv", "fig3a_best_loss_vs_beta.png", "fig3b_test_loss_curves.png"} <= artifacts
 
@@ -244,19 +277,18 @@ def test_standardized_training_reports_test_loss_in_the_generators_units() -> No
     assert evaluate(model, scaled, loss_scale=std ** 2) == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.slow  # ~80 s on two quiet cores
+@pytest.mark.slow  # ~40 s on two quiet cores
 def test_mechanism_transformer_uses_relative_position_the_gnn_cannot(tmp_path) -> None:
-    """The study's claim on a reduced setting (10,000 samples, 100 epochs, lr 1e-2 so both models
-    get far in that budget, two datasets per setting): without a relative-position effect the two
-    models tie; with a strong one the static adjacency costs the GNN at least 2x (measured: 2.11).
+    """The study's claim on the reduced protocol (``REDUCED``, three datasets per setting, every
+    other setting the study's default): a strong relative-position effect costs the GNN's static
+    adjacency far more than its absence does. Measured with study seeds 0, 1, 2: GNN/TF 1.48,
+    1.51, 2.12 at beta = 0 and 12.0, 10.6, 19.8 at beta = 0.5 (quotients 8.1, 7.0, 9.3), so the
+    bounds below hold with a margin of 2x.
 
-    The margin is thin for a reason: both models see absolute positions, so the GNN still learns
-    the order-dependent mean, and what it cannot do is weight a value by where its sender sits. The
-    error floors (``bounds.py``) put two models at their floors 1.71x apart at beta = 0.5; here the
-    GNN is also further from its floor than the Transformer. The full 200-epoch grid gives 1.4-1.8.
+    Without relative terms the GNN still trails a little in this budget (the static terms need
+    signed weights, and its softmax adjacency weights every sender's value with one sign).
     """
-    cfg = StudyConfig(betas=(0.0, 0.5), sigmas=(0.1,), samples=10_000, epochs=100, lr=1e-2, repeats=2,
-                      workers=2, out=tmp_path)
+    cfg = StudyConfig(betas=(0.0, 0.5), sigmas=(0.1,), **REDUCED, repeats=3, workers=2, out=tmp_path)
     by_beta = {r.beta: r for r in run_study(cfg, progress=False, log=False)}
-    assert 1 / 1.5 <= by_beta[0.0].ratio <= 1.5, by_beta[0.0].row()
-    assert by_beta[0.5].ratio >= 2.0, by_beta[0.5].row()
+    assert by_beta[0.5].ratio >= 5.0, by_beta[0.5].row()
+    assert by_beta[0.5].ratio >= 3 * by_beta[0.0].ratio, (by_beta[0.0].row(), by_beta[0.5].row())

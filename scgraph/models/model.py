@@ -254,16 +254,19 @@ class Block(nn.Module):
 
     Layouts: ``pre_norm`` h += Mixer(LN h); h += MLP(LN h) (symmetric preset);
     ``post_norm`` h = LN(h + Mixer h); h = LN(h + MLP h) (nn.TransformerEncoderLayer);
-    ``post_act`` h += act(LN(Mixer h)) (the authors' GNN layer, no MLP).
+    ``post_act`` h += act(LN(Mixer h)) (the authors' GNN layer, no MLP); ``residual`` h += Mixer h;
+    h += MLP h, no normalisation (the synthetic study's: a norm after a static aggregation lets
+    the GNN multiply what it aggregated, which a static adjacency alone cannot).
     """
 
     def __init__(self, cfg: ModelConfig, mixer: nn.Module) -> None:
         super().__init__()
         self.layout = cfg.block_layout
         self.mixer = mixer
-        self.norm1 = nn.LayerNorm(cfg.hidden)
+        normed = self.layout != "residual"
+        self.norm1 = nn.LayerNorm(cfg.hidden) if normed else None
         self.mlp = MLP(cfg) if cfg.ffn_width > 0 else None
-        self.norm2 = nn.LayerNorm(cfg.hidden) if self.mlp is not None else None
+        self.norm2 = nn.LayerNorm(cfg.hidden) if normed and self.mlp is not None else None
         self.act = ACTIVATIONS[cfg.activation]()
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -276,10 +279,14 @@ class Block(nn.Module):
             h = self.norm1(h + self.drop(self.mixer(h, genes, attn_mask)))
             if self.mlp is not None:
                 h = self.norm2(h + self.drop(self.mlp(h)))
-        else:
+        elif self.layout == "post_act":
             h = h + self.drop(self.act(self.norm1(self.mixer(h, genes, attn_mask))))
             if self.mlp is not None:
                 h = h + self.drop(self.mlp(self.norm2(h)))
+        else:
+            h = h + self.drop(self.mixer(h, genes, attn_mask))
+            if self.mlp is not None:
+                h = h + self.drop(self.mlp(h))
         return h
 
 

@@ -1,18 +1,22 @@
 """What any model could reach: the error floors that put Table I's losses and ratios in scale.
 
-Every generator of SPEC §2 is linear in the exogenous values e given the order, and e is Gaussian,
-so given the order the masked value and the other three are jointly Gaussian and the best
-predictor is linear. Least squares on a large fresh sample gives three floors:
+Every generator of the family is linear in the exogenous values e given the order, and e is
+Gaussian, so given the order the masked value and the other three are jointly Gaussian and the best
+predictor is linear. Least squares on a large fresh sample gives four floors:
 
 - ``order_and_values``: one linear predictor per (order, masked position), the Bayes error. Its
   weights on the values depend on where each sender sits, as attention's can: the Transformer's floor.
-- ``token_weights``: the mean given the order, plus weights on the values that depend only on the
-  receiving and sending tokens, never on positions: what a static adjacency followed by a linear
-  head can express (approximately: the post-norm LayerNorm's division adds a little more).
+- ``static_adjacency``: what a static adjacency with absolute positions and a linear read-out can
+  express (the paper's Eq. 12): the receiver's own position, plus for every sender a term in its
+  value and a term in its position, each weighted by the (receiver, sender) token pair only, never
+  by where the two sit relative to each other: the GNN's floor.
+- ``token_weights``: the mean given the whole order, plus token-pair weights on the values: a GNN
+  that somehow knew every position at once; the gap to ``static_adjacency`` is what the order's
+  non-additive part (which token precedes the receiver) is worth.
 - ``order_only``: the mean given the order, nothing from the values.
 
-``token_weights / order_and_values`` is the GNN/TF ratio to expect when both models know positions
-and both reach their floor.
+``static_adjacency / order_and_values`` is the GNN/TF ratio to expect when both models reach their
+floors; ``scgraph.synthetic.calibration`` compares it with the paper's Table I.
 """
 
 from __future__ import annotations
@@ -29,13 +33,14 @@ class Floors:
     beta: float
     sigma: float
     order_and_values: float
+    static_adjacency: float
     token_weights: float
     order_only: float
 
     @property
     def ratio(self) -> float:
-        """The GNN/TF ratio of two models at their floors: static token weights against positional ones."""
-        return self.token_weights / self.order_and_values
+        """The GNN/TF ratio of two models at their floors: a static adjacency against positional weights."""
+        return self.static_adjacency / self.order_and_values
 
 
 def _squared_residuals(x: np.ndarray, y: np.ndarray) -> float:
@@ -59,7 +64,8 @@ def floors(generator: str, *, beta: float, sigma: float, w, alpha: float, mu: tu
     by_token = np.zeros_like(v)
     np.put_along_axis(by_token, tokens, v, axis=1)
     receiver = tokens[np.arange(samples), masked]
-    positional = static = mean_only = 0.0
+    position = np.argsort(tokens, axis=1)  # position[i, t]: where token t sits in sample i
+    positional = static = additive = mean_only = 0.0
     for t in range(N_TOKENS):
         rows = np.flatnonzero(receiver == t)
         y = target[rows]
@@ -71,4 +77,8 @@ def floors(generator: str, *, beta: float, sigma: float, w, alpha: float, mu: tu
                                              target[group])
             mean_only += float(((target[group] - target[group].mean()) ** 2).sum())
         static += _squared_residuals(np.c_[_one_hot(order[rows]), np.delete(by_token[rows], t, axis=1)], y)
-    return Floors(beta, sigma, positional / samples, static / samples, mean_only / samples)
+        others = [s for s in range(N_TOKENS) if s != t]
+        features = [_one_hot(position[rows, t]), by_token[rows][:, others],
+                    *(_one_hot(position[rows, s]) for s in others)]
+        additive += _squared_residuals(np.concatenate(features, axis=1), y)
+    return Floors(beta, sigma, positional / samples, additive / samples, static / samples, mean_only / samples)

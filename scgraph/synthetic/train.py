@@ -11,6 +11,7 @@ worker imports (no MLflow, no matplotlib), which keeps worker start-up short.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ from scgraph.config import StudyConfig, short_name
 from scgraph.models.model import CellModel, mvp_loss
 from scgraph.synthetic.generators import SyntheticData, make_dataset, static_coefficients
 from scgraph.synthetic.models import build_synthetic_model, synthetic_model_config
+from scgraph.train.optim import lr_factor
 
 #: The two models the study compares, with the labels of Table I and Figure 3.
 BACKBONE_LABELS = {backbone: short_name(backbone) for backbone in ("transformer", "gnn")}
@@ -47,25 +49,29 @@ def evaluate(model: CellModel, data: SyntheticData, loss_scale: float = 1.0) -> 
     return mvp_loss(pred, data.values, data.masked).item() * loss_scale
 
 
-def train_model(model: CellModel, train: SyntheticData, test: SyntheticData, *, epochs: int,
-                batch_size: int, lr: float, seed: int, loss_scale: float = 1.0) -> Curve:
-    """Adam for ``epochs`` shuffled passes (the last short batch kept), test loss after each.
+def train_model(model: CellModel, train: SyntheticData, test: SyntheticData, cfg: StudyConfig, *, seed: int,
+                loss_scale: float = 1.0) -> Curve:
+    """Adam for ``cfg.epochs`` shuffled passes (the last short batch kept) under the pretraining
+    trainer's learning-rate schedule, test loss after each.
 
     ``loss_scale`` converts the test MSE back to the generator's units when the data were
     standardized (std**2), so Table I is comparable whatever the models were fed.
     """
     gen = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)  # fewer kernel launches
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # fewer kernel launches
+    total_steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
     losses = []
-    for _ in range(epochs):
+    for _ in range(cfg.epochs):
         model.train()
         order = torch.randperm(len(train), generator=gen)
-        for idx in order.split(batch_size):
+        for idx in order.split(cfg.batch_size):
             loss = mvp_loss(model(train.tokens[idx], train.values[idx], train.masked[idx]),
                             train.values[idx], train.masked[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
         losses.append(evaluate(model, test, loss_scale))
     return Curve(losses)
 
@@ -107,8 +113,7 @@ def run_task(cfg: StudyConfig, task: Task) -> tuple[Task, Curve]:
         train, test = train.standardized(mean, std), test.standardized(mean, std)
     torch.manual_seed(seed)
     model = build_study_model(cfg, task.backbone)
-    curve = train_model(model, train, test, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                        seed=seed, loss_scale=std ** 2)
+    curve = train_model(model, train, test, cfg, seed=seed, loss_scale=std ** 2)
     return task, curve
 
 

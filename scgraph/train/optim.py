@@ -10,12 +10,21 @@ scheduler (its step count) restores it exactly on resume.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from scgraph.config import TrainConfig
+
+
+class Schedule(Protocol):
+    """What ``lr_factor`` reads: ``TrainConfig`` (pretraining) and ``StudyConfig`` (the synthetic study)."""
+
+    lr: float
+    lr_schedule: str
+    warmup_steps: int
+    min_lr: float
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -27,7 +36,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
+def lr_factor(step: int, cfg: Schedule, total_steps: int) -> float:
     """The learning rate at optimizer step ``step`` (0-based), as a multiple of ``cfg.lr``: linear
     warmup over ``warmup_steps``, then constant, or a cosine or linear decay reaching
     ``min_lr`` at the last step."""
