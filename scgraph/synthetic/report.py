@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only: the study runs on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 from scgraph.synthetic.bounds import Floors  # noqa: E402
-from scgraph.synthetic.calibration import PAPER_RATIOS  # noqa: E402
+from scgraph.synthetic.calibration import PAPER_ROW_AVERAGES  # noqa: E402
 from scgraph.synthetic.train import BACKBONE_LABELS, Curve  # noqa: E402
 
 CSV_COLUMNS = ("beta", "sigma", "tf_loss", "gnn_loss", "ratio", "tf_loss_std", "gnn_loss_std", "ratio_std")
@@ -137,8 +137,8 @@ def format_table(results: list[SettingResult], title: str) -> str:
             avg = paper = f"{'':>7}"
             if label == "ratio":
                 avg = f"{ratio_average(results, beta):7.3f}"
-                if beta in PAPER_RATIOS:
-                    paper = f"{np.mean(PAPER_RATIOS[beta]):7.3f}"
+                if beta in PAPER_ROW_AVERAGES:
+                    paper = f"{PAPER_ROW_AVERAGES[beta]:7.3f}"
             lines.append(f"{f'{beta:g}' if label == 'TF' else '':>5} {label:>5} {row} {avg} {paper}")
     return "\n".join(lines)
 

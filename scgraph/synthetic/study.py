@@ -109,7 +109,7 @@ RUN_FIELDS = ("workers", "out", "mlflow_uri", "experiment")
 
 def load_results(cfg: StudyConfig) -> tuple[list[SettingResult], float] | None:
     """The settings and run time in ``cfg.out/results.json`` if that study finished with ``cfg``'s
-    settings (any ``RUN_FIELDS``), else None: a benchmark reuses a grid that took most of an hour."""
+    settings (``RUN_FIELDS`` may differ), else None: a benchmark reuses a grid that took most of an hour."""
     path = cfg.out / "results.json"
     if not path.exists():
         return None
