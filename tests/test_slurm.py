@@ -29,7 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 # 2,000 real CBMC cells in 8 shards of 250: 4 shards per array task.
 SELECT = ["--max-cells", "2000", "--cells-per-shard", "250", "--seed", "1"]
-STEPS, CHECKPOINT_EVERY = 40, 10
+# The ranks run ~27 steps/s here: 200 steps leave the requeue's SIGTERM several seconds to arrive
+# mid-run (with 40, a slow delivery once found the ranks already past their last step).
+STEPS, CHECKPOINT_EVERY = 200, 10
 PREEMPT_STEPS, PREEMPT_CHECKPOINT_EVERY = 24, 4
 
 
