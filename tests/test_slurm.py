@@ -9,15 +9,18 @@ warned twice as at a time limit and requeues itself each time. Jobs run one afte
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 from slurm_cluster import started
 from test_pretrain import SMALL
@@ -29,9 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 # 2,000 real CBMC cells in 8 shards of 250: 4 shards per array task.
 SELECT = ["--max-cells", "2000", "--cells-per-shard", "250", "--seed", "1"]
-# The ranks run ~27 steps/s here: 200 steps leave the requeue's SIGTERM several seconds to arrive
-# mid-run (with 40, a slow delivery once found the ranks already past their last step).
-STEPS, CHECKPOINT_EVERY = 200, 10
+STEPS, CHECKPOINT_EVERY = 40, 10
 PREEMPT_STEPS, PREEMPT_CHECKPOINT_EVERY = 24, 4
 
 
@@ -77,9 +78,22 @@ def test_shard_array_of_two_tasks_merges_into_the_single_process_shard_set(shard
     assert not (work / "shards.parts").exists()
 
 
+def poll(condition, timeout: float, what: str, log: Path) -> None:
+    """Wait until ``condition()`` holds; a TimeoutError says what did not happen, with the job log."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not within {timeout} s\n" + log.read_text(errors="replace")[-3000:])
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def pretrained(cluster, sharded, work):
-    """pretrain.sbatch with 2 srun tasks, requeued once its first checkpoint is complete."""
+    """pretrain.sbatch with 2 srun tasks, requeued once its first checkpoint is complete.
+
+    The ranks are stopped (SIGSTOP) over the requeue and continued once SLURM has acted on it: the
+    requeue's SIGTERM, however late slurmctld delivers it (seconds, on a loaded machine), finds them
+    mid-run rather than past their last step."""
     env = {"DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "BACKBONE": "gnn", "SHARDS": str(work / "shards"),
            "DS_CONFIG": "ds_configs/cpu_zero2.json", "OUTPUT": str(work / "run"),
            "MLFLOW_URI": f"sqlite:///{work}/mlflow.db"}
@@ -92,20 +106,29 @@ def pretrained(cluster, sharded, work):
     while not first.is_file() and cluster.state(job) and time.monotonic() < deadline:
         time.sleep(0.1)
     state = cluster.state(job)
+    ranks = [p for p in psutil.process_iter(["cmdline"])
+             if p.info["cmdline"][1:2] == ["launchers/pretrain.py"] and str(work / "run") in p.info["cmdline"]]
+    for rank in ranks:
+        rank.send_signal(signal.SIGSTOP)
     cluster.scontrol("requeue", job)
+    poll(lambda: "DUE TO JOB REQUEUE" in logs(work, "pretrain-"), 120, "the requeue", work / f"pretrain-{job}.out")
+    for rank in ranks:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            rank.send_signal(signal.SIGCONT)
     (record,) = cluster.wait(job, timeout=300)
-    return job, state, record
+    return job, state, len(ranks), record
 
 
 def test_pretrain_job_requeued_after_a_checkpoint_resumes_from_it_and_logs_one_mlflow_run(pretrained, work):
-    job, state_at_requeue, record = pretrained
+    job, state_at_requeue, stopped, record = pretrained
     log = logs(work, "pretrain-")
     assert state_at_requeue == "RUNNING", log[-3000:]  # requeued mid-run, not after it finished
+    assert stopped == 2  # both ranks held over the requeue
     assert (record.state, record.exit_code, record.restarts) == ("COMPLETED", "0:0", 1), log[-3000:]
     assert "restart 0," in log and "restart 1," in log and "DUE TO JOB REQUEUE" in log
     assert "2 ranks on 1 node(s), rendezvous localhost:" in log
-    # The requeue's SIGTERM reaches the ranks during checkpoint 10 or after it (here at step 11 in
-    # the runs seen, a checkpoint takes 50 ms): they save at their next step, and the job resumes there.
+    # Stopped during checkpoint 10 or a few steps after it, the ranks take the requeue's SIGTERM when
+    # continued: they save at their next step, and the job resumes there.
     ((tag, step),) = re.findall(r"resumed step(\d{8}) at step (\d+)", log)
     assert int(tag) == int(step) and CHECKPOINT_EVERY <= int(step) < STEPS
     assert f"gnn trained {STEPS} steps on 2 rank(s)" in log
@@ -116,15 +139,6 @@ def test_pretrain_job_requeued_after_a_checkpoint_resumes_from_it_and_logs_one_m
     assert run.data.tags["backbone"] == "gnn" and run.data.params["world_size"] == "2"
     history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "train/loss")
     assert {m.step for m in history} == set(range(1, STEPS + 1))
-
-
-def poll(condition, timeout: float, what: str, log: Path) -> None:
-    """Wait until ``condition()`` holds; a TimeoutError says what did not happen, with the job log."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not within {timeout} s\n" + log.read_text(errors="replace")[-3000:])
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
