@@ -17,6 +17,7 @@ quality.json and learning_curve.png to --out; the tables go into benchmarks/RESU
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -52,10 +53,16 @@ DEMO = DemoConfig()
 SHAPE = dict(preset=DEMO.preset, hidden=DEMO.hidden, layers=DEMO.layers, heads=DEMO.heads,
              adjacency_rank=DEMO.adjacency_rank)
 SEQ_LEN, BATCH = DEMO.seq_len, DEMO.batch_size
-#: Objective ablations on CBMC with the Transformer: (tag, label, TrainConfig overrides).
+#: Ablations on CBMC with the Transformer: (tag, label, overrides of any ModelConfig, TokenizerConfig
+#: or TrainConfig field; ``max_steps`` as a multiple of --steps). The objectives, then what more
+#: capacity, budget or a lighter mask buys (none closed the gap to PCA-50: see RESULTS.md).
 ABLATIONS = [("mvp", "objective mvp (cell schedule)", dict(objectives="mvp")),
              ("gepc", "objective gepc", dict(objectives="gepc")),
-             ("mvp_recon", "objectives mvp + recon", dict(objectives="mvp,recon"))]
+             ("mvp_recon", "objectives mvp + recon", dict(objectives="mvp,recon")),
+             ("h256", "hidden 256 (4x the compute of a step)", dict(hidden=256)),
+             ("steps2x", "twice the steps", dict(max_steps=2)),
+             ("symmetric", "preset symmetric (mean of the final states, pre-norm, MLP 4x)", dict(preset="symmetric")),
+             ("mask05", "mask ratio 0.05 (0.15 by default)", dict(mask_ratio=0.05))]
 #: How pretraining picks a cell's L genes; the default's models are the main tables'.
 DEFAULT_SELECTION = TokenizerConfig().selection
 GRID_SELECTIONS = (DEFAULT_SELECTION, *(s for s in SELECTIONS if s != DEFAULT_SELECTION))
@@ -88,12 +95,19 @@ def prepare(name: str, root: Path, seed: int) -> tuple[Path, Path]:
 
 def pretrain(shards: Path, out: Path, store: str, backbone: str, recipe: str, steps: int, seed: int,
              every: int, seq_len: int = SEQ_LEN, **overrides) -> Path:
-    """One model through ``launchers/pretrain.py`` (reused when it finished before)."""
+    """One model through ``launchers/pretrain.py`` (reused when it finished before); ``overrides``
+    are fields of ModelConfig, TokenizerConfig or TrainConfig, ``max_steps`` a multiple of ``steps``."""
     if (out / "final_checkpoint.json").is_file():
         return out
-    tok = {k: overrides.pop(k) for k in ("selection",) if k in overrides}
-    run = RunConfig(model=ModelConfig(backbone=backbone, **SHAPE), tokenizer=TokenizerConfig(seq_len=seq_len, **tok),
-                    train=TrainConfig(recipe=recipe, batch_size=BATCH, max_steps=steps, seed=seed, **overrides))
+    part = {kind: {k: v for k, v in overrides.items() if k in {f.name for f in dataclasses.fields(kind)}}
+            for kind in (ModelConfig, TokenizerConfig, TrainConfig)}
+    unknown = set(overrides).difference(*part.values())
+    if unknown:
+        raise ValueError(f"not a model, tokenizer or training setting: {', '.join(sorted(unknown))}")
+    train = part[TrainConfig] | dict(max_steps=steps * part[TrainConfig].get("max_steps", 1))
+    run = RunConfig(model=ModelConfig(backbone=backbone, **(SHAPE | part[ModelConfig])),
+                    tokenizer=TokenizerConfig(seq_len=seq_len, **part[TokenizerConfig]),
+                    train=TrainConfig(recipe=recipe, batch_size=BATCH, seed=seed, **train))
     cfg = PretrainConfig(run=run, shards=str(shards), output=str(out), checkpoint_every=every, mlflow_uri=store,
                          experiment="bench-quality", run_name=out.name, system_metrics=False)
     started = time.time()
@@ -127,6 +141,22 @@ def probe(checkpoint: Path, cells: Path, dataset: str, root: Path, store: str, s
 
 def score_row(label: str, scores: dict) -> str:
     return f"| {label} | " + " | ".join(f"{100 * scores[k]:.1f}" for k, _ in SCORES) + " |"
+
+
+def recall_table(name: str, rows: dict) -> list[str]:
+    """Linear-probe recall of each cell type (cell recipe models and the controls): which types an
+    embedding loses, where accuracy only counts cells."""
+    first = rows[f"{name}-transformer-cell"]
+    columns = {backbone: rows[f"{name}-{backbone}-cell"] for backbone in ("transformer", "gnn", "gnn_linear")}
+    columns |= {"random-init (TF)": first["controls"]["random_encoder"], "PCA-50": first["controls"]["pca"],
+                "LR": first["controls"]["logistic_regression"]}
+    counts = first["test_cells_per_class"]
+    lines = [f"Recall per cell type ({name}, linear probe %, mean of the splits; test cells per split):", "",
+             "| cell type | test cells | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
+    for cls in sorted(first["recall_per_class"], key=lambda c: -counts[c]):
+        lines.append(f"| {cls} | {counts[cls]} | "
+                     + " | ".join(f"{100 * c['recall_per_class'][cls]:.0f}" for c in columns.values()) + " |")
+    return lines
 
 
 def model_tag(selection: str) -> str:
@@ -241,6 +271,7 @@ def main() -> None:
                          f"0.5); {100 * (acc - pca):+.1f} points against PCA-50 (target > 0)")
         gap = rows[f"{name}-gnn-cell"]["accuracy_mean"] - rows[f"{name}-transformer-cell"]["accuracy_mean"]
         table.append(f"- GNN - Transformer: {100 * gap:+.1f} points (target within 2)")
+        table += ["", *recall_table(name, rows)]
         results["datasets"][name] = rows
         lines += table + [""]
     if curve:

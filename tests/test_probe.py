@@ -55,6 +55,11 @@ def test_linear_probe_learns_cell_types_from_real_expression(cbmc_data):
     assert summary["accuracy_mean"] > 0.85, summary  # DATA.md: logistic regression reaches 0.94 on all cells
     assert summary["accuracy_std"] > 0 and len(scores.accuracy) == 2
     assert set(scores.y_pred) <= set(y) and len(scores.y_true) == len(scores.y_pred)
+    # recall of each class = its test cells predicted right / its test cells (repeat 1, by hand)
+    by_hand = [(scores.y_pred[scores.y_true == c] == c).mean() for c in np.unique(y)]
+    np.testing.assert_allclose(scores.recall[0], by_hand)
+    assert list(summary["recall_per_class"]) == list(np.unique(y))
+    np.testing.assert_allclose(list(summary["recall_per_class"].values()), np.mean(scores.recall, axis=0))
     probe = LinearProbe(epochs=2).fit(X, y)
     assert probe.score(X, y) == pytest.approx((probe.predict(X) == y).mean())
 
@@ -104,6 +109,11 @@ def test_probe_reports_scores_of_both_backbones_beside_every_control(probes):
         assert report["backbone"] == backbone and report["dataset"] == "cbmc"
         text = format_report(report)
         assert "random-init encoder" in text and "logistic regression" in text
+        hardest = min(report["recall_per_class"], key=report["recall_per_class"].get)
+        assert set(report["test_cells_per_class"]) == set(report["recall_per_class"])
+        tested = report["test_cells_per_class"]  # 30 % of each class's cells, at least one: 122 of 400 here
+        assert min(tested.values()) >= 1 and sum(tested.values()) == 122 and tested["CD14+ Mono"] == 40
+        assert f"pretrained / PCA-50): {hardest} " in text
         assert ("beats the random encoder" in text) != ("does NOT beat" in text)
     assert probes["gnn"]["genes_matched"] == 500 and probes["gnn"]["genes_dropped"] == 0
     # the .h5ad had 20 genes the model never saw: dropped, counted and said

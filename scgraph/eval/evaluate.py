@@ -135,6 +135,8 @@ def _probe(opts: ProbeConfig, pretrained: Pretrained, cells: Cells, counts: Any,
         "embedding": {"selection": opts.embed_selection, "seq_len": opts.embed_seq_len or run.tokenizer.seq_len},
         "repeats": opts.repeats, "test_fraction": opts.test_fraction, "standardize": opts.standardize,
         "accuracy_per_repeat": scores["pretrained"].accuracy, "macro_f1_per_repeat": scores["pretrained"].macro_f1,
+        "test_cells_per_class": {str(c): int(n) for c, n in zip(*np.unique(scores["pretrained"].y_true,
+                                                                            return_counts=True))},
         "backbone": backbone, "preset": run.model.preset,
         "model": {"hidden": run.model.hidden, "layers": run.model.layers, "seq_len": run.tokenizer.seq_len},
         "dataset": dataset, "label_key": opts.label_key,
@@ -213,6 +215,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [f"  {name:36}{_cell(s, 'accuracy'):>16}{_cell(s, 'macro_f1'):>16}{_cell(s, 'knn_accuracy'):>16}"
               f"{s['ari']:7.3f}{s['nmi']:7.3f}{s['silhouette']:7.3f}" for name, s in rows]
     lines += [f"  note: {note}" for note in report["notes"]]
+    pca = report["controls"]["pca"]["recall_per_class"]
+    hardest = sorted(report["recall_per_class"].items(), key=lambda item: item[1])[:3]
+    lines.append("  Hardest cell types for the pretrained encoder (linear-probe recall %, pretrained / PCA-50): "
+                 + ", ".join(f"{cls} {100 * r:.0f} / {100 * pca[cls]:.0f}" for cls, r in hardest))
     gain = 100 * (report["accuracy_mean"] - report["controls"]["random_encoder"]["accuracy_mean"])
     if gain > 0:
         lines.append(f"  Pretraining beats the random encoder by {gain:+.2f} accuracy points.")

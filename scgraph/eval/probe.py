@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score
+from sklearn.metrics import f1_score, recall_score
 from tqdm.auto import tqdm
 
 
@@ -150,21 +150,27 @@ def stratified_split(y: np.ndarray, test_fraction: float = 0.3, seed: int = 0) -
 
 @dataclass
 class Scores:
-    """One classifier's results over the repeats; ``y_true``/``y_pred`` are the first repeat's
-    test set (for the confusion matrix)."""
+    """One classifier's results over the repeats; ``recall`` holds each repeat's recall of every
+    class in ``classes`` (which cell types an embedding loses, where accuracy only says how many
+    cells); ``y_true``/``y_pred`` are the first repeat's test set (for the confusion matrix)."""
 
     accuracy: list[float] = field(default_factory=list)
     macro_f1: list[float] = field(default_factory=list)
+    recall: list[np.ndarray] = field(default_factory=list)
+    classes: np.ndarray | None = None
     y_true: np.ndarray | None = None
     y_pred: np.ndarray | None = None
 
-    def summary(self) -> dict[str, float]:
-        """Mean and sample std (ddof 1; 0 for a single repeat) of accuracy and macro-F1."""
+    def summary(self) -> dict[str, Any]:
+        """Mean and sample std (ddof 1; 0 for a single repeat) of accuracy and macro-F1, and each
+        class's mean recall over the repeats (``recall_per_class``)."""
         def std(x: list[float]) -> float:
             return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
 
+        recall = np.mean(self.recall, axis=0)
         return {"accuracy_mean": float(np.mean(self.accuracy)), "accuracy_std": std(self.accuracy),
-                "macro_f1_mean": float(np.mean(self.macro_f1)), "macro_f1_std": std(self.macro_f1)}
+                "macro_f1_mean": float(np.mean(self.macro_f1)), "macro_f1_std": std(self.macro_f1),
+                "recall_per_class": {str(c): float(r) for c, r in zip(self.classes, recall)}}
 
 
 def evaluate(make: Callable[[int], Classifier], X: Any, y: np.ndarray, *, repeats: int = 5, seed: int = 0,
@@ -175,13 +181,14 @@ def evaluate(make: Callable[[int], Classifier], X: Any, y: np.ndarray, *, repeat
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1; got {repeats}")
     classes = np.unique(y)
-    scores = Scores()
+    scores = Scores(classes=classes)
     for i in tqdm(range(repeats), desc=desc, unit="repeat", disable=not progress, leave=False):
         train, test = stratified_split(y, test_fraction, seed + i)
         prediction = make(seed + i).fit(X[train], y[train]).predict(X[test])
         scores.accuracy.append(float((prediction == y[test]).mean()))
         scores.macro_f1.append(float(f1_score(y[test], prediction, labels=classes, average="macro",
                                               zero_division=0)))
+        scores.recall.append(recall_score(y[test], prediction, labels=classes, average=None, zero_division=0))
         if i == 0:
             scores.y_true, scores.y_pred = y[test], prediction
     return scores
