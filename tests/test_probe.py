@@ -114,6 +114,8 @@ def test_probe_reports_scores_of_both_backbones_beside_every_control(probes):
         tested = report["test_cells_per_class"]  # 30 % of each class's cells, at least one: 122 of 400 here
         assert min(tested.values()) >= 1 and sum(tested.values()) == 122 and tested["CD14+ Mono"] == 40
         assert f"pretrained / PCA-50): {hardest} " in text
+        older = {k: v for k, v in report.items() if k != "recall_per_class"}  # a probe.json from before it
+        assert format_report(older) == "\n".join(line for line in text.split("\n") if "Hardest" not in line)
         assert ("beats the random encoder" in text) != ("does NOT beat" in text)
     assert probes["gnn"]["genes_matched"] == 500 and probes["gnn"]["genes_dropped"] == 0
     # the .h5ad had 20 genes the model never saw: dropped, counted and said

@@ -215,10 +215,11 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [f"  {name:36}{_cell(s, 'accuracy'):>16}{_cell(s, 'macro_f1'):>16}{_cell(s, 'knn_accuracy'):>16}"
               f"{s['ari']:7.3f}{s['nmi']:7.3f}{s['silhouette']:7.3f}" for name, s in rows]
     lines += [f"  note: {note}" for note in report["notes"]]
-    pca = report["controls"]["pca"]["recall_per_class"]
-    hardest = sorted(report["recall_per_class"].items(), key=lambda item: item[1])[:3]
-    lines.append("  Hardest cell types for the pretrained encoder (linear-probe recall %, pretrained / PCA-50): "
-                 + ", ".join(f"{cls} {100 * r:.0f} / {100 * pca[cls]:.0f}" for cls, r in hardest))
+    if "recall_per_class" in report:  # (a probe.json written before per-type recall, e.g. a reused demo step)
+        pca = report["controls"]["pca"]["recall_per_class"]
+        hardest = sorted(report["recall_per_class"].items(), key=lambda item: item[1])[:3]
+        lines.append("  Hardest cell types for the pretrained encoder (linear-probe recall %, pretrained / PCA-50): "
+                     + ", ".join(f"{cls} {100 * r:.0f} / {100 * pca[cls]:.0f}" for cls, r in hardest))
     gain = 100 * (report["accuracy_mean"] - report["controls"]["random_encoder"]["accuracy_mean"])
     if gain > 0:
         lines.append(f"  Pretraining beats the random encoder by {gain:+.2f} accuracy points.")
