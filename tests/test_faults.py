@@ -293,6 +293,46 @@ def test_a_build_lock_left_by_a_killed_build_is_named_instead_of_waited_on(tmp_p
     assert f"stale build lock {lock} (60 min old" in err and "delete it" in err
 
 
+def test_a_build_that_hangs_is_cut_off_with_one_line(tmp_path, monkeypatch):
+    """A fresh lock, as another node's build in progress leaves it: torch's baton would wait on it
+    without end; the bounded builder gives up and says where."""
+    from scgraph.train.distributed import build_shm_op, shm_op_needs_build
+
+    (tmp_path / "deepspeed_shm_comm").mkdir()
+    (tmp_path / "deepspeed_shm_comm" / "lock").touch()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert shm_op_needs_build()
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=f"in {tmp_path} did not finish in 0 min; delete {tmp_path}/deepspeed"):
+        build_shm_op(timeout_s=5)
+    assert time.monotonic() - start < 60
+
+
+def test_the_op_is_rebuilt_only_when_missing_or_older_than_its_sources(tmp_path, monkeypatch):
+    from scgraph.train.distributed import build_root, shm_op_needs_build
+
+    built = build_root() / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"  # the suite's own build
+    assert not shm_op_needs_build()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    copy = tmp_path / "deepspeed_shm_comm" / built.name
+    copy.parent.mkdir()
+    copy.write_bytes(built.read_bytes())
+    assert not shm_op_needs_build()
+    os.utime(copy, (0, 0))  # older than DeepSpeed's sources, as after an upgrade
+    assert shm_op_needs_build()
+
+
+def test_a_build_that_fails_is_one_line_before_training(tmp_path, capsys, tiny_shards, monkeypatch):
+    (tmp_path / "file").write_text("not a directory\n")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "file" / "ext"))
+    code = run(PRETRAIN, ["--shards", str(tiny_shards), "--output", str(tmp_path / "out"), "--mlflow-uri",
+                          f"sqlite:///{tmp_path}/m.db", *TINY])
+    err = one_line_error(capsys, code)
+    assert f"building DeepSpeed's C++ op deepspeed_shm_comm in {tmp_path}/file/ext failed: " in err
+    assert "Not a directory" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_stores_that_are_not_databases_and_mistyped_paths_are_refused(tmp_path, capsys, tiny_shards):
     from scgraph.eval.compare import main as compare
 

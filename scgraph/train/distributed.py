@@ -7,7 +7,10 @@ plain ``python``: all of them describe the rank through the env:// variables.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,16 +28,24 @@ def free_port() -> int:
 # A C++ op builds in about a minute even on a loaded node; a build lock older than this was left by a
 # build that was killed, and torch would wait on it forever.
 STALE_BUILD_LOCK_S = 15 * 60
+# A build still running after this long is hung, not slow.
+BUILD_TIMEOUT_S = 10 * 60
+SHM_OP = "ShareMemCommBuilder"
+
+
+def build_root() -> Path:
+    """Where torch JIT-builds C++ ops (``$TORCH_EXTENSIONS_DIR``, else its per-user default)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
 
 
 def check_build_locks() -> None:
     """Refuse to start when a JIT build lock of a C++ op (DeepSpeed builds ``deepspeed_shm_comm`` on
     every CPU start) was left behind by a killed build: torch's file baton has no owner to check,
     so every rank would wait on it without end. One line names the lock to delete."""
-    from torch.utils.cpp_extension import get_default_build_root
-
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     now = time.time()
+    root = build_root()
     for lock in sorted(root.glob("*/lock")) + sorted(root.glob("*/*/lock")):
         age = now - lock.stat().st_mtime
         if age > STALE_BUILD_LOCK_S:
@@ -42,14 +53,56 @@ def check_build_locks() -> None:
                              "op); delete it if no build is running, then start again")
 
 
+def shm_op_needs_build() -> bool:
+    """Whether DeepSpeed will JIT-build its CPU shared-memory all-reduce at start: it uses the op
+    where the op is compatible, and builds it unless it came prebuilt or its build is newer than
+    each of its sources (ninja's own test)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+
+    builder = get_accelerator().create_op_builder(SHM_OP)
+    if (builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False)
+            or installed_ops.get(builder.NAME)):
+        return False
+    built = build_root() / builder.NAME / f"{builder.NAME}.so"
+    return not (built.exists() and all(Path(builder.deepspeed_src_path(src)).stat().st_mtime <= built.stat().st_mtime
+                                       for src in builder.sources()))
+
+
+def build_shm_op(timeout_s: float = BUILD_TIMEOUT_S) -> None:
+    """JIT-build DeepSpeed's CPU shared-memory all-reduce (``deepspeed_shm_comm``) in a child process
+    that is killed after ``timeout_s``. Left to DeepSpeed, every rank builds it at start, together:
+    such builds can hang for good on torch's file baton (DeepSpeed's own CI saw it; so did ours, for
+    25 minutes), and nothing bounds the wait. One bounded builder per node turns that into one line."""
+    code = ("from deepspeed.accelerator import get_accelerator; "
+            f"get_accelerator().create_op_builder({SHM_OP!r}).load(verbose=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    try:
+        _, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the compiler too, not only the python that started it
+        proc.wait()
+        raise ValueError(f"building DeepSpeed's C++ op deepspeed_shm_comm in {build_root()} did not finish in "
+                         f"{timeout_s / 60:.0f} min; delete {build_root() / 'deepspeed_shm_comm'} and start again"
+                         ) from None
+    if proc.returncode:
+        said = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
+        raise ValueError(f"building DeepSpeed's C++ op deepspeed_shm_comm in {build_root()} failed: "
+                         f"{said[-1] if said else f'exit status {proc.returncode}'}")
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device) after joining the group: NCCL on GPUs, gloo on CPU. On a CPU
     node each rank takes the cores SLURM gave its task (``--cpus-per-task``), else an equal share of
-    the cores this process may run on (its affinity mask, which cgroups and ``taskset`` narrow)."""
+    the cores this process may run on (its affinity mask, which cgroups and ``taskset`` narrow), and
+    the node's first rank builds DeepSpeed's C++ op while the others wait (``build_shm_op``)."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
@@ -59,8 +112,18 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
     check_build_locks()
     if not dist.is_initialized():
+        if not cuda:
+            dist.init_process_group("gloo")  # DeepSpeed adopts this group, and builds nothing more
+            failure = None
+            if local_rank == 0 and shm_op_needs_build():
+                try:
+                    build_shm_op()
+                except ValueError as e:
+                    failure = e
+            if not all_ranks_agree(failure is None, torch.device("cpu")):
+                raise failure or ValueError("building DeepSpeed's C++ op deepspeed_shm_comm failed on another "
+                                            "rank: its error says why")
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
