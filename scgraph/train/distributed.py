@@ -30,7 +30,7 @@ def free_port() -> int:
 STALE_BUILD_LOCK_S = 15 * 60
 # A build still running after this long is hung, not slow.
 BUILD_TIMEOUT_S = 10 * 60
-SHM_OP = "ShareMemCommBuilder"
+SHM_OP, SHM_OP_NAME = "ShareMemCommBuilder", "deepspeed_shm_comm"
 
 
 def build_root() -> Path:
@@ -74,9 +74,12 @@ def build_shm_op(timeout_s: float = BUILD_TIMEOUT_S) -> None:
     """JIT-build DeepSpeed's CPU shared-memory all-reduce (``deepspeed_shm_comm``) in a child process
     that is killed after ``timeout_s``. Left to DeepSpeed, every rank builds it at start, together:
     such builds can hang for good on torch's file baton (DeepSpeed's own CI saw it; so did ours, for
-    25 minutes), and nothing bounds the wait. One bounded builder per node turns that into one line."""
+    25 minutes), and nothing bounds the wait. One bounded builder per node turns that into one line,
+    and the lock of a build killed here is removed, so that starting again builds afresh."""
     code = ("from deepspeed.accelerator import get_accelerator; "
             f"get_accelerator().create_op_builder({SHM_OP!r}).load(verbose=False)")
+    what = f"building DeepSpeed's C++ op {SHM_OP_NAME} in {build_root()}"
+    started = time.time()
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     try:
@@ -84,13 +87,15 @@ def build_shm_op(timeout_s: float = BUILD_TIMEOUT_S) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the compiler too, not only the python that started it
         proc.wait()
-        raise ValueError(f"building DeepSpeed's C++ op deepspeed_shm_comm in {build_root()} did not finish in "
-                         f"{timeout_s / 60:.0f} min; delete {build_root() / 'deepspeed_shm_comm'} and start again"
-                         ) from None
+        lock = build_root() / SHM_OP_NAME / "lock"
+        if lock.exists() and lock.stat().st_mtime < started:
+            raise ValueError(f"{what} waited {timeout_s:.0f} s on {lock}, taken by another build; delete it if no "
+                             "build is running, then start again") from None
+        lock.unlink(missing_ok=True)  # taken by the build killed here
+        raise ValueError(f"{what} did not finish in {timeout_s:.0f} s; start again to retry it") from None
     if proc.returncode:
         said = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
-        raise ValueError(f"building DeepSpeed's C++ op deepspeed_shm_comm in {build_root()} failed: "
-                         f"{said[-1] if said else f'exit status {proc.returncode}'}")
+        raise ValueError(f"{what} failed: {said[-1] if said else f'exit status {proc.returncode}'}")
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -121,7 +126,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
                 except ValueError as e:
                     failure = e
             if not all_ranks_agree(failure is None, torch.device("cpu")):
-                raise failure or ValueError("building DeepSpeed's C++ op deepspeed_shm_comm failed on another "
+                raise failure or ValueError(f"building DeepSpeed's C++ op {SHM_OP_NAME} failed on another "
                                             "rank: its error says why")
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     if cuda:
