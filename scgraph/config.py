@@ -594,6 +594,8 @@ class StudyConfig:
                               "'single layer' between linear input and output layers)")
     heads: int = option(2, "Transformer attention heads (same parameter count for any number; with one, attention "
                         "can only average the senders' values and stalls far above its floor at beta > 0)")
+    graph_heads: int = option(1, "GNN adjacencies, softmax-normalised, of rank 4 each (with one, like one attention "
+                              "head, it weights every sender's value with one sign; see benchmarks/RESULTS.md)")
     block_layout: str = option("residual", "layout of the shared Block (residual: no normalisation, so the GNN is "
                                "the bare static aggregation of the paper's Eq. 12; see scgraph/synthetic/models.py)",
                                choices=BLOCK_LAYOUTS)
@@ -632,7 +634,7 @@ class StudyConfig:
             raise ValueError(f"mu must hold {N_TOKENS} means, one per token; got {self.mu}")
         if not 0.0 < self.train_fraction < 1.0:
             raise ValueError(f"train_fraction must be in (0, 1); got {self.train_fraction}")
-        for name in ("samples", "epochs", "batch_size", "repeats", "hidden", "heads", "workers"):
+        for name in ("samples", "epochs", "batch_size", "repeats", "hidden", "heads", "graph_heads", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         n_test = self.samples - round(self.samples * self.train_fraction)
@@ -646,9 +648,9 @@ class StudyConfig:
             raise ValueError(f"mlp_ratio must be >= 0; got {self.mlp_ratio}")
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
-        if self.hidden % N_TOKENS:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by the adjacency rank "
-                             f"({N_TOKENS}) so the GNN's values split into sub-heads")
+        if self.hidden % (N_TOKENS * self.graph_heads):
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by the adjacency rank ({N_TOKENS}) times "
+                             f"graph_heads ({self.graph_heads}) so each GNN head's values split into sub-heads")
         self.out = Path(self.out)
 
     def params(self) -> dict[str, Any]:

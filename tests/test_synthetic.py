@@ -164,6 +164,26 @@ def test_rank_four_adjacency_expresses_any_4x4_matrix() -> None:
     torch.testing.assert_close(dense_graph_mixer(mixer, h, genes, mask), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_two_graph_heads_weight_each_half_of_the_values_by_its_own_4x4_adjacency() -> None:
+    """--graph-heads 2: softmax(A) over the first half of H W_v, softmax(B) over the second, so a
+    sender's value can reach a receiver with either sign (the difference of two positive weights)."""
+    from scgraph.synthetic.train import build_study_model
+
+    mixer = build_study_model(StudyConfig(graph_heads=2), "gnn").blocks[0].mixer
+    a, b = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(1)) * 3
+    with torch.no_grad():
+        mixer.adjacency.u.weight[:4] = torch.cat([a, b], dim=1)
+        mixer.adjacency.v.weight[:4] = torch.cat([torch.eye(4), torch.eye(4)], dim=1)
+    genes = ORDERS[[0, 5, 17]]
+    h = torch.randn(3, 4, 8)
+    mask = torch.ones(3, 1, 1, 4, dtype=torch.bool)
+    values = mixer.value(h)
+    pair = genes[:, :, None], genes[:, None, :]
+    expected = mixer.out(torch.cat([torch.softmax(a[pair], -1) @ values[..., :4],
+                                    torch.softmax(b[pair], -1) @ values[..., 4:]], dim=-1))
+    torch.testing.assert_close(mixer(h, genes, mask), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backbone", ["transformer", "gnn"])
 def test_position_embedding_is_what_breaks_permutation_equivariance(backbone: str) -> None:
     """Without it a model sees a set (permuting the input permutes the output); with it, order."""
@@ -189,6 +209,8 @@ def test_position_embedding_is_what_breaks_permutation_equivariance(backbone: st
     (dict(epochs=0), "epochs must be >= 1"),
     (dict(train_fraction=1.0), "train_fraction must be in"),
     (dict(hidden=6, heads=1), "hidden (6) must be divisible by the adjacency rank"),
+    (dict(graph_heads=4), "hidden (8) must be divisible by the adjacency rank (4) times graph_heads (4)"),
+    (dict(graph_heads=0), "graph_heads must be >= 1"),
     (dict(lr_schedule="step"), "lr_schedule must be one of"),
     (dict(lr=1e-3, min_lr=1e-2), "min_lr must be in"),
 ])

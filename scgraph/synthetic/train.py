@@ -97,7 +97,7 @@ def task_seed(cfg: StudyConfig, task: Task) -> int:
 def build_study_model(cfg: StudyConfig, backbone: str) -> CellModel:
     """The study's model for ``backbone``, freshly initialised from torch's global seed."""
     model_cfg = synthetic_model_config(backbone, hidden=cfg.hidden, mlp_ratio=cfg.mlp_ratio,
-                                       heads=cfg.heads, block_layout=cfg.block_layout)
+                                       heads=cfg.heads, graph_heads=cfg.graph_heads, block_layout=cfg.block_layout)
     return build_synthetic_model(model_cfg, position_embedding=cfg.position_embedding, init=cfg.init)
 
 
