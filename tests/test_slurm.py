@@ -106,8 +106,8 @@ def pretrained(cluster, sharded, work):
     while not first.is_file() and cluster.state(job) and time.monotonic() < deadline:
         time.sleep(0.1)
     state = cluster.state(job)
-    ranks = [p for p in psutil.process_iter(["cmdline"])
-             if p.info["cmdline"][1:2] == ["launchers/pretrain.py"] and str(work / "run") in p.info["cmdline"]]
+    ranks = [p for p in psutil.process_iter(["cmdline"])  # a zombie's cmdline is None
+             if (p.info["cmdline"] or [])[1:2] == ["launchers/pretrain.py"] and str(work / "run") in p.info["cmdline"]]
     for rank in ranks:
         rank.send_signal(signal.SIGSTOP)
     cluster.scontrol("requeue", job)
