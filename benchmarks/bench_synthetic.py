@@ -1,12 +1,12 @@
 """The synthetic study against the paper's Table I: the full grid at the paper's protocol with
 repeats, the reduced grid, and the targets they are held to.
 
-    python benchmarks/bench_synthetic.py --out runs/bench_synthetic   # ~45 min on 2 cores; reuses finished grids
+    python benchmarks/bench_synthetic.py --out runs/bench_synthetic   # ~62 min on 2 cores; reuses finished grids
 
 Runs (or reuses, when OUT/full or OUT/reduced holds a finished study with the same settings) the
 full grid (the paper's protocol: 20,000 samples, 200 epochs, Adam 1e-3, ``--repeats`` datasets
 per setting) and the reduced grid (``scgraph.synthetic.study.REDUCED``: 10,000 samples, 100 epochs,
-lr 3e-3, one repeat), both at the study's defaults otherwise. Prints Table I
+batch 64, lr 3e-3, one repeat), both at the study's defaults otherwise. Prints Table I
 of the full grid with its error floors, the row averages of both grids beside the paper's, and the
 targets: every row average of the full grid within 30 % of the paper's; the Transformer flat at
 sigma = 0.1 (within 2x of sigma^2 at every beta); the reduced grid's beta = 0.5 row average at

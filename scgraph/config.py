@@ -594,8 +594,9 @@ class StudyConfig:
                               "'single layer' between linear input and output layers)")
     heads: int = option(2, "Transformer attention heads (same parameter count for any number; with one, attention "
                         "can only average the senders' values and stalls far above its floor at beta > 0)")
-    graph_heads: int = option(1, "GNN adjacencies, softmax-normalised, of rank 4 each (with one, like one attention "
-                              "head, it weights every sender's value with one sign; see benchmarks/RESULTS.md)")
+    graph_heads: int = option(2, "GNN adjacencies, softmax-normalised, of rank 4 each, as many as the Transformer's "
+                              "heads (with one, it weights every sender's value with one sign and stalls far above "
+                              "its floor; see benchmarks/RESULTS.md)")
     block_layout: str = option("residual", "layout of the shared Block (residual: no normalisation, so the GNN is "
                                "the bare static aggregation of the paper's Eq. 12; see scgraph/synthetic/models.py)",
                                choices=BLOCK_LAYOUTS)

@@ -20,7 +20,7 @@ import torch
 from scgraph.config import StudyConfig, short_name
 from scgraph.models.model import CellModel, mvp_loss
 from scgraph.synthetic.generators import SyntheticData, make_dataset, static_coefficients
-from scgraph.synthetic.models import build_synthetic_model, synthetic_model_config
+from scgraph.synthetic.models import build_synthetic_model
 from scgraph.train.optim import lr_factor
 
 #: The two models the study compares, with the labels of Table I and Figure 3.
@@ -94,13 +94,6 @@ def task_seed(cfg: StudyConfig, task: Task) -> int:
     return int(np.random.SeedSequence(key).generate_state(1)[0])
 
 
-def build_study_model(cfg: StudyConfig, backbone: str) -> CellModel:
-    """The study's model for ``backbone``, freshly initialised from torch's global seed."""
-    model_cfg = synthetic_model_config(backbone, hidden=cfg.hidden, mlp_ratio=cfg.mlp_ratio,
-                                       heads=cfg.heads, graph_heads=cfg.graph_heads, block_layout=cfg.block_layout)
-    return build_synthetic_model(model_cfg, position_embedding=cfg.position_embedding, init=cfg.init)
-
-
 def run_task(cfg: StudyConfig, task: Task) -> tuple[Task, Curve]:
     """Generate the task's dataset and train its model; pure in (cfg, task)."""
     seed = task_seed(cfg, task)
@@ -112,7 +105,7 @@ def run_task(cfg: StudyConfig, task: Task) -> tuple[Task, Curve]:
         mean, std = train.values.mean().item(), train.values.std().item()
         train, test = train.standardized(mean, std), test.standardized(mean, std)
     torch.manual_seed(seed)
-    model = build_study_model(cfg, task.backbone)
+    model = build_synthetic_model(cfg, task.backbone)
     curve = train_model(model, train, test, cfg, seed=seed, loss_scale=std ** 2)
     return task, curve
 
