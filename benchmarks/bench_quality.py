@@ -1,7 +1,7 @@
 """Cell-embedding quality on held-out cells: both backbones, both training recipes, against the
 random-init encoder, PCA-50 and logistic regression, under one probe and one embedding protocol.
 
-    python benchmarks/bench_quality.py --out runs/bench_quality          # about an hour on 2 cores
+    python benchmarks/bench_quality.py --out runs/bench_quality          # about two hours on 2 cores
 
 For each real labelled set (CBMC; pbmc68k_reduced) a seeded share of the cells is held out; the
 rest is sharded with the sharding tool and pretrained with ``launchers/pretrain.py`` (one process,
@@ -62,7 +62,13 @@ ABLATIONS = [("mvp", "objective mvp (cell schedule)", dict(objectives="mvp")),
              ("h256", "hidden 256 (4x the compute of a step)", dict(hidden=256)),
              ("steps2x", "twice the steps", dict(max_steps=2)),
              ("symmetric", "preset symmetric (mean of the final states, pre-norm, MLP 4x)", dict(preset="symmetric")),
-             ("mask05", "mask ratio 0.05 (0.15 by default)", dict(mask_ratio=0.05))]
+             ("mask05", "mask ratio 0.05 (0.15 by default)", dict(mask_ratio=0.05)),
+             ("mask30", "mask ratio 0.3", dict(mask_ratio=0.3)),
+             ("mask50", "mask ratio 0.5", dict(mask_ratio=0.5)),
+             ("dropout01", "dropout 0.1 (0 by default)", dict(dropout=0.1)),
+             ("wd01", "weight decay 0.1 (0.01 by default)", dict(weight_decay=0.1)),
+             ("bins", "values binned per cell, scGPT-style (51 bins, bin embedding)",
+              dict(value_encoder="bins", n_bins=51))]
 #: How pretraining picks a cell's L genes; the default's models are the main tables'.
 DEFAULT_SELECTION = TokenizerConfig().selection
 GRID_SELECTIONS = (DEFAULT_SELECTION, *(s for s in SELECTIONS if s != DEFAULT_SELECTION))
