@@ -53,6 +53,7 @@ from scgraph.config import (
 from scgraph.data.datasets import load_cbmc
 from scgraph.data.shards import ShardSet
 from scgraph.eval.evaluate import format_report
+from scgraph.io.files import check_directory
 from scgraph.tracking import ui_command
 from scgraph.train.distributed import free_port
 
@@ -204,6 +205,7 @@ class Demo:
     def claim_folder(self) -> None:
         """Record the settings in OUT/settings.json, or refuse a folder made with other ones: its
         finished steps (a 600-step model, say) would be reused or resumed as if they were these."""
+        check_directory("--out", self.root)
         record = self.root / "settings.json"
         mine = {k: v for k, v in dataclasses.asdict(self.settings).items() if k != "out"}
         if record.is_file():

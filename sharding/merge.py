@@ -22,6 +22,7 @@ from typing import Any
 
 from scgraph.config import MergeConfig, parse_slice
 from scgraph.data.shards import MANIFEST_NAME, build_manifest, differences, read_manifest, write_manifest
+from scgraph.io.files import check_directory
 
 #: Manifest fields every part of one job array must share (besides the command and plan).
 _SHARED = ("format", "source", "obs_filter", "obs_columns", "vocabulary", "fingerprint")
@@ -91,8 +92,7 @@ def _read_parts(parts: Sequence[str]) -> list[dict[str, Any]]:
 
 def _check_out(out: str, names: set[str]) -> None:
     """--out must be new, empty, or hold only shards an interrupted merge already moved."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise NotADirectoryError(f"--out {out} exists and is not a directory")
+    check_directory("--out", out)
     entries = set(os.listdir(out)) if os.path.isdir(out) else set()
     if MANIFEST_NAME in entries:
         raise FileExistsError(f"--out {out} already holds a shard set; refusing to merge into it")

@@ -72,9 +72,12 @@ def _check_shard(path: str, record: dict[str, Any], vocab_size: int, seen: set[i
 def verify(directory: str, progress: bool = True) -> VerifyReport:
     """The ``verify`` command."""
     report = VerifyReport(directory)
+    if not os.path.isdir(directory):
+        raise (NotADirectoryError if os.path.exists(directory) else FileNotFoundError)(
+            f"{directory}: not a folder; give the shard set's folder (python -m sharding write --out)")
     try:
         manifest = read_manifest(directory)
-    except (FileNotFoundError, ValueError) as err:
+    except ValueError as err:
         report.problems.append(str(err))
         return report
     if not manifest["complete"]:
@@ -104,7 +107,8 @@ def verify(directory: str, progress: bool = True) -> VerifyReport:
 
 
 def verify_command(cfg: VerifyConfig) -> int:
-    """``python -m sharding verify``: each problem on stderr as ``BAD ...``, a summary, exit 1 if any."""
+    """``python -m sharding verify``: each problem on stderr as ``BAD ...``, a summary, exit 1 if any;
+    a folder that holds no shard set is a one-line error (exit 2), like any bad input."""
     report = verify(cfg.directory, progress=not cfg.quiet)
     for problem in report.problems:
         print(f"BAD {problem}", file=sys.stderr)

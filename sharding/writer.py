@@ -40,6 +40,7 @@ from scgraph.data.shards import (
     write_manifest,
 )
 from scgraph.data.vocab import GeneMap, GeneVocab
+from scgraph.io.files import check_directory
 from scgraph.io.sources import SourceSpec, genes_digest, open_source, resolve_obs_options
 from sharding.plan import Plan, ShardJob, select_cells
 from sharding.pool import consecutive, write_in_pool
@@ -104,8 +105,7 @@ def existing_shards(out: str, command: dict[str, Any], plan: Plan, fingerprint: 
     """Complete shards a previous run of the same command on the same source left in ``out``;
     refuse anything else. Temporary files of a killed run are removed: they never hold a complete
     shard."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise NotADirectoryError(f"--out {out} exists and is not a directory")
+    check_directory("--out", out)
     if not os.path.isdir(out):
         return {}
     for tmp in glob.glob(os.path.join(out, f"*{TMP_SUFFIX}")):

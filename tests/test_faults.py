@@ -239,6 +239,14 @@ def test_verify_names_stray_tars_and_a_manifest_without_a_field(tmp_path, capsys
     assert "corrupt manifest (shard 1 has no sha256)" in capsys.readouterr().err
 
 
+def test_verify_of_a_folder_that_holds_no_shard_set_is_bad_input(tmp_path, capsys):
+    """A damaged shard set is a finding (exit 1); a wrong path is a one-line error (exit 2)."""
+    err = one_line_error(capsys, sharding(["verify", "--quiet", str(tmp_path / "missing")]))
+    assert f"{tmp_path / 'missing'}: not a folder" in err
+    err = one_line_error(capsys, sharding(["verify", "--quiet", str(tmp_path)]))
+    assert "no manifest; not a shard set" in err
+
+
 @pytest.mark.parametrize(("argv", "said"), [
     (["--cells-per-shard", "0"], "--cells-per-shard must be >= 1; got 0"),
     (["--cells-per-shard", "many"], "argument --cells-per-shard: must be an integer; got 'many'"),

@@ -97,6 +97,8 @@ def test_every_run_says_its_kind_and_what_it_is_and_probes_nest_under_their_pret
     # other tests may build Table II on the same store too: one compare run or more, each complete
     assert {k: len(v) for k, v in by_kind.items() if k != "compare"} == {"pretrain": 2, "probe": 2}
     pretraining = {r["info"]["run_id"]: r for r in by_kind["pretrain"]}
+    for run in pretraining.values():  # what the run optimised, in words
+        assert "recipe cell (objectives recon x 1)" in tags(run)["mlflow.note.content"]
     for probe in by_kind["probe"]:
         assert tags(probe)["mlflow.parentRunId"] in pretraining
         assert tags(probe)["pretraining_run_id"] == tags(probe)["mlflow.parentRunId"]

@@ -236,17 +236,21 @@ def test_resume_with_a_different_vocabulary_is_refused(uninterrupted, tmp_path, 
     (["--backbone", "mamba"], "invalid choice: 'mamba'"),
     (["--batch-size", "10", "--micro-batch-size", "4"],
      "global batch 10 is not a multiple of micro-batch 4 x world size 1"),
+    (["--output", "{file}/run"], "--output {file}/run: {file} is a file, not a folder"),
 ])
 def test_bad_input_is_a_clear_error_before_training(args, message, shards, tmp_path):
     (tmp_path / "empty").mkdir()
-    args = [a.format(empty=tmp_path / "empty") for a in args]
+    (tmp_path / "notes").write_text("kept")
+    paths = dict(empty=tmp_path / "empty", file=tmp_path / "notes")
+    args = [a.format(**paths) for a in args]
     if "--shards" not in args:
         args += ["--shards", shards]
-    proc = launch([*args, "--output", str(tmp_path / "out"), "--mlflow-uri", f"sqlite:///{tmp_path}/m.db"],
-                  ranks=1, timeout=300)
+    if "--output" not in args:
+        args += ["--output", str(tmp_path / "out")]
+    proc = launch([*args, "--mlflow-uri", f"sqlite:///{tmp_path}/m.db"], ranks=1, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert message in proc.stderr
-    assert not (tmp_path / "out" / "checkpoints").exists()
+    assert message.format(**paths) in proc.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists() and (tmp_path / "notes").read_text() == "kept"
 
 
 def test_explicit_accumulation_that_disagrees_with_the_world_size_is_refused():

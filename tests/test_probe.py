@@ -170,6 +170,9 @@ def test_scgraph_embed_puts_the_probes_embeddings_in_obsm_and_scanpy_reads_them(
     everything = scgraph.embed(adata.copy(), str(tiny_demo.pretrain_output("transformer")), key="X_all",
                                selection="all", progress=False)
     assert not np.allclose(everything.obsm["X_all"], adata.obsm["X_scgraph"])  # every gene, not the top 64
+    assert adata.uns["X_scgraph"]["seq_len"] == 64 and "seq_len" not in everything.uns["X_all"]
+    with pytest.raises(ValueError, match="seq_len must be > 0; got 0"):
+        scgraph.embed(adata.copy(), str(tiny_demo.pretrain_output("transformer")), seq_len=0, progress=False)
     sc.pp.neighbors(adata, use_rep="X_scgraph")
     assert adata.obsp["connectivities"].shape == (adata.n_obs, adata.n_obs)
 
@@ -208,4 +211,15 @@ def test_bad_input_is_a_one_line_error(tiny_demo, heldout_h5ad, pbmc_h5ad, cbmc,
     assert "has a single class ('T', 50 cells)" in err
     err = _fails(capsys, ["--checkpoint", gnn, "--data", str(tmp_path / "nothing.h5ad"), *common])
     assert "no such file or directory" in err
+    err = _fails(capsys, ["--checkpoint", gnn, "--data", heldout_h5ad, *common, "--embed-seq-len", "0"])
+    assert "--embed-seq-len must be > 0; got 0" in err
     assert not (tmp_path / "out").exists()
+    # output paths are checked before any cell is embedded, naming the flag; the file in the way is kept
+    (tmp_path / "taken").write_text("notes")
+    err = _fails(capsys, ["--checkpoint", gnn, "--data", heldout_h5ad, "--out", str(tmp_path / "taken"),
+                          "--mlflow-uri", f"sqlite:///{tmp_path}/m.db"])
+    assert f"--out {tmp_path / 'taken'} is a file, not a folder" in err
+    err = _fails(capsys, ["--checkpoint", gnn, "--data", heldout_h5ad, *common,
+                          "--export", str(tmp_path / "taken" / "sub" / "cells.h5ad")])
+    assert f"--export {tmp_path / 'taken' / 'sub'}: {tmp_path / 'taken'} is a file, not a folder" in err
+    assert (tmp_path / "taken").read_text() == "notes" and not (tmp_path / "out").exists()

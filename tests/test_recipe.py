@@ -171,6 +171,7 @@ def test_each_objective_on_a_hand_checked_case():
     (["--objectives", "mvp:-1,recon"], "objectives: weight of mvp must be >= 0; got -1"),
     (["--objectives", "contrastive"], "objectives: unknown objective 'contrastive' (choose from mvp, gepc, recon)"),
     (["--objectives", "mvp:0"], "at least one objective needs a weight > 0"),
+    (["--objectives", "mvp:1,recon,mvp:2"], "objectives: mvp is given twice in 'mvp:1,recon,mvp:2'"),
     (["--selection", "heaviest"], "invalid choice: 'heaviest'"),
 ])
 def test_bad_objectives_are_one_line_errors(flags, said, tmp_path, capsys):

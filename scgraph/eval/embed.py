@@ -31,7 +31,7 @@ def inference_tokenizer(tok: TokenizerConfig, selection: str, seq_len: int | Non
     if selection == "all":
         length = max(1, int(np.diff(counts.indptr).max(initial=0)))
         return dataclasses.replace(tok, seq_len=length, selection="top")
-    return dataclasses.replace(tok, seq_len=seq_len or tok.seq_len, selection=selection)
+    return dataclasses.replace(tok, seq_len=tok.seq_len if seq_len is None else seq_len, selection=selection)
 
 
 def embed_cells(model: CellModel, run: RunConfig, counts: sp.csr_matrix, *, selection: str = "top",
@@ -94,6 +94,7 @@ def embed(adata: ad.AnnData, checkpoint: str, *, key: str = "X_scgraph", selecti
                                   seq_len=seq_len, batch_size=batch_size, progress=progress,
                                   desc=f"embed ({pretrained.run.model.backbone})")
     adata.uns[key] = {"checkpoint": str(checkpoint), "backbone": pretrained.run.model.backbone,
-                      "selection": selection, "seq_len": seq_len or pretrained.run.tokenizer.seq_len,
-                      "genes_matched": mapping.matched, "genes_dropped": mapping.dropped}
+                      "selection": selection, "genes_matched": mapping.matched, "genes_dropped": mapping.dropped}
+    if selection != "all":  # with all, each cell shows every gene it expresses
+        adata.uns[key]["seq_len"] = pretrained.run.tokenizer.seq_len if seq_len is None else seq_len
     return adata

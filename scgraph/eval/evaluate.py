@@ -1,9 +1,9 @@
 """``launchers/probe.py``: a pretrained checkpoint, labelled cells -> the paper's linear probe with
-its two controls, figures, ``probe.json``, an optional embedding export, and an MLflow run linked
+its controls, figures, ``probe.json``, an optional embedding export, and an MLflow run linked
 to the pretraining run.
 
-Every check a user can fail (checkpoint, label column, classes, gene overlap) runs before the
-cells are embedded, so a bad command ends in seconds with one line saying what to fix.
+Every check a user can fail (checkpoint, output paths, label column, classes, gene overlap) runs
+before the cells are embedded, so a bad command ends in seconds with one line saying what to fix.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from scgraph.eval.embed import embed_cells, random_encoder
 from scgraph.eval.figures import confusion_plot, tsne_plot
 from scgraph.eval.probe import LinearProbe, clustering_agreement, evaluate, knn, logistic_regression, pca_features
 from scgraph.io.counts import log1p_cp10k
+from scgraph.io.files import check_directory
 from scgraph.tracking import Tracker, check_store, flatten, git_commit
 from scgraph.train.checkpointer import Pretrained, load_pretrained, resolve_checkpoint
 
@@ -74,6 +75,9 @@ def run_probe(opts: ProbeConfig) -> dict[str, Any]:
     """The whole probe; returns what it writes to ``OUT/probe.json``. Every check a user can fail
     runs first; the MLflow run then starts, before the cells are embedded, and ends with the work."""
     resolve_checkpoint(opts.checkpoint, opts.mlflow_uri)  # fail on a wrong path before reading any data
+    check_directory("--out", opts.out)
+    if opts.export:
+        check_directory("--export", Path(opts.export).parent)
     if opts.mlflow_uri:
         check_store(opts.mlflow_uri)
     cells = read_cells(opts.data, opts.organism)
@@ -132,7 +136,9 @@ def _probe(opts: ProbeConfig, pretrained: Pretrained, cells: Cells, counts: Any,
                                                                                                         opts.seed)
     report: dict[str, Any] = summaries["pretrained"] | facts | {
         "controls": {name: summaries[name] | facts for name in CONTROLS},
-        "embedding": {"selection": opts.embed_selection, "seq_len": opts.embed_seq_len or run.tokenizer.seq_len},
+        "embedding": {"selection": opts.embed_selection,  # seq_len None: every expressed gene
+                      "seq_len": None if opts.embed_selection == "all" else
+                      opts.embed_seq_len or run.tokenizer.seq_len},
         "repeats": opts.repeats, "test_fraction": opts.test_fraction, "standardize": opts.standardize,
         "accuracy_per_repeat": scores["pretrained"].accuracy, "macro_f1_per_repeat": scores["pretrained"].macro_f1,
         "test_cells_per_class": {str(c): int(n) for c, n in zip(*np.unique(scores["pretrained"].y_true,
@@ -205,11 +211,12 @@ def format_report(report: dict[str, Any]) -> str:
         (CONTROLS[name], report["controls"][name]) for name in CONTROLS]
     split = f"{round(100 * (1 - report['test_fraction']))}/{round(100 * report['test_fraction'])}"
     embedding = report.get("embedding", {})
+    shown = ("every expressed gene" if embedding.get("selection") == "all" else
+             f"their {embedding.get('selection', 'top')} {embedding.get('seq_len', model['seq_len'])} genes")
     lines = [f"Linear probe: {backbone} ({report['preset']}, hidden {model['hidden']}, {model['layers']} layers, "
              f"L {model['seq_len']}) on {report['dataset']}: {report['n_cells']} cells, {report['n_classes']} classes, "
              f"{report['genes_matched']} genes matched ({report['genes_dropped']} dropped), {report['repeats']} "
-             f"repeat(s) of a {split} stratified split; cells embedded with their {embedding.get('selection', 'top')} "
-             f"{embedding.get('seq_len', model['seq_len'])} genes; one linear layer on "
+             f"repeat(s) of a {split} stratified split; cells embedded with {shown}; one linear layer on "
              f"{'z-scored' if report['standardize'] else 'raw'} features",
              f"  {'':36}{'accuracy %':>16}{'macro-F1 %':>16}{'kNN acc %':>16}{'ARI':>7}{'NMI':>7}{'silh.':>7}"]
     lines += [f"  {name:36}{_cell(s, 'accuracy'):>16}{_cell(s, 'macro_f1'):>16}{_cell(s, 'knn_accuracy'):>16}"

@@ -28,3 +28,15 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise named(err, path) from None
+
+
+def check_directory(flag: str, path: str | Path) -> None:
+    """Refuse, naming ``flag``, a folder a command will write into when it, or a folder above it,
+    already exists as a file: checked before any work, where ``mkdir`` would only fail at the end."""
+    path = Path(path).absolute()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = f"{flag} {path}" if folder == path else f"{flag} {path}: {folder}"
+                raise NotADirectoryError(f"{where} is a file, not a folder")
+            return

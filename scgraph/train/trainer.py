@@ -29,6 +29,7 @@ from scgraph.data.batch import Batch
 from scgraph.data.loader import Layout, Segment, ShardLoader, build_loader
 from scgraph.data.shards import ShardSet
 from scgraph.data.tokenize import mean_profile
+from scgraph.io.files import check_directory
 from scgraph.models.model import build_model, count_parameters
 from scgraph.plots import line_plot
 from scgraph.tracking import Tracker, check_store, flatten, git_commit
@@ -61,7 +62,7 @@ class _Window:
 
 
 class Pretrainer:
-    """Masked value pretraining of one backbone under a DeepSpeed engine."""
+    """Pretraining of one backbone (the configured objectives) under a DeepSpeed engine."""
 
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg
@@ -84,6 +85,7 @@ class Pretrainer:
     def setup(self) -> None:
         cfg = self.cfg
         check_store(cfg.mlflow_uri)
+        check_directory("--output", self.output)
         self.shards = ShardSet.open(cfg.shards)
         run = cfg.run
         if run.model.vocab_size != self.shards.vocab_size:  # the vocabulary is the shard set's
@@ -289,7 +291,9 @@ class Pretrainer:
         data = f"shard set {self.shards.identity} ({self.shards.n_cells:,} cells, {self.shards.vocab_size:,} genes)"
         setup = (f"{self.max_steps} steps of {cfg.run.train.batch_size} cells on {self.world} rank(s), "
                  f"{precision(self.ds)}, ZeRO stage {zero_stage(self.ds)}")
-        description = f"Masked-value pretraining of the {model.backbone} ({shape}) on {data}: {setup}."
+        objectives = " + ".join(f"{name} x {weight:g}" for name, weight in cfg.run.train.weights.items() if weight)
+        description = (f"Pretraining of the {model.backbone} ({shape}) on {data}, recipe {cfg.run.train.recipe} "
+                       f"(objectives {objectives}): {setup}.")
         self.tracker.start(cfg.mlflow_uri, cfg.experiment, cfg.run_name, "pretrain", description,
                            params if run_id is None else {}, tags, run_id=run_id)
         if cfg.system_metrics:
