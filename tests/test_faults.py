@@ -480,8 +480,11 @@ def test_sigterm_checkpoints_marks_the_run_killed_and_resume_finishes_it(tiny_sh
 
 
 @pytest.mark.slow
-def test_training_refuses_a_shard_whose_bytes_changed(tiny_shards, tmp_path):
+def test_training_and_the_probe_refuse_a_shard_whose_bytes_changed(tiny_shards, tmp_path):
     import shutil
+
+    from scgraph.data.shards import CorruptShardError
+    from scgraph.eval.cells import read_cells
 
     shards = tmp_path / "shards"
     shutil.copytree(tiny_shards, shards)
@@ -495,6 +498,8 @@ def test_training_refuses_a_shard_whose_bytes_changed(tiny_shards, tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: {shards}/{victim.name}: sha256 mismatch") and "python -m sharding verify" in line
+    with pytest.raises(CorruptShardError, match=f"{victim.name}: sha256 mismatch.*python -m sharding verify"):
+        read_cells(str(shards))  # the probe's labelled cells: the flipped byte may well decode, into wrong counts
     skipped = pretrain(["--shards", str(shards), "--output", str(tmp_path / "run2"), "--max-steps", "1",
                         "--no-verify-shards", "--mlflow-uri", store, "--experiment", "e2"])
     assert "sha256 mismatch" not in skipped.stderr  # not checked: trusted as verified already

@@ -131,6 +131,7 @@ def match_genes(cells: Cells, vocab: GeneVocab, by: str = "feature_id") -> GeneM
         ours = vocab.keys(by)
         raise ValueError(
             f"no gene of {cells.name} is in the checkpoint's vocabulary (matched by {by}): the data has "
-            f"{', '.join(keys[:3])}, ...; the model has {', '.join(ours[:3])}, ... (use --match-genes-by "
-            f"feature_name for gene symbols, or write the data with --vocab-from the pretraining shards)")
+            f"{', '.join(keys[:3])}, ...; the model has {', '.join(ours[:3])}, ... (match by feature_name for gene "
+            f"symbols: --match-genes-by, or match_genes_by= in scgraph.embed; or write the data with --vocab-from "
+            f"the pretraining shards)")
     return mapping

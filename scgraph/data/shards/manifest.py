@@ -256,7 +256,10 @@ class ShardSet:
 
     def read_all(self) -> tuple[list[int], sp.csr_matrix, list[dict[str, Any]]]:
         """(soma_joinids, counts as cells x vocabulary CSR, obs) of every cell: a small set (a probe's
-        labelled cells) read whole."""
+        labelled cells) read whole, each shard checked against the manifest first (a damaged byte
+        can still decode, into wrong counts)."""
+        for index in range(len(self.shard_paths)):
+            self.check_shard(index)
         cells = list(self.iter_cells())
         return [c.soma_joinid for c in cells], _csr(cells, self.vocab_size), [c.obs for c in cells]
 
