@@ -22,6 +22,12 @@ from scgraph.data.tokenize import tokenize
 from scgraph.models.model import CellModel, build_model
 
 
+def genes_shown(tok: TokenizerConfig, selection: str, seq_len: int | None) -> int | None:
+    """Genes per cell under an inference protocol: ``seq_len`` (default: the training L), or None
+    for ``all`` (each cell shows every gene it expresses)."""
+    return None if selection == "all" else tok.seq_len if seq_len is None else seq_len
+
+
 def inference_tokenizer(tok: TokenizerConfig, selection: str, seq_len: int | None, counts: sp.csr_matrix
                         ) -> TokenizerConfig:
     """The training tokenizer with the inference protocol's gene choice: ``top`` or ``random``
@@ -31,7 +37,7 @@ def inference_tokenizer(tok: TokenizerConfig, selection: str, seq_len: int | Non
     if selection == "all":
         length = max(1, int(np.diff(counts.indptr).max(initial=0)))
         return dataclasses.replace(tok, seq_len=length, selection="top")
-    return dataclasses.replace(tok, seq_len=tok.seq_len if seq_len is None else seq_len, selection=selection)
+    return dataclasses.replace(tok, seq_len=genes_shown(tok, selection, seq_len), selection=selection)
 
 
 def embed_cells(model: CellModel, run: RunConfig, counts: sp.csr_matrix, *, selection: str = "top",
@@ -95,6 +101,7 @@ def embed(adata: ad.AnnData, checkpoint: str, *, key: str = "X_scgraph", selecti
                                   desc=f"embed ({pretrained.run.model.backbone})")
     adata.uns[key] = {"checkpoint": str(checkpoint), "backbone": pretrained.run.model.backbone,
                       "selection": selection, "genes_matched": mapping.matched, "genes_dropped": mapping.dropped}
-    if selection != "all":  # with all, each cell shows every gene it expresses
-        adata.uns[key]["seq_len"] = pretrained.run.tokenizer.seq_len if seq_len is None else seq_len
+    shown = genes_shown(pretrained.run.tokenizer, selection, seq_len)
+    if shown is not None:  # (h5ad cannot store None)
+        adata.uns[key]["seq_len"] = shown
     return adata

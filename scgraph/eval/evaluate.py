@@ -22,7 +22,7 @@ from scgraph.cli import Command, run
 from scgraph.config import ProbeConfig
 from scgraph.data.vocab import GeneVocab
 from scgraph.eval.cells import Cells, match_genes, read_cells
-from scgraph.eval.embed import embed_cells, random_encoder
+from scgraph.eval.embed import embed_cells, genes_shown, random_encoder
 from scgraph.eval.figures import confusion_plot, tsne_plot
 from scgraph.eval.probe import LinearProbe, clustering_agreement, evaluate, knn, logistic_regression, pca_features
 from scgraph.io.counts import log1p_cp10k
@@ -137,8 +137,7 @@ def _probe(opts: ProbeConfig, pretrained: Pretrained, cells: Cells, counts: Any,
     report: dict[str, Any] = summaries["pretrained"] | facts | {
         "controls": {name: summaries[name] | facts for name in CONTROLS},
         "embedding": {"selection": opts.embed_selection,  # seq_len None: every expressed gene
-                      "seq_len": None if opts.embed_selection == "all" else
-                      opts.embed_seq_len or run.tokenizer.seq_len},
+                      "seq_len": genes_shown(run.tokenizer, opts.embed_selection, opts.embed_seq_len)},
         "repeats": opts.repeats, "test_fraction": opts.test_fraction, "standardize": opts.standardize,
         "accuracy_per_repeat": scores["pretrained"].accuracy, "macro_f1_per_repeat": scores["pretrained"].macro_f1,
         "test_cells_per_class": {str(c): int(n) for c, n in zip(*np.unique(scores["pretrained"].y_true,
