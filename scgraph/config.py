@@ -31,12 +31,14 @@ VALUE_ENCODERS = ("linear", "mlp", "bins")
 CELL_EMBEDDINGS = ("mean", "cls")
 NORMALIZATIONS = ("log1p", "none")
 LR_SCHEDULES = ("constant", "cosine", "linear")
-#: How training picks L of a cell's genes: uniformly, the top L by expression, or at random with
-#: probability proportional to the (normalised) value.
-SELECTIONS = ("random", "top", "weighted")
-#: How genes are chosen when a frozen encoder embeds cells: top-L by expression, a seeded random L,
-#: or all of each cell's genes.
-EMBED_SELECTIONS = ("top", "random", "all")
+#: How training picks L of a cell's genes: uniformly, the top L by expression, at random with
+#: probability proportional to the (normalised) value, or the top L by the value divided by the
+#: gene's median over the corpus (Geneformer's normalised rank).
+SELECTIONS = ("random", "top", "weighted", "rank")
+#: How genes are chosen when a frozen encoder embeds cells: as in training (``train``: the same
+#: selection, seeded where it is random), top-L by expression, by normalised rank, a seeded random
+#: L, or all of each cell's genes. The training tokenizer's ``hvg_genes`` restriction always holds.
+EMBED_SELECTIONS = ("train", "top", "rank", "random", "all")
 MATCH_KEYS = ("feature_id", "feature_name")
 #: Pretraining objectives: ``mvp`` predicts each masked gene's value from its own token's final state
 #: (the paper's Eq. 5); ``gepc`` predicts it from the cell embedding and the gene alone (scGPT's GEPC);
@@ -253,9 +255,14 @@ class TokenizerConfig:
                             "measured best across datasets), the top L by expression, or L drawn with probability "
                             "proportional to the value", choices=SELECTIONS)
     cls_token: bool | None = option(None, "prepend a CLS token (default: when the cell embedding is the CLS output)")
+    hvg_genes: int | None = option(None, "only the N most variable genes of the corpus (from the shard set's gene "
+                                   "statistics) may be a cell's tokens, in training and at inference (default: every "
+                                   "gene)", metavar="N")
 
     def __post_init__(self) -> None:
         _positive("seq_len", self.seq_len)
+        if self.hvg_genes is not None:
+            _positive("hvg_genes", self.hvg_genes)
         _choice("normalization", self.normalization, NORMALIZATIONS)
         _positive("target_sum", self.target_sum)
         if self.n_bins is not None and self.n_bins < 2:
@@ -449,9 +456,11 @@ class ProbeConfig:
     """The paper's linear probe: freeze the pretrained encoder, embed every cell, train one linear layer as
     cell-type classifier on a 70/30 stratified split (50 epochs, batch 64, Adam lr 0.005), repeat with different
     seeds, report accuracy and macro-F1 as mean ± std, with kNN accuracy (k = 10) and the agreement of k-means
-    clusters with the labels (ARI, NMI) and the label silhouette, beside three controls scored the same way (a
-    random-init encoder of the same shape, PCA-50 of log1p CP10k, logistic regression on log1p CP10k). Writes
-    OUT/probe.json, a t-SNE and a confusion-matrix PNG, and an MLflow run tagged with the pretraining run's id."""
+    clusters with the labels (ARI, NMI) and the label silhouette, beside four controls scored the same way (a
+    random-init encoder of the same shape, a bag of genes — the mean of a random gene table over the genes each
+    cell shows —, PCA-50 of log1p CP10k, logistic regression on log1p CP10k), and each embedding's effective rank
+    and the share of it that library size and genes per cell explain (collapse shows there). Writes OUT/probe.json,
+    a t-SNE and a confusion-matrix PNG, and an MLflow run tagged with the pretraining run's id."""
 
     checkpoint: str = option(help="a pretraining --output directory (its latest checkpoint), its checkpoints/ "
                              "directory, one checkpoint directory, an exported model/ folder, or runs:/RUN_ID/model "
@@ -481,9 +490,10 @@ class ProbeConfig:
                                "--no-standardize feeds the raw embeddings")
     seed: int = option(0, "seed of the splits, probe inits and the random-encoder control (repeat i uses seed + i)")
     embed_batch_size: int = option(256, "cells per forward pass when embedding")
-    embed_selection: str = option("top", "which genes each cell shows the encoder (and the random-init control): "
-                                  "its top --embed-seq-len by expression, a seeded random --embed-seq-len, or all",
-                                  choices=EMBED_SELECTIONS)
+    embed_selection: str = option("train", "which genes each cell shows the encoder (and the controls): as the "
+                                  "encoder was trained (train: the same selection, seeded where random), its top "
+                                  "--embed-seq-len by expression or by normalised rank, a seeded random "
+                                  "--embed-seq-len, or all", choices=EMBED_SELECTIONS)
     embed_seq_len: int | None = option(None, "genes per cell when embedding (default: the training L)")
     tsne_cells: int = option(2000, "at most this many cells (a seeded sample) in the t-SNE figure")
     quiet: bool = option(False, "no progress bars")
@@ -791,6 +801,16 @@ class VerifyConfig:
     inside the vocabulary, finite non-negative counts). Exits 1 and names each bad shard if anything is wrong."""
 
     directory: str = option(help="a shard set written by 'write'", positional=True, metavar="DIR")
+    quiet: bool = option(False, "no progress bar")
+
+
+@dataclass
+class StatsConfig:
+    """Record the per-gene statistics (expressing cells, mean, median and variance of log1p CP10k) of a shard set
+    written before `write` recorded them: one pass over its shards. Token selection by normalised rank or by
+    variable genes, and the decoder's starting bias, read them."""
+
+    directory: str = option(help="a complete shard set written by 'write'", positional=True, metavar="DIR")
     quiet: bool = option(False, "no progress bar")
 
 

@@ -1,4 +1,4 @@
-"""``python -m sharding {write,merge,verify,build-soma}``: each command's options are its config in
+"""``python -m sharding {write,merge,verify,stats,build-soma}``: each command's options are its config in
 ``scgraph.config``; the command lines come from them (``scgraph.cli``).
 
 Errors a user can fix (bad filter, missing column, empty query, non-count data, a foreign output
@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from scgraph.cli import Command, run_subcommands, subcommand_parser
-from scgraph.config import BuildSomaConfig, MergeConfig, ShardWriteConfig, VerifyConfig
+from scgraph.config import BuildSomaConfig, MergeConfig, ShardWriteConfig, StatsConfig, VerifyConfig
 from sharding.layout import build_soma_command
 from sharding.merge import merge_command
 from sharding.verify import verify_command
-from sharding.writer import write_command
+from sharding.writer import stats_command, write_command
 
 PROG = "python -m sharding"
 DESCRIPTION = ("Stream single-cell counts (CELLxGENE Census, a SOMA experiment or an .h5ad) into WebDataset tar "
@@ -24,6 +24,7 @@ COMMANDS = {
     "write": Command(ShardWriteConfig, write_command, prog=f"{PROG} write"),
     "merge": Command(MergeConfig, merge_command, prog=f"{PROG} merge"),
     "verify": Command(VerifyConfig, verify_command, prog=f"{PROG} verify"),
+    "stats": Command(StatsConfig, stats_command, prog=f"{PROG} stats"),
     "build-soma": Command(BuildSomaConfig, build_soma_command, prog=f"{PROG} build-soma"),
 }
 

@@ -13,6 +13,7 @@ once the merged manifest is written the parts are gone and there is nothing left
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -22,6 +23,7 @@ from typing import Any
 
 from scgraph.config import MergeConfig, parse_slice
 from scgraph.data.shards import MANIFEST_NAME, build_manifest, differences, read_manifest, write_manifest
+from scgraph.data.shards.stats import STATS_FILE, GeneStats, record_gene_stats
 from scgraph.io.files import check_directory
 
 #: Manifest fields every part of one job array must share (besides the command and plan).
@@ -125,7 +127,7 @@ def merge_parts(out: str, parts: Sequence[str]) -> MergeReport:
     plan = _without_slice(manifests[0]["plan"])
     if sorted(shards) != list(range(plan["shards"])) or sum(len(m["shards"]) for m in manifests) != len(shards):
         raise ValueError(f"the parts' shards do not cover shards 0..{plan['shards'] - 1} exactly once")
-    _check_out(out, {s["name"] for s, _ in shards.values()})
+    _check_out(out, {s["name"] for s, _ in shards.values()} | {STATS_FILE})
     os.makedirs(out, exist_ok=True)
     for record, part in shards.values():
         _move(record, part, out)
@@ -135,9 +137,15 @@ def merge_parts(out: str, parts: Sequence[str]) -> MergeReport:
         command, first["vocabulary"], plan, range(plan["shards"]), {i: s for i, (s, _) in shards.items()},
         first["fingerprint"],
     )
+    if all("gene_stats" in m for m in manifests):  # sums and histograms add: what one writer records
+        stats = sum((GeneStats.load(os.path.join(part, m["gene_stats"]["file"])) for part, m in
+                     zip(parts, manifests)), GeneStats.empty(len(first["vocabulary"]["feature_id"])))
+        manifest = record_gene_stats(out, manifest, stats)
     write_manifest(os.path.join(out, MANIFEST_NAME), manifest)
     left = []
     for part in parts:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(part, STATS_FILE))
         os.remove(os.path.join(part, MANIFEST_NAME))
         try:
             os.rmdir(part)

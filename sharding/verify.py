@@ -99,6 +99,16 @@ def verify(directory: str, progress: bool = True) -> VerifyReport:
             report.problems.append(problem)
         else:
             report.cells += record["cells"]
+    stats = manifest.get("gene_stats")
+    if stats is not None:
+        path = os.path.join(directory, str(stats.get("file")))
+        if not os.path.isfile(path):
+            report.problems.append(f"{stats.get('file')}: the gene statistics the manifest names are missing")
+        else:
+            with open(path, "rb") as f:
+                if hashlib.sha256(f.read()).hexdigest() != stats.get("sha256"):
+                    report.problems.append(f"{stats['file']}: sha256 mismatch with the manifest (rewrite the "
+                                           f"statistics with python -m sharding stats {directory})")
     if manifest["complete"] and not report.problems and report.cells != manifest["totals"]["cells"]:
         report.problems.append(
             f"{MANIFEST_NAME}: totals.cells {manifest['totals']['cells']} but the shards hold {report.cells}"

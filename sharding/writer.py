@@ -29,7 +29,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from scgraph.config import ShardWriteConfig, WriteOptions
+from scgraph.config import ShardWriteConfig, StatsConfig, WriteOptions
 from scgraph.data.shards import (
     MANIFEST_NAME,
     TMP_SUFFIX,
@@ -39,6 +39,7 @@ from scgraph.data.shards import (
     read_manifest,
     write_manifest,
 )
+from scgraph.data.shards.stats import compute_gene_stats, record_gene_stats
 from scgraph.data.vocab import GeneMap, GeneVocab
 from scgraph.io.files import check_directory
 from scgraph.io.sources import SourceSpec, genes_digest, open_source, resolve_obs_options
@@ -233,6 +234,9 @@ def write_shards(
             raise
         finally:
             bar.close()
+        manifest = read_manifest(out)
+        if manifest["complete"] and "gene_stats" not in manifest:
+            add_gene_stats(out, manifest, progress)
     manifest = read_manifest(out)
     return WriteReport(
         out=out,
@@ -246,6 +250,24 @@ def write_shards(
         seconds=time.perf_counter() - started,
         identity=manifest["identity"],
     )
+
+
+def add_gene_stats(directory: str, manifest: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """Record the per-gene statistics of a complete set (one more pass over its shards, read back
+    from disk so a resumed run counts every shard alike) and replace the manifest."""
+    manifest = record_gene_stats(directory, manifest, compute_gene_stats(directory, manifest, progress))
+    write_manifest(os.path.join(directory, MANIFEST_NAME), manifest)
+    return manifest
+
+
+def stats_command(cfg: StatsConfig) -> None:
+    """``python -m sharding stats``: add the per-gene statistics to a set written without them."""
+    manifest = read_manifest(cfg.directory)
+    if not manifest["complete"]:
+        raise ValueError(f"{cfg.directory}: incomplete shard set; finish it with its write command first")
+    stats = add_gene_stats(cfg.directory, manifest, not cfg.quiet)["gene_stats"]
+    print(f"{cfg.directory}: gene statistics of {stats['cells']:,} cells recorded in {MANIFEST_NAME} and "
+          f"{stats['file']}")
 
 
 def _remove_new_directory(path: str) -> None:

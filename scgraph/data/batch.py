@@ -11,7 +11,7 @@ import torch
 
 from scgraph.config import TokenizerConfig
 from scgraph.data.masking import mask_values
-from scgraph.data.tokenize import profile, tokenize
+from scgraph.data.tokenize import GeneChoice, profile, tokenize
 
 
 @dataclass
@@ -33,11 +33,12 @@ class Batch:
 
 def make_batch(
     counts: sp.spmatrix, tok: TokenizerConfig, vocab_size: int, mask_ratio: float, rng: np.random.Generator,
-    recon_genes: int | None = None,
+    recon_genes: int | None = None, choice: GeneChoice | None = None,
 ) -> Batch:
-    """Tokenize and mask a block of cells (rows of ``counts``) with one rng; with ``recon_genes``,
-    also the profile the recon objective scores (that many unexpressed genes per cell)."""
-    tokens = tokenize(counts, tok, vocab_size, rng)
+    """Tokenize (with the corpus's ``choice``, see ``tokenize``) and mask a block of cells (rows of
+    ``counts``) with one rng; with ``recon_genes``, also the profile the recon objective scores
+    (that many unexpressed genes per cell)."""
+    tokens = tokenize(counts, tok, vocab_size, rng, choice)
     masked = mask_values(tokens.genes, vocab_size, mask_ratio, rng)
     batch = Batch(torch.from_numpy(tokens.genes), torch.from_numpy(tokens.values), torch.from_numpy(masked))
     if recon_genes is not None:

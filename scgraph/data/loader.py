@@ -40,6 +40,7 @@ import webdataset as wds
 from scgraph.config import TokenizerConfig
 from scgraph.data.batch import Batch, make_batch
 from scgraph.data.shards import COUNTS, GENES, ShardSet, decode_rows, iter_shard
+from scgraph.data.tokenize import GeneChoice
 
 DEFAULT_SHUFFLE_BUFFER = 4096
 
@@ -154,6 +155,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         skip_batches: int,
         recon_genes: int | None = None,
         segments: tuple[Segment, ...] = (),
+        choice: GeneChoice | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
@@ -167,7 +169,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size, self.streams = rank, world_size, streams
         self.shuffle_buffer, self.resampled = shuffle_buffer, resampled
         self.epoch, self.skip_batches = epoch, skip_batches
-        self.recon_genes = recon_genes
+        self.recon_genes, self.choice = recon_genes, choice
         if segments and resampled:
             raise ValueError("earlier segments of an epoch apply to one epoch, not to a resampled stream")
         self.layout = Layout(world_size, streams, batch_size)
@@ -213,7 +215,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         def collate(samples: list[dict[str, Any]]) -> Batch:
             counts = decode_rows(samples, vocab_size)
             rng = np.random.default_rng([self.seed, epoch, stream, next(counter), *segment])
-            return make_batch(counts, self.tok, vocab_size, self.mask_ratio, rng, self.recon_genes)
+            return make_batch(counts, self.tok, vocab_size, self.mask_ratio, rng, self.recon_genes, self.choice)
 
         return collate
 
@@ -330,13 +332,15 @@ def build_loader(
     verify: bool = True,
     recon_genes: int | None = None,
     segments: tuple[Segment, ...] = (),
+    choice: GeneChoice | None = None,
 ) -> ShardLoader:
     """Full batches of tokenized, masked cells for one rank. Pass ``torch.distributed`` rank and
     world size; ``skip_batches`` = batches already consumed (counted from the start of ``epoch``,
     across epochs when ``resampled``); ``resampled`` streams successive reshuffled epochs endlessly;
     ``verify`` checks each shard's sha256 before it is first read; ``recon_genes`` adds each cell's
     profile for the recon objective (that many unexpressed genes); ``segments``: the earlier parts of
-    ``epoch`` trained on other layouts (see the module doc)."""
+    ``epoch`` trained on other layouts (see the module doc); ``choice``: the corpus statistics the
+    tokenizer's selection reads (``GeneChoice``)."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0; got {num_workers}")
     if isinstance(shards, str):
@@ -356,5 +360,6 @@ def build_loader(
         skip_batches=skip_batches,
         recon_genes=recon_genes,
         segments=segments,
+        choice=choice,
     )
     return ShardLoader(dataset, num_workers, verify)

@@ -7,18 +7,21 @@ matrix (cells x genes); the gene selection is done for all cells at once with on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
 from scgraph.config import TokenizerConfig
+from scgraph.data.shards.stats import GeneSummary
 from scgraph.io.counts import check_counts, log1p_normalized
 
 
 @dataclass
 class Tokens:
     """``genes`` (n, length) int64 ids, pad = vocab_size and CLS = vocab_size + 1; ``values``
-    (n, length) float32, 0 at pad and CLS; ``n_genes`` (n,) genes kept per cell."""
+    (n, length) float32, 0 at pad and CLS; ``n_genes`` (n,) genes kept per cell. ``length`` is the
+    longest cell's (at most seq_len, plus the CLS)."""
 
     genes: np.ndarray
     values: np.ndarray
@@ -48,13 +51,81 @@ def bin_values(values: np.ndarray, n_genes: np.ndarray, n_bins: int) -> np.ndarr
     return out
 
 
-def tokenize(
-    matrix: sp.spmatrix, cfg: TokenizerConfig, vocab_size: int, rng: np.random.Generator | None = None
-) -> Tokens:
-    """Tokenize every cell (row) of ``matrix``: select up to ``seq_len`` non-zero genes (random,
-    seeded by ``rng``; or top by expression, ties broken by gene id), pad, optionally prepend CLS.
+@dataclass(frozen=True)
+class GeneChoice:
+    """What token selection knows of the corpus, from its per-gene statistics: ``median`` (G,) each
+    gene's median non-zero value as counts per 10,000 (the divisor of the ``rank`` selection;
+    None when not used), ``allowed`` (G,) the genes a cell may show (the ``hvg_genes`` most variable;
+    None: every gene). A checkpoint records it, so inference selects as training did."""
 
-    Binning is computed over the selected genes. Deterministic for a given ``rng`` state.
+    median: np.ndarray | None = None
+    allowed: np.ndarray | None = None
+
+    @classmethod
+    def build(cls, tok: TokenizerConfig, stats: GeneSummary | None, where: str) -> GeneChoice | None:
+        """The choice ``tok`` asks for, from ``stats``; the medians whenever there are statistics
+        (so inference can rank by them whatever training did); None without statistics."""
+        if stats is None:
+            if needs_gene_stats(tok):
+                raise ValueError(f"{where}: {_needs(tok)} needs per-gene statistics of the training corpus (python "
+                                 f"-m sharding stats {where} adds them to the shard set)")
+            return None
+        vocab_size = len(stats.variance)
+        median = np.expm1(stats.median_nonzero)
+        expressed = median > 0
+        # a gene the corpus never expressed: ranked as a typical gene would be
+        median = np.where(expressed, median, np.median(median[expressed]) if expressed.any() else 1.0)
+        allowed = None
+        if tok.hvg_genes is not None:
+            if tok.hvg_genes > vocab_size:
+                raise ValueError(f"hvg_genes ({tok.hvg_genes}) is larger than the vocabulary ({vocab_size} genes)")
+            allowed = np.zeros(vocab_size, dtype=bool)
+            allowed[np.argsort(-stats.variance, kind="stable")[: tok.hvg_genes]] = True
+        return cls(median, allowed)
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON for a checkpoint's record."""
+        return {"median": None if self.median is None else self.median.tolist(),
+                "allowed": None if self.allowed is None else np.flatnonzero(self.allowed).tolist()}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any] | None, vocab_size: int) -> GeneChoice | None:
+        if record is None:
+            return None
+        allowed = None
+        if record.get("allowed") is not None:
+            allowed = np.zeros(vocab_size, dtype=bool)
+            allowed[np.asarray(record["allowed"], dtype=np.int64)] = True
+        median = None if record.get("median") is None else np.asarray(record["median"], dtype=np.float64)
+        return cls(median, allowed)
+
+
+def needs_gene_stats(tok: TokenizerConfig) -> bool:
+    """Whether the selection reads the corpus's per-gene statistics."""
+    return tok.selection == "rank" or tok.hvg_genes is not None
+
+
+def _needs(tok: TokenizerConfig) -> str:
+    return " and ".join(x for x in ("selection 'rank'" if tok.selection == "rank" else "",
+                                    f"hvg_genes {tok.hvg_genes}" if tok.hvg_genes is not None else "") if x)
+
+
+def tokenize(
+    matrix: sp.spmatrix, cfg: TokenizerConfig, vocab_size: int, rng: np.random.Generator | None = None,
+    choice: GeneChoice | None = None,
+) -> Tokens:
+    """Tokenize every cell (row) of ``matrix``: select up to ``seq_len`` non-zero genes, pad,
+    optionally prepend CLS. Selection (``cfg.selection``): ``random`` (seeded by ``rng``), ``top``
+    by expression (ties by gene id), ``weighted`` (random, proportional to the value) or ``rank``
+    (top by the value divided by the gene's median over the corpus, Geneformer's normalised rank:
+    a gene every cell expresses highly no longer crowds out a rare marker); with ``cfg.hvg_genes``
+    only the corpus's most variable genes are candidates. ``choice`` carries what the corpus
+    statistics say (see :class:`GeneChoice`).
+
+    The batch is as long as its longest cell's selection (at most ``seq_len``): padding a batch of
+    short cells to a long L would only waste the step. Values are normalised over ALL the cell's
+    genes, candidates or not; binning is computed over the selected genes. Deterministic for a
+    given ``rng`` state.
     """
     matrix = sp.csr_matrix(matrix)
     matrix.sum_duplicates()
@@ -62,12 +133,23 @@ def tokenize(
     if matrix.shape[1] > vocab_size:
         raise ValueError(f"counts have {matrix.shape[1]} gene columns but the vocabulary has {vocab_size}")
     check_counts(matrix, integers=False)
+    if (cfg.selection == "rank" and (choice is None or choice.median is None)) or \
+            (cfg.hvg_genes is not None and (choice is None or choice.allowed is None)):
+        raise ValueError(f"{_needs(cfg)} needs the training corpus's gene statistics, which this model or data "
+                         "does not carry (pretrain on a shard set with them: python -m sharding stats DIR)")
     n = matrix.shape[0]
     values = _values(matrix, cfg)
-    counts = np.diff(matrix.indptr)
+    raw, indices, indptr = matrix.data, matrix.indices, matrix.indptr
+    if choice is not None and choice.allowed is not None:  # only the variable genes are candidates
+        keep_nz = choice.allowed[indices]
+        kept = np.bincount(np.repeat(np.arange(n), np.diff(indptr))[keep_nz], minlength=n)
+        raw, indices, values = raw[keep_nz], indices[keep_nz], values[keep_nz]
+        indptr = np.concatenate(([0], np.cumsum(kept)))
+    counts = np.diff(indptr)
     rows = np.repeat(np.arange(n), counts)
-    if cfg.selection == "top":  # highest expression first, ties by gene id
-        order = np.lexsort((matrix.indices, -values, rows))
+    if cfg.selection in ("top", "rank"):  # highest key first, ties by gene id
+        key = values if cfg.selection == "top" else raw / choice.median[indices]
+        order = np.lexsort((indices, -key, rows))
     else:
         if rng is None:
             raise ValueError(f"{cfg.selection} gene selection needs an rng (numpy Generator) for reproducibility")
@@ -84,16 +166,17 @@ def tokenize(
                 key = e / (1.0 + e)
             # keys are distinct (almost surely), so the unstable sort gives the same order, 1.6x faster
             order[over] = over[np.argsort(rows[over] + key)]
-    rank = np.arange(values.size) - matrix.indptr[rows[order]]
+    rank = np.arange(values.size) - indptr[rows[order]]
     keep = order[rank < cfg.seq_len]
     kept_rows, slot = rows[keep], rank[rank < cfg.seq_len]
 
-    offset = int(bool(cfg.cls_token))
-    genes = np.full((n, cfg.length), vocab_size, dtype=np.int64)
-    vals = np.zeros((n, cfg.length), dtype=np.float32)
-    genes[kept_rows, slot + offset] = matrix.indices[keep]
-    vals[kept_rows, slot + offset] = values[keep]
     n_genes = np.minimum(counts, cfg.seq_len)
+    offset = int(bool(cfg.cls_token))
+    width = int(n_genes.max(initial=0)) + offset
+    genes = np.full((n, width), vocab_size, dtype=np.int64)
+    vals = np.zeros((n, width), dtype=np.float32)
+    genes[kept_rows, slot + offset] = indices[keep]
+    vals[kept_rows, slot + offset] = values[keep]
     if cfg.n_bins is not None:
         vals[:, offset:] = bin_values(vals[:, offset:], n_genes, cfg.n_bins)
     if cfg.cls_token:

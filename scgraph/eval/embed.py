@@ -1,10 +1,13 @@
 """Frozen encoders -> one vector per cell: ``scgraph.embed`` for scanpy users, and the probe's input.
 
-Cells are tokenized with the checkpoint's tokenizer (normalisation, binning, CLS token) but the
-genes each cell shows the encoder are the inference protocol's: by default the cell's top genes by
-expression, a deterministic choice, so the same cell always gets the same embedding; or every
-expressed gene (both backbones are length-agnostic: a set of any size goes in); or a seeded random
-subset, as in training. The number of genes at inference is separate from the training L.
+Cells are tokenized with the checkpoint's tokenizer (normalisation, binning, CLS token, and its
+restriction to the corpus's most variable genes, if any) and by default select their genes as in
+training (``train``): an encoder meets at inference what it learned on (a seeded draw where training
+drew at random, so the same cell always gets the same embedding). The protocol can also be the
+cell's top genes by expression, by normalised rank, a seeded random subset, or every expressed gene
+(both backbones are length-agnostic: a set of any size goes in). The number of genes at inference
+is separate from the training L. Cells are embedded in order of length, so a batch is padded only
+to its longest cell: with every gene shown, short cells do not pay for long ones.
 """
 
 from __future__ import annotations
@@ -18,8 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from scgraph.config import EMBED_SELECTIONS, RunConfig, TokenizerConfig
-from scgraph.data.tokenize import tokenize
+from scgraph.data.tokenize import GeneChoice, tokenize
 from scgraph.models.model import CellModel, build_model
+
+
+def resolved_selection(tok: TokenizerConfig, selection: str) -> str:
+    """The selection an inference protocol runs: ``train`` is the training tokenizer's."""
+    return tok.selection if selection == "train" else selection
 
 
 def genes_shown(tok: TokenizerConfig, selection: str, seq_len: int | None) -> int | None:
@@ -37,33 +45,37 @@ def inference_tokenizer(tok: TokenizerConfig, selection: str, seq_len: int | Non
     if selection == "all":
         length = max(1, int(np.diff(counts.indptr).max(initial=0)))
         return dataclasses.replace(tok, seq_len=length, selection="top")
-    return dataclasses.replace(tok, seq_len=genes_shown(tok, selection, seq_len), selection=selection)
+    return dataclasses.replace(tok, seq_len=genes_shown(tok, selection, seq_len),
+                               selection=resolved_selection(tok, selection))
 
 
-def embed_cells(model: CellModel, run: RunConfig, counts: sp.csr_matrix, *, selection: str = "top",
-                seq_len: int | None = None, batch_size: int = 256, seed: int = 0, desc: str | None = None,
-                progress: bool = True) -> np.ndarray:
+def embed_cells(model: CellModel, run: RunConfig, counts: sp.csr_matrix, *, selection: str = "train",
+                seq_len: int | None = None, choice: GeneChoice | None = None, batch_size: int = 256, seed: int = 0,
+                desc: str | None = None, progress: bool = True) -> np.ndarray:
     """(cells, hidden) float32: ``model.cell_embedding`` (mean over genes or the CLS output, as the
     model was configured) of each row of ``counts``, given in the model's vocabulary; on the GPU
-    when there is one (the model is moved there). With ``all`` each batch is as long as its
-    longest cell: padding changes no embedding."""
+    when there is one (the model is moved there). ``choice``: the checkpoint's gene choice (what
+    its training knew of the corpus). Cells go through in order of length (each batch padded to its
+    longest cell; padding changes no embedding) and come back in input order; a random protocol's
+    draws are seeded by ``seed`` (the same cells, seed and batch size give the same embeddings)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     counts = sp.csr_matrix(counts)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rng = np.random.default_rng(seed)
     model = model.to(device).eval()
-    out = []
+    order = np.argsort(np.diff(counts.indptr), kind="stable")
+    out = np.zeros((counts.shape[0], run.model.hidden), dtype=np.float32)
     with torch.inference_mode():
         for start in tqdm(range(0, counts.shape[0], batch_size), desc=desc, unit="batch", disable=not progress,
                           leave=False):
-            block = counts[start:start + batch_size]
+            rows = order[start:start + batch_size]
+            block = counts[rows]
             tok = inference_tokenizer(run.tokenizer, selection, seq_len, block)
-            tokens = tokenize(block, tok, run.model.vocab_size, rng)
+            tokens = tokenize(block, tok, run.model.vocab_size, np.random.default_rng([seed, start]), choice)
             embedding = model.cell_embedding(torch.from_numpy(tokens.genes).to(device),
                                              torch.from_numpy(tokens.values).to(device))
-            out.append(embedding.float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, run.model.hidden), dtype=np.float32)
+            out[rows] = embedding.float().cpu().numpy()
+    return out
 
 
 def random_encoder(run: RunConfig, seed: int = 0) -> CellModel:
@@ -75,7 +87,24 @@ def random_encoder(run: RunConfig, seed: int = 0) -> CellModel:
         return build_model(run.model).eval()
 
 
-def embed(adata: ad.AnnData, checkpoint: str, *, key: str = "X_scgraph", selection: str = "top",
+class BagOfGenes(torch.nn.Module):
+    """The cheapest control: each cell is the mean of a random, untrained gene table over the genes
+    it shows the encoder, weighted by their values. No mixing and no training: what an encoder
+    must beat to show that it learned more than which genes a cell expresses."""
+
+    def __init__(self, run: RunConfig, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.table = torch.randn(run.model.n_tokens, run.model.hidden, generator=generator)
+        self.pad_id = run.model.pad_id
+
+    def cell_embedding(self, genes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        weight = torch.where(genes < self.pad_id, values, torch.zeros_like(values))  # (never pad or CLS)
+        total = (weight[..., None] * self.table[genes]).sum(dim=1)
+        return total / weight.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def embed(adata: ad.AnnData, checkpoint: str, *, key: str = "X_scgraph", selection: str = "train",
           seq_len: int | None = None, match_genes_by: str = "feature_id", batch_size: int = 256,
           mlflow_uri: str | None = None, progress: bool = True) -> ad.AnnData:
     """Embed every cell of ``adata`` with a pretrained encoder and store the vectors in
@@ -97,10 +126,12 @@ def embed(adata: ad.AnnData, checkpoint: str, *, key: str = "X_scgraph", selecti
     mapping = match_genes(cells, GeneVocab(pretrained.meta["feature_ids"], pretrained.meta["feature_names"]),
                           match_genes_by)
     adata.obsm[key] = embed_cells(pretrained.model, pretrained.run, mapping.apply(cells.counts), selection=selection,
-                                  seq_len=seq_len, batch_size=batch_size, progress=progress,
+                                  seq_len=seq_len, choice=pretrained.gene_choice, batch_size=batch_size,
+                                  progress=progress,
                                   desc=f"embed ({pretrained.run.model.backbone})")
     adata.uns[key] = {"checkpoint": str(checkpoint), "backbone": pretrained.run.model.backbone,
-                      "selection": selection, "genes_matched": mapping.matched, "genes_dropped": mapping.dropped}
+                      "selection": resolved_selection(pretrained.run.tokenizer, selection),
+                      "genes_matched": mapping.matched, "genes_dropped": mapping.dropped}
     shown = genes_shown(pretrained.run.tokenizer, selection, seq_len)
     if shown is not None:  # (h5ad cannot store None)
         adata.uns[key]["seq_len"] = shown

@@ -22,9 +22,17 @@ from scgraph.cli import Command, run
 from scgraph.config import ProbeConfig
 from scgraph.data.vocab import GeneVocab
 from scgraph.eval.cells import Cells, match_genes, read_cells
-from scgraph.eval.embed import embed_cells, genes_shown, random_encoder
+from scgraph.eval.embed import BagOfGenes, embed_cells, genes_shown, random_encoder, resolved_selection
 from scgraph.eval.figures import confusion_plot, tsne_plot
-from scgraph.eval.probe import LinearProbe, clustering_agreement, evaluate, knn, logistic_regression, pca_features
+from scgraph.eval.probe import (
+    LinearProbe,
+    clustering_agreement,
+    collapse_diagnostics,
+    evaluate,
+    knn,
+    logistic_regression,
+    pca_features,
+)
 from scgraph.io.counts import log1p_cp10k
 from scgraph.io.files import check_directory
 from scgraph.tracking import Tracker, check_store, flatten, git_commit
@@ -32,11 +40,14 @@ from scgraph.train.checkpointer import Pretrained, load_pretrained, resolve_chec
 
 #: The controls, as named in probe.json, MLflow metrics and the printed table.
 CONTROLS = {"random_encoder": "random-init encoder, same shape",
+            "bag_of_genes": "bag of genes (random gene table)",
             "pca": "PCA-50 of log1p CP10k",
             "logistic_regression": "log1p CP10k (logistic regression)"}
 #: Each feature set's scores, as probe.json and MLflow name them.
 SCORES = ("accuracy_mean", "accuracy_std", "macro_f1_mean", "macro_f1_std", "knn_accuracy_mean", "knn_accuracy_std",
           "ari", "nmi", "silhouette")
+#: What each embedding's collapse diagnostics are called (the expression control has none: it is no embedding).
+DIAGNOSTICS = ("effective_rank", "library_size_r2", "n_genes_r2")
 
 
 def labelled_cells(labels: np.ndarray, key: str) -> tuple[np.ndarray, list[str]]:
@@ -111,11 +122,12 @@ def _probe(opts: ProbeConfig, pretrained: Pretrained, cells: Cells, counts: Any,
     """Embed, score the encoder and its controls, draw the figures, export: probe.json's content."""
     run, backbone = pretrained.run, pretrained.run.model.backbone
     progress = not opts.quiet
-    protocol = dict(selection=opts.embed_selection, seq_len=opts.embed_seq_len, batch_size=opts.embed_batch_size,
-                    seed=opts.seed, progress=progress)
+    protocol = dict(selection=opts.embed_selection, seq_len=opts.embed_seq_len, choice=pretrained.gene_choice,
+                    batch_size=opts.embed_batch_size, seed=opts.seed, progress=progress)
     embeddings = embed_cells(pretrained.model, run, counts, desc=f"embed ({backbone})", **protocol)
     baseline = embed_cells(random_encoder(run, opts.seed), run, counts[keep], desc="embed (random encoder)",
                            **protocol)
+    bag = embed_cells(BagOfGenes(run, opts.seed), run, counts[keep], desc="embed (bag of genes)", **protocol)
 
     def probe(seed: int) -> LinearProbe:
         return LinearProbe(epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, seed=seed,
@@ -123,7 +135,7 @@ def _probe(opts: ProbeConfig, pretrained: Pretrained, cells: Cells, counts: Any,
 
     expression = log1p_cp10k(counts[keep])
     features = {"pretrained": (embeddings[keep], probe), "random_encoder": (baseline, probe),
-                "pca": (pca_features(expression, seed=opts.seed), probe),
+                "bag_of_genes": (bag, probe), "pca": (pca_features(expression, seed=opts.seed), probe),
                 "logistic_regression": (expression, logistic_regression)}
     split = dict(repeats=opts.repeats, seed=opts.seed, test_fraction=opts.test_fraction, progress=progress)
     scores, summaries = {}, {}
@@ -134,9 +146,12 @@ def _probe(opts: ProbeConfig, pretrained: Pretrained, cells: Cells, counts: Any,
         summaries[name] = scores[name].summary() | {f"knn_{k}": v for k, v in neighbours.items()
                                                     if k.startswith("accuracy")} | clustering_agreement(dense, y,
                                                                                                         opts.seed)
+        if name != "logistic_regression":  # (the expression itself: no embedding to diagnose)
+            summaries[name] |= collapse_diagnostics(X, np.asarray(counts[keep].sum(axis=1)).ravel(),
+                                                    np.diff(sp.csr_matrix(counts[keep]).indptr))
     report: dict[str, Any] = summaries["pretrained"] | facts | {
         "controls": {name: summaries[name] | facts for name in CONTROLS},
-        "embedding": {"selection": opts.embed_selection,  # seq_len None: every expressed gene
+        "embedding": {"selection": resolved_selection(run.tokenizer, opts.embed_selection),  # seq_len None: all
                       "seq_len": genes_shown(run.tokenizer, opts.embed_selection, opts.embed_seq_len)},
         "repeats": opts.repeats, "test_fraction": opts.test_fraction, "standardize": opts.standardize,
         "accuracy_per_repeat": scores["pretrained"].accuracy, "macro_f1_per_repeat": scores["pretrained"].macro_f1,
@@ -188,9 +203,10 @@ def _start_tracking(opts: ProbeConfig, pretrained: Pretrained, dataset: str, cel
 
 def _finish_tracking(tracker: Tracker, report: dict[str, Any], out: Path) -> None:
     """Scores as ``probe/`` metrics (the controls as ``probe/<control>/``), probe.json and figures."""
-    metrics = {f"probe/{k}": report[k] for k in SCORES}
+    metrics = {f"probe/{k}": report[k] for k in (*SCORES, *DIAGNOSTICS)}
     for name in CONTROLS:
-        metrics |= {f"probe/{name}/{k}": report["controls"][name][k] for k in SCORES}
+        metrics |= {f"probe/{name}/{k}": report["controls"][name][k] for k in (*SCORES, *DIAGNOSTICS)
+                    if k in report["controls"][name]}
     tracker.metrics(metrics)
     json_path = out / "probe.json"
     json_path.write_text(json.dumps(report, indent=2))
@@ -226,14 +242,34 @@ def format_report(report: dict[str, Any]) -> str:
         hardest = sorted(report["recall_per_class"].items(), key=lambda item: item[1])[:3]
         lines.append("  Hardest cell types for the pretrained encoder (linear-probe recall %, pretrained / PCA-50): "
                      + ", ".join(f"{cls} {100 * r:.0f} / {100 * pca[cls]:.0f}" for cls, r in hardest))
-    gain = 100 * (report["accuracy_mean"] - report["controls"]["random_encoder"]["accuracy_mean"])
+    twin = report["controls"]["random_encoder"]
+    if "effective_rank" in report:  # (a probe.json written before the diagnostics)
+        lines.append("  Embedding diagnostics, pretrained / random-init: " + diagnostics_text(report, twin))
+    gain = 100 * (report["accuracy_mean"] - twin["accuracy_mean"])
     if gain > 0:
         lines.append(f"  Pretraining beats the random encoder by {gain:+.2f} accuracy points.")
     else:
         lines.append(f"  Pretraining does NOT beat the randomly initialised encoder ({gain:+.2f} accuracy points): "
                      "what the probe finds here comes from the architecture and the expression values, not from "
-                     "pretraining.")
+                     "pretraining." + (f" What moved: {what_moved(report, twin)}." if "effective_rank" in report
+                                       else ""))
     return "\n".join(lines)
+
+
+def diagnostics_text(report: dict[str, Any], twin: dict[str, Any]) -> str:
+    return (f"effective rank {report['effective_rank']:.1f} / {twin['effective_rank']:.1f}; library size explains "
+            f"{100 * report['library_size_r2']:.0f} % / {100 * twin['library_size_r2']:.0f} % of the (z-scored) "
+            f"features, genes per cell {100 * report['n_genes_r2']:.0f} % / {100 * twin['n_genes_r2']:.0f} %")
+
+
+def what_moved(report: dict[str, Any], twin: dict[str, Any]) -> str:
+    """Which diagnostic pretraining changed most against the random-init twin, in words: a collapse
+    (the rank fell) or an embedding taken over by sequencing depth (its share rose)."""
+    moves = {"the effective rank fell": np.log(twin["effective_rank"] / max(report["effective_rank"], 1e-9)),
+             "library size took over more of the embedding": 4 * (report["library_size_r2"] - twin["library_size_r2"]),
+             "genes per cell took over more of the embedding": 4 * (report["n_genes_r2"] - twin["n_genes_r2"])}
+    said = [f"{what}" for what, move in sorted(moves.items(), key=lambda m: -m[1]) if move > 0.1]
+    return ", and ".join(said[:2]) if said else "none of rank, library size or genes per cell (see the diagnostics)"
 
 
 COMMAND = Command(ProbeConfig, run_probe, prog="launchers/probe.py")

@@ -230,3 +230,28 @@ def pca_features(expression: Any, components: int = 50, seed: int = 0) -> np.nda
     components = min(components, min(expression.shape) - 1)
     solver = "arpack" if hasattr(expression, "tocsr") else "auto"  # arpack centres sparse input implicitly
     return PCA(n_components=components, svd_solver=solver, random_state=seed).fit_transform(expression)
+
+
+def collapse_diagnostics(X: Any, library_size: np.ndarray, n_genes: np.ndarray) -> dict[str, float]:
+    """How an embedding can fail without a probe saying why: its effective rank (exp of the entropy
+    of its normalised singular values, Roy & Vetterli 2007; RankMe uses it to spot collapse), and
+    how much of it the cell's sequencing depth explains: the mean over the z-scored features of
+    their squared correlation with log library size, and with log genes expressed (1: every feature
+    is a function of depth; about 1/cells for features independent of it)."""
+    X = np.asarray(X, dtype=np.float64)
+    centred = X - X.mean(axis=0)
+    singular = np.linalg.svd(centred, compute_uv=False)
+    p = singular / singular.sum() if singular.sum() > 0 else np.ones(1)
+    p = p[p > 0]
+    std = centred.std(axis=0)
+    z = centred[:, std > 1e-12] / std[std > 1e-12]
+
+    def explained(covariate: np.ndarray) -> float:
+        c = np.log1p(np.asarray(covariate, dtype=np.float64))
+        if z.shape[1] == 0 or c.std() == 0:
+            return 0.0
+        c = (c - c.mean()) / c.std()
+        return float(np.mean((z.T @ c / len(c)) ** 2))
+
+    return {"effective_rank": float(np.exp(-(p * np.log(p)).sum())),
+            "library_size_r2": explained(library_size), "n_genes_r2": explained(n_genes)}

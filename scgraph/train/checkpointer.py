@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from scgraph.config import RunConfig
+from scgraph.data.tokenize import GeneChoice
 from scgraph.io.files import write_atomic
 from scgraph.models.model import CellModel, build_model
 
@@ -171,6 +172,12 @@ class Pretrained:
     @property
     def feature_ids(self) -> list[str]:
         return self.meta["feature_ids"]
+
+    @property
+    def gene_choice(self) -> GeneChoice | None:
+        """What the training tokenizer knew of its corpus (normalised-rank divisors, variable
+        genes), so inference selects each cell's genes as training did."""
+        return GeneChoice.from_record(self.meta.get("gene_choice"), self.run.model.vocab_size)
 
 
 def resolve_checkpoint(path: str | Path, mlflow_uri: str | None = None) -> tuple[Path, str]:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -28,7 +29,8 @@ from scgraph.config import PretrainConfig, RunConfig
 from scgraph.data.batch import Batch
 from scgraph.data.loader import Layout, Segment, ShardLoader, build_loader
 from scgraph.data.shards import ShardSet
-from scgraph.data.tokenize import mean_profile
+from scgraph.data.shards.stats import STATS_TARGET_SUM
+from scgraph.data.tokenize import GeneChoice, mean_profile
 from scgraph.io.files import check_directory
 from scgraph.models.model import build_model, count_parameters
 from scgraph.plots import line_plot
@@ -121,6 +123,8 @@ class Pretrainer:
             if self.resume_tag.endswith(UNIVERSAL):
                 self.ds["checkpoint"] = {**self.ds.get("checkpoint", {}), "load_universal": True}
 
+        # statistics of the whole set (validation shards too): the same whichever shards are held out
+        self.choice = GeneChoice.build(run.tokenizer, self.shards.gene_stats, cfg.shards)
         self.val_shards = self._validation_shards()
         self.batches_per_epoch = self._loader(0, 0).batches_per_epoch
         self.max_steps = (cfg.epochs * self.batches_per_epoch // self.accumulation if cfg.epochs
@@ -128,8 +132,7 @@ class Pretrainer:
         torch.manual_seed(run.train.seed)
         model = build_model(run.model)
         if model.decoder is not None:  # (a resumed run's checkpoint then replaces it)
-            sample = self.shards.sample_counts(cfg.verify_shards)
-            model.decoder.start_at(torch.from_numpy(mean_profile(sample, run.tokenizer, run.model.vocab_size)))
+            model.decoder.start_at(torch.from_numpy(self._mean_profile()))
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(self.ds), torch.float32)
         self.graph_kernel = model.choose_kernels(cfg.graph_kernel, self.device, dtype)
         model.checkpointing = cfg.activation_checkpointing
@@ -148,6 +151,16 @@ class Pretrainer:
         if cfg.compile:
             self.engine.compile()
         self.memory = MemoryMeter(self.device)
+
+    def _mean_profile(self) -> np.ndarray:
+        """Each gene's mean model input over the corpus, zeros included (the decoder's starting bias):
+        from the manifest's statistics where they describe the tokenizer's normalisation, else (an
+        older shard set, another normalisation) from a sample of cells."""
+        tok, stats = self.cfg.run.tokenizer, self.shards.gene_stats
+        if stats is not None and tok.normalization == "log1p" and tok.target_sum == STATS_TARGET_SUM:
+            return stats.mean().astype(np.float32)
+        sample = self.shards.sample_counts(self.cfg.verify_shards)
+        return mean_profile(sample, tok, self.cfg.run.model.vocab_size)
 
     def _check_resumable(self, tag: str) -> None:
         """Every rank checks the checkpoint before any rank loads it or touches MLflow, so a damaged
@@ -183,7 +196,7 @@ class Pretrainer:
                             seed=run.train.seed, rank=self.rank, world_size=self.world,
                             num_workers=self.cfg.num_workers, shuffle_buffer=self.cfg.shuffle_buffer,
                             epoch=epoch, skip_batches=skip, verify=self.cfg.verify_shards,
-                            segments=tuple(self.segments) if epoch == self.epoch else ())
+                            segments=tuple(self.segments) if epoch == self.epoch else (), choice=self.choice)
 
     def validate(self) -> float:
         """The loss on held-out cells: the same cells with the same masks every time (their own
@@ -192,7 +205,8 @@ class Pretrainer:
         try:
             loader = build_loader(self.val_shards, run.tokenizer, batch_size=self.micro, recon_genes=self.recon_genes,
                                   mask_ratio=run.train.mask_ratio, seed=run.train.seed + 1, rank=self.rank,
-                                  world_size=self.world, shuffle_buffer=0, verify=cfg.verify_shards)
+                                  world_size=self.world, shuffle_buffer=0, verify=cfg.verify_shards,
+                                  choice=self.choice)
         except ValueError as err:
             raise ValueError(f"validation data too small: {err}") from None
         limit = loader.batches_per_epoch
@@ -225,7 +239,8 @@ class Pretrainer:
         """FLOPs on real cells (the first batch of the epoch), on a CPU fp32 copy of the model."""
         batch = next(iter(build_loader(self.shards, run.tokenizer, batch_size=self.cfg.flops_cells,
                                        mask_ratio=run.train.mask_ratio, seed=run.train.seed,
-                                       shuffle_buffer=self.cfg.flops_cells, verify=self.cfg.verify_shards)))
+                                       shuffle_buffer=self.cfg.flops_cells, verify=self.cfg.verify_shards,
+                                       choice=self.choice)))
         return measure_flops(build_model(run.model), batch)
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -268,7 +283,7 @@ class Pretrainer:
                 "feature_names": self.shards.feature_names, "step": self.step,
                 "zero_stage": zero_stage(self.ds), "precision": precision(self.ds), "world_size": self.world,
                 "mlflow_run_id": self.tracker.run_id, "mlflow_uri": self.cfg.mlflow_uri,
-                "experiment": self.cfg.experiment}
+                "experiment": self.cfg.experiment, "gene_choice": self.choice and self.choice.to_record()}
         client = {"step": self.step, "epoch": self.epoch, "consumed": self.consumed,
                   "layout": dataclasses.astuple(self._layout()),
                   "segments": [[*dataclasses.astuple(layout), batches] for layout, batches in self.segments],

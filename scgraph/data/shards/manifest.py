@@ -22,6 +22,7 @@ import scipy.sparse as sp
 
 from scgraph import __version__
 from scgraph.data.shards.codec import Cell, CorruptShardError, decode_cell, iter_shard
+from scgraph.data.shards.stats import GeneSummary
 from scgraph.data.vocab import GeneVocab
 from scgraph.io.files import write_atomic
 
@@ -201,6 +202,24 @@ class ShardSet:
     @property
     def identity(self) -> str:
         return content_identity(self.manifest["vocabulary"], self.manifest["shards"])
+
+    @property
+    def gene_stats(self) -> GeneSummary | None:
+        """The per-gene statistics the manifest records (of the whole set, validation shards split
+        off included), or None for a set written before they were."""
+        record = self.manifest.get("gene_stats")
+        if record is None:
+            return None
+        return GeneSummary.from_record(record, self.vocab_size, os.path.join(self.directory, MANIFEST_NAME))
+
+    def require_gene_stats(self, why: str) -> GeneSummary:
+        """The gene statistics, or a one-line error saying how to add them to an older set."""
+        stats = self.gene_stats
+        if stats is None:
+            raise ValueError(f"{self.directory}: {why} needs the per-gene statistics of the shard set, which its "
+                             f"manifest lacks (written by an older version): add them with python -m sharding stats "
+                             f"{self.directory}")
+        return stats
 
     def split(self, fraction: float, seed: int) -> tuple[ShardSet, ShardSet]:
         """(the rest, held out): ``fraction`` of the shards (at least one, never all), chosen by a
