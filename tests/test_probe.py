@@ -98,7 +98,7 @@ def test_cells_of_a_class_of_one_and_unlabelled_cells_are_left_out_and_said(cbmc
 def test_probe_reports_scores_of_both_backbones_beside_every_control(probes):
     for backbone, report in probes.items():
         assert SUMMARY_KEYS <= set(report)
-        assert set(report["controls"]) == {"random_encoder", "pca", "logistic_regression"}
+        assert set(report["controls"]) == {"random_encoder", "bag_of_genes", "pca", "logistic_regression"}
         for summary in [report, *report["controls"].values()]:
             assert SUMMARY_KEYS <= set(summary)
             assert 1 / 11 < summary["accuracy_mean"] <= 1 and 0 < summary["macro_f1_mean"] <= 1  # above chance
