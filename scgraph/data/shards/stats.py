@@ -4,15 +4,16 @@ decoder's starting bias need to know about the corpus, without reading a sample 
 All statistics are of the tokenizer's default normalisation, log1p of counts per 10,000 (the
 library size over every gene of the cell), and they stream: a pass over the shards, one block of
 cells at a time, accumulates per gene the number of expressing cells, the sum and the sum of
-squares of its non-zero values (so the mean, and the variance over all cells, zeros included, are
-exact), and a histogram of its non-zero values for the median.
+squares of its non-zero values, and a histogram of its non-zero values for the median. The sums are
+kept in fixed point (integers, steps of 2^-20 for values and 2^-16 for squares), so they add exactly
+in any order: a merge of slices records byte for byte what one writer records, and the mean and
+the variance over all cells, zeros included, are exact to those steps.
 
 The median (the middle value; of an even count, the lower of the two) is not exact: it is read off
 the histogram (``BINS`` bins of width ``1 / BINS_PER_UNIT`` over log1p values in [0, 16), linear
 within a bin), so it lies within one bin, 1/32 in log1p units (about 3 % of the normalised value),
 of the exact one. An exact median would need every non-zero value of a gene in memory at once,
-billions for the census. Counts and histograms add exactly and sums up to float rounding, so
-``merge`` records what one writer over the whole set records.
+billions for the census.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import hashlib
 import io
 import itertools
 import os
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +43,9 @@ BINS_PER_UNIT = 32
 BINS = 512  # log1p values up to 16: a CP10k of 8.9 million, beyond any count a cell holds
 MEDIAN_METHOD = (f"histogram of log1p CP10k, {BINS} bins of width 1/{BINS_PER_UNIT}, linear interpolation within "
                  "the median's bin (within 1/32 of the exact median)")
+#: Fixed-point scales of the sums of values and of squares (values are below 16: a census-sized
+#: corpus stays far inside int64).
+VALUE_SCALE, SQUARE_SCALE = 2**20, 2**16
 #: Variance-ranked genes are compared on log1p CP10k over all cells, zeros included.
 VARIANCE_METHOD = "variance of log1p CP10k over all cells, zeros included (exact)"
 
@@ -52,15 +57,14 @@ class GeneStats:
 
     cells: int
     expressing: np.ndarray  # (G,) int64
-    total: np.ndarray  # (G,) float64, sum of non-zero log1p CP10k values
-    total_sq: np.ndarray  # (G,) float64
+    total: np.ndarray  # (G,) int64, sum of non-zero log1p CP10k values in units of 1 / VALUE_SCALE
+    total_sq: np.ndarray  # (G,) int64, sum of their squares in units of 1 / SQUARE_SCALE
     histogram: sp.csr_matrix  # (G, BINS) int64
 
     @classmethod
     def empty(cls, vocab_size: int) -> GeneStats:
-        zeros = np.zeros(vocab_size)
-        return cls(0, zeros.astype(np.int64), zeros.copy(), zeros.copy(),
-                   sp.csr_matrix((vocab_size, BINS), dtype=np.int64))
+        zeros = np.zeros(vocab_size, dtype=np.int64)
+        return cls(0, zeros, zeros.copy(), zeros.copy(), sp.csr_matrix((vocab_size, BINS), dtype=np.int64))
 
     @classmethod
     def of(cls, counts: sp.csr_matrix) -> GeneStats:
@@ -72,9 +76,11 @@ class GeneStats:
         bins = np.minimum((values * BINS_PER_UNIT).astype(np.int64), BINS - 1)
         histogram = sp.csr_matrix((np.ones(values.size, dtype=np.int64), (genes, bins)), shape=(vocab_size, BINS))
         histogram.sum_duplicates()
+        def fixed(x: np.ndarray) -> np.ndarray:  # (float64 sums of integers below 2^53: exact)
+            return np.bincount(genes, weights=np.rint(x), minlength=vocab_size).astype(np.int64)
+
         return cls(counts.shape[0], np.bincount(genes, minlength=vocab_size).astype(np.int64),
-                   np.bincount(genes, weights=values, minlength=vocab_size),
-                   np.bincount(genes, weights=values**2, minlength=vocab_size), histogram)
+                   fixed(values * VALUE_SCALE), fixed(values**2 * SQUARE_SCALE), histogram)
 
     def __add__(self, other: GeneStats) -> GeneStats:
         if len(self.expressing) != len(other.expressing):
@@ -92,7 +98,8 @@ class GeneStats:
 
     def mean_nonzero(self) -> np.ndarray:
         """Each gene's mean non-zero value (0 for a gene no cell expresses)."""
-        return np.divide(self.total, self.expressing, out=np.zeros_like(self.total), where=self.expressing > 0)
+        return np.divide(self.total / VALUE_SCALE, self.expressing, out=np.zeros(len(self.total)),
+                         where=self.expressing > 0)
 
     def median_nonzero(self) -> np.ndarray:
         """Each gene's median non-zero value, from its histogram (see the module doc); 0 when unexpressed."""
@@ -116,8 +123,8 @@ class GeneStats:
     def variance(self) -> np.ndarray:
         """Each gene's variance over all cells, zeros included (exact)."""
         n = max(self.cells, 1)
-        mean = self.total / n
-        return np.maximum(self.total_sq / n - mean**2, 0.0)
+        mean = self.total / VALUE_SCALE / n
+        return np.maximum(self.total_sq / SQUARE_SCALE / n - mean**2, 0.0)
 
     # -- on disk -------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -129,11 +136,19 @@ class GeneStats:
                 "variance": np.round(self.variance(), 6).tolist()}
 
     def save(self, path: str) -> None:
-        """The sums and histograms (what ``merge`` adds) as an .npz, written atomically."""
+        """The sums and histograms (what ``merge`` adds) as an .npz, written atomically; the same
+        statistics always give the same bytes (no time stamps: ``np.savez`` writes the clock's)."""
         hist = self.histogram.tocsr()
+        hist.sort_indices()
+        arrays = {"cells": np.int64(self.cells), "expressing": self.expressing, "total": self.total,
+                  "total_sq": self.total_sq, "indptr": hist.indptr, "bins": hist.indices, "counts": hist.data}
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, cells=self.cells, expressing=self.expressing, total=self.total,
-                            total_sq=self.total_sq, indptr=hist.indptr, bins=hist.indices, counts=hist.data)
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, array in arrays.items():
+                member = io.BytesIO()
+                np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
+                archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue(),
+                                 zipfile.ZIP_DEFLATED)
         write_atomic(path, buffer.getvalue())
 
     @classmethod
