@@ -37,7 +37,7 @@ from scgraph.train.checkpointer import MODEL_DIR, UNIVERSAL, Checkpointer, expor
 from scgraph.train.distributed import all_ranks_agree, init_distributed, leave, mean_over_ranks
 from scgraph.train.dsconfig import load_ds_config, precision, resolve_ds_config, zero_stage
 from scgraph.train.objectives import pretraining_loss
-from scgraph.train.optim import param_groups, scheduler
+from scgraph.train.optim import deepspeed_engine
 from scgraph.train.telemetry import MemoryMeter, measure_flops, optimizer_state_bytes, peak_tflops
 
 
@@ -136,15 +136,7 @@ class Pretrainer:
         self.params = count_parameters(model)
         self.flops = self._measure_flops(run)
         self.peak = peak_tflops(self.device, precision(self.ds), cfg.peak_tflops)
-        groups = param_groups(model, run.train.weight_decay)
-        client_optimizer = None
-        if "optimizer" not in self.ds:  # fused: one kernel for all parameters (4x cheaper than the default on CPU)
-            client_optimizer = torch.optim.AdamW(groups, lr=run.train.lr, fused=True)
-        import deepspeed
-
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_optimizer, model_parameters=groups,
-                                                    lr_scheduler=scheduler(run.train, self.max_steps),
-                                                    config=self.ds)
+        self.engine = deepspeed_engine(model, self.ds, run.train, self.max_steps)
         if cfg.compile:
             self.engine.compile()
         self.memory = MemoryMeter(self.device)

