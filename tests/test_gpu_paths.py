@@ -51,3 +51,21 @@ def test_each_shipped_config_trains_with_torch_adamw_and_builds_no_op(path, grou
     engine.backward(loss)
     engine.step()
     assert torch.isfinite(loss)
+
+
+def test_linear_gnn_in_fp16_keeps_mixing_at_the_default_shape():
+    """The linear GNN's normaliser sums L x w products: at the default width 128 (2r, the symmetric
+    adjacency) and 513 tokens it passes fp16's largest value unless computed in float32."""
+    cfg = ModelConfig(backbone="gnn_linear", vocab_size=1_000, layers=1)
+    assert cfg.score_width == 128
+    torch.manual_seed(0)
+    model = build_model(cfg).half()
+    batch = full_length_batch(cfg, 2, 512)
+    genes = torch.cat([torch.full((2, 1), cfg.cls_id), batch.genes], dim=1)  # 513 tokens with the CLS
+    values = torch.cat([torch.zeros(2, 1), batch.values], dim=1).half()
+    mixed = []
+    model.blocks[0].mixer.register_forward_hook(lambda module, args, out: mixed.append(out))
+    model(genes, values).float().sum().backward()
+    assert torch.isfinite(mixed[0]).all() and mixed[0].abs().amax() > 0
+    adjacency = model.blocks[0].mixer.adjacency
+    assert all(p.grad is not None and p.grad.abs().amax() > 0 for p in (adjacency.f.weight, adjacency.f2.weight))

@@ -223,12 +223,14 @@ class LinearGraphMixer(GraphMixer):
 
     def forward(self, h: torch.Tensor, genes: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         q, k = self.adjacency.queries_keys(genes)  # (B, gh, L, w)
-        v = self.values(h, q.shape[1])  # (B, gh, L, dv)
-        fq = self.phi(q)
-        fk = self.phi(k) * attn_mask.reshape(h.shape[0], 1, -1, 1).to(q.dtype)
+        # in float32: the normaliser sums L x w products (about 70,000 at w = 128, L = 513), past fp16's
+        # 65,504; in fp16 it became inf, every output 0 and the adjacency's gradient 0, with no NaN to warn
+        v = self.values(h, q.shape[1]).float()  # (B, gh, L, dv)
+        fq = self.phi(q.float())
+        fk = self.phi(k.float()) * attn_mask.reshape(h.shape[0], 1, -1, 1)
         num = fq @ (fk.transpose(-1, -2) @ v)  # (B, gh, L, dv)
         den = (fq * fk.sum(dim=-2, keepdim=True)).sum(-1, keepdim=True).clamp_min(self.eps)
-        return self.merge(num / den)
+        return self.merge((num / den).to(h.dtype))
 
 
 #: The token mixers by name (the names ``--backbone`` takes), the Transformer first.
@@ -388,7 +390,6 @@ class CellModel(nn.Module):
             else:
                 h = block(h, genes, attn_mask)
         return self.final_norm(h)
-
 
     def forward(self, genes: torch.Tensor, values: torch.Tensor, masked: torch.Tensor | None = None,
                 decode: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
