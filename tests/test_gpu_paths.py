@@ -4,7 +4,11 @@ back on the hot path, and the GPU check itself (``benchmarks/gpu_check.py --smok
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,3 +73,26 @@ def test_linear_gnn_in_fp16_keeps_mixing_at_the_default_shape():
     assert torch.isfinite(mixed[0]).all() and mixed[0].abs().amax() > 0
     adjacency = model.blocks[0].mixer.adjacency
     assert all(p.grad is not None and p.grad.abs().amax() > 0 for p in (adjacency.f.weight, adjacency.f2.weight))
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_twice_into_one_folder(tmp_path):
+    """A rerun into the same --out measures every stage again (the runs of the first are replaced,
+    not refused), saves each stage, and ends with the command for a lent GPU and its timeout; a
+    folder the check did not make is refused."""
+    out = tmp_path / "check"
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(out)], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        stages = json.loads((out / "gpu_check.json").read_text())["stages"]
+        assert len(stages) == 8 and not [name for name, r in stages.items() if "error" in r], stages
+        assert stages["length gnn"]["largest_fitting"]["length"] == 64
+        assert re.search(r"timeout \d+ python benchmarks/gpu_check.py --out \S+", proc.stdout.splitlines()[-1])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes").write_text("kept")
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(tmp_path / "mine")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "holds files this check did not write" in proc.stderr
+    assert (tmp_path / "mine" / "notes").read_text() == "kept"
