@@ -212,31 +212,30 @@ def _number(value, fmt: str) -> str:
     return format(value, fmt) if isinstance(value, (int, float)) else "–"
 
 
+def _train_row(r: dict) -> list[str]:
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "–"
+    return [_number(r["cells_per_s"], ".1f"), _number(r["tflops"], ".2f"), mfu, _number(r["peak_memory_mib"], ".0f"),
+            _number(r["train_gflop_per_cell"], ".2f"), r["graph_kernel"] or "–"]
+
+
+def _length_row(r: dict) -> list[str]:
+    fits = r["largest_fitting"] or {}
+    return [str(fits.get("length", "–")), _number(fits.get("peak_memory_gib"), ".1f"),
+            _number(fits.get("step_s"), ".2f"), str(r["out_of_memory_at"] or r.get("stopped", "–"))]
+
+
 def markdown(report: dict) -> str:
     stages = report["stages"]
     lines = [f"GPU check on {report['device']} (torch {report['torch']}), {report['seconds']:.0f} s "
-             f"(budget {report['budget']:.0f} s)", "",
-             "| model | cells/s | TFLOP/s | MFU | peak memory MiB | GFLOP/cell | GNN kernel |",
-             "|---|---|---|---|---|---|---|"]
-    for model in MODELS:
-        r = stages.get(f"train {model}", {"error": "not run"})
-        if "error" in r:
-            lines.append(f"| {model} | failed: {r['error']} | | | | | |")
-            continue
-        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "–"
-        lines.append(f"| {model} | {_number(r['cells_per_s'], '.1f')} | {_number(r['tflops'], '.2f')} | {mfu} | "
-                     f"{_number(r['peak_memory_mib'], '.0f')} | {r['train_gflop_per_cell']:.2f} | "
-                     f"{r['graph_kernel'] or '–'} |")
-    lines += ["", "| model | largest L that fits | peak GiB there | step s there | out of memory at |",
-              "|---|---|---|---|---|"]
-    for model in MODELS:
-        r = stages.get(f"length {model}", {"error": "not run"})
-        if "error" in r:
-            lines.append(f"| {model} | failed: {r['error']} | | | |")
-            continue
-        fits = r["largest_fitting"] or {}
-        lines.append(f"| {model} | {fits.get('length', '–')} | {_number(fits.get('peak_memory_gib'), '.1f')} | "
-                     f"{_number(fits.get('step_s'), '.2f')} | {r['out_of_memory_at'] or r.get('stopped', '–')} |")
+             f"(budget {report['budget']:.0f} s)"]
+    tables = (("train", ["cells/s", "TFLOP/s", "MFU", "peak memory MiB", "GFLOP/cell", "GNN kernel"], _train_row),
+              ("length", ["largest L that fits", "peak GiB there", "step s there", "out of memory at"], _length_row))
+    for stage, columns, row in tables:
+        lines += ["", "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        for model in MODELS:
+            r = stages.get(f"{stage} {model}", {"error": "not run"})
+            cells = [f"failed: {r['error']}"] + [""] * (len(columns) - 1) if "error" in r else row(r)
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
     attention = stages.get("attention", {"error": "not run"})
     if "error" in attention:
         return "\n".join([*lines, "", f"attention paths: failed: {attention['error']}"]) + "\n"
