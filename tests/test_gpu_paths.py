@@ -11,15 +11,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
-from scgraph.config import ModelConfig, TrainConfig
+from scgraph.config import ModelConfig, PretrainConfig, RunConfig, TokenizerConfig, TrainConfig
+from scgraph.data.batch import Batch
+from scgraph.eval.embed import embed_cells
 from scgraph.models import build_model, mvp_loss
 from scgraph.train.distributed import init_distributed, leave
 from scgraph.train.dsconfig import load_ds_config, precision, resolve_ds_config
 from scgraph.train.optim import deepspeed_engine
 from scgraph.train.telemetry import full_length_batch
+from scgraph.train.trainer import Pretrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(ROOT.glob("ds_configs/*.json"))
@@ -96,3 +101,32 @@ def test_gpu_check_smoke_runs_twice_into_one_folder(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "holds files this check did not write" in proc.stderr
     assert (tmp_path / "mine" / "notes").read_text() == "kept"
+
+
+def test_embedding_chooses_kernels_as_the_trainer_does():
+    """embed_cells (scgraph.embed and the probe) fixes the GNN's kernels for the device it runs on,
+    as the trainer does, whatever the model arrived with (here: a kernel another setting chose)."""
+    run = RunConfig(model=ModelConfig(backbone="gnn", vocab_size=50, hidden=32, layers=2, adjacency_rank=8),
+                    tokenizer=TokenizerConfig(seq_len=16))
+    trainer_choice = build_model(run.model).choose_kernels("auto", torch.device("cpu"), torch.float32)
+    model = build_model(run.model)
+    model.choose_kernels("subheads", torch.device("cpu"), torch.float32)
+    counts = sp.random(6, 50, density=0.4, format="csr", random_state=0) * 10
+    embed_cells(model, run, counts.astype(np.float32), progress=False)
+    assert trainer_choice == "scores_once" and {block.mixer.kernel for block in model.blocks} == {trainer_choice}
+
+
+def test_a_forward_on_an_accelerator_reads_no_value_back():
+    """The token-id and CLS checks run on host tensors only (on a GPU each read back stalls the queue):
+    on the meta device, where any read back raises, a forward and the CLS pooling go through. The
+    trainer checks each batch on the host before the transfer instead."""
+    cfg = ModelConfig(vocab_size=50, hidden=32, layers=1, heads=4)  # the Transformer, CLS embedding
+    with torch.device("meta"):
+        model = build_model(cfg)
+    genes = torch.cat([torch.full((2, 1), cfg.cls_id), torch.randint(0, 50, (2, 8))], dim=1)
+    assert model.cell_embedding(genes.to("meta"), torch.rand(2, 9, device="meta")).shape == (2, 32)
+    trainer = Pretrainer(PretrainConfig(run=RunConfig(model=cfg), shards="unused"))
+    trainer.device = torch.device("meta")
+    genes[1, 3] = 99
+    with pytest.raises(ValueError, match="gene id 99 is outside the vocabulary"):
+        trainer._to_device(Batch(genes, torch.rand(2, 9), torch.zeros(2, 9, dtype=torch.bool)))

@@ -53,6 +53,7 @@ def embed_cells(model: CellModel, run: RunConfig, counts: sp.csr_matrix, *, sele
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rng = np.random.default_rng(seed)
     model = model.to(device).eval()
+    model.choose_kernels("auto", device, next(model.parameters()).dtype)  # as training does (kernels, TF32)
     out = []
     with torch.inference_mode():
         for start in tqdm(range(0, counts.shape[0], batch_size), desc=desc, unit="batch", disable=not progress,

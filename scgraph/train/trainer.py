@@ -30,7 +30,7 @@ from scgraph.data.loader import Layout, Segment, ShardLoader, build_loader
 from scgraph.data.shards import ShardSet
 from scgraph.data.tokenize import mean_profile
 from scgraph.io.files import check_directory
-from scgraph.models.model import build_model, count_parameters
+from scgraph.models.model import build_model, check_token_ids, count_parameters
 from scgraph.plots import line_plot
 from scgraph.tracking import Tracker, check_store, flatten, git_commit
 from scgraph.train.checkpointer import MODEL_DIR, UNIVERSAL, Checkpointer, export_encoder, load_pretrained, read_meta
@@ -194,7 +194,7 @@ class Pretrainer:
         total, batches = 0.0, 0
         with torch.no_grad():
             for batch in itertools.islice(loader, limit):
-                batch = batch.to(self.device)
+                batch = self._to_device(batch)
                 total += pretraining_loss(self.engine, batch, run.train.weights)[0].item()
                 batches += 1
         self.engine.train()
@@ -324,6 +324,12 @@ class Pretrainer:
                 yield batch
             self.epoch, self.consumed, self.segments = self.epoch + 1, 0, []
 
+    def _to_device(self, batch: Batch) -> Batch:
+        """``batch`` on this rank's device, its token ids checked on the host first (the model checks
+        only host tensors: on a GPU that would stall the queue at every micro-step)."""
+        check_token_ids(batch.genes, self.cfg.run.model.n_tokens)
+        return batch.to(self.device)
+
     def _micro_step(self, batch: Batch, measure: bool, boundary: bool) -> tuple[float, dict[str, float]]:
         """Forward, backward and (at an accumulation boundary) the optimizer step of one micro-batch;
         ``measure`` records the memory of each phase (first optimizer step only). The loss and each
@@ -379,9 +385,9 @@ class Pretrainer:
         with tqdm(total=self.max_steps, initial=self.step, desc=f"pretrain {self.cfg.run.model.backbone}",
                   disable=self.rank != 0, unit="step") as bar:
             while self.step < self.max_steps:
-                batch = next(batches).to(self.device)
+                host = next(batches)  # its tokens counted on the host: no GPU sync
                 boundary = self.engine.is_gradient_accumulation_boundary()
-                window.add(self._micro_step(batch, measuring, boundary), batch, vocab)
+                window.add(self._micro_step(self._to_device(host), measuring, boundary), host, vocab)
                 if not boundary:
                     continue
                 self.step += 1
