@@ -132,7 +132,7 @@ def engine_step(model: str, length: int, args: argparse.Namespace, device: torch
                            on_cpu=device.type == "cpu")
     net = build_model(cfg)
     net.choose_kernels("auto", device, torch.bfloat16 if precision(ds) == "bf16" else torch.float32)
-    engine = deepspeed_engine(net, ds, train_cfg, total_steps=1)
+    engine = deepspeed_engine(net, ds, train_cfg, 1, device)
     try:
         batch = full_length_batch(cfg, args.batch, length).to(device)
         if device.type == "cuda":

@@ -20,7 +20,7 @@ from scgraph.config import ModelConfig, PretrainConfig, RunConfig, TokenizerConf
 from scgraph.data.batch import Batch
 from scgraph.eval.embed import embed_cells
 from scgraph.models import build_model, mvp_loss
-from scgraph.train.distributed import init_distributed, leave
+from scgraph.train.distributed import init_distributed, leave, rank_device
 from scgraph.train.dsconfig import load_ds_config, precision, resolve_ds_config
 from scgraph.train.optim import deepspeed_engine
 from scgraph.train.telemetry import full_length_batch
@@ -53,7 +53,7 @@ def test_each_shipped_config_trains_with_torch_adamw_and_builds_no_op(path, grou
     _, world, device = group_of_one
     train = TrainConfig(batch_size=ds["train_micro_batch_size_per_gpu"])
     model = build_model(ModelConfig(backbone="gnn", vocab_size=50, hidden=16, layers=1, adjacency_rank=4))
-    engine = deepspeed_engine(model, resolve_ds_config(ds, train, world, on_cpu=True), train, total_steps=2)
+    engine = deepspeed_engine(model, resolve_ds_config(ds, train, world, on_cpu=True), train, 2, device)
     assert type(engine.basic_optimizer) is torch.optim.AdamW
     batch = full_length_batch(model.cfg, 2, 8).to(device)
     loss = mvp_loss(engine(batch.genes, batch.values, batch.masked), batch.values, batch.masked)
@@ -130,3 +130,19 @@ def test_a_forward_on_an_accelerator_reads_no_value_back():
     genes[1, 3] = 99
     with pytest.raises(ValueError, match="gene id 99 is outside the vocabulary"):
         trainer._to_device(Batch(genes, torch.rand(2, 9), torch.zeros(2, 9, dtype=torch.bool)))
+
+
+@pytest.mark.parametrize(("env", "visible", "device"), [
+    ({"LOCAL_RANK": "3"}, 0, "cpu"),
+    ({"LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4"}, 4, "cuda:3"),  # each task sees the node's GPUs
+    ({"LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4"}, 1, "cuda:0"),  # --gpus-per-task 1: its GPU is device 0
+    ({"LOCAL_RANK": "3", "DS_ACCELERATOR": "cuda"}, 1, "cuda:0"),
+    ({"LOCAL_RANK": "3"}, 2, "LOCAL_RANK 3 but this task sees 2 GPUs"),
+    ({"LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}, 1, "DS_ACCELERATOR=cpu but 1 CUDA GPU"),
+])
+def test_each_rank_takes_a_device_it_sees(env, visible, device):
+    if ":" in device or device == "cpu":
+        assert rank_device(env, visible) == torch.device(device)
+    else:
+        with pytest.raises(ValueError, match=device):
+            rank_device(env, visible)
