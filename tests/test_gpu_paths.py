@@ -23,7 +23,7 @@ from scgraph.models import build_model, mvp_loss
 from scgraph.train.distributed import init_distributed, leave, rank_device
 from scgraph.train.dsconfig import load_ds_config, precision, resolve_ds_config
 from scgraph.train.optim import deepspeed_engine
-from scgraph.train.telemetry import full_length_batch
+from scgraph.train.telemetry import full_length_batch, table_peak
 from scgraph.train.trainer import Pretrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,3 +146,11 @@ def test_each_rank_takes_a_device_it_sees(env, visible, device):
     else:
         with pytest.raises(ValueError, match=device):
             rank_device(env, visible)
+
+
+@pytest.mark.parametrize(("name", "peak"), [
+    ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA H100 80GB HBM3", 989.0),
+    ("NVIDIA H200", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA GH200 480GB", 989.0), ("Tesla T4", None),
+])
+def test_mfu_peak_of_each_gpu_is_its_datasheet_dense_bf16(name, peak):
+    assert table_peak(name) == peak
