@@ -29,6 +29,7 @@ check's own and is replaced); a folder the check did not make is refused.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -115,6 +116,15 @@ def train(model: str, args: argparse.Namespace, seconds: float) -> dict:
             "graph_kernel": p.get("graph_kernel"), "peak_tflops": p.get("peak_tflops")}
 
 
+@functools.cache
+def engine_device() -> torch.device:
+    """This process's device, in a process group of one joined as the trainer joins it (once; inside
+    a stage, so that a failure to join is that stage's result)."""
+    from scgraph.train.distributed import init_distributed
+
+    return init_distributed()[2]
+
+
 def engine_step(model: str, length: int, args: argparse.Namespace, device: torch.device) -> dict:
     """One training step of the real engine on ``--batch`` cells of ``length`` genes: peak memory
     (model states, fp32 master weights and AdamW state included) and time."""
@@ -132,7 +142,7 @@ def engine_step(model: str, length: int, args: argparse.Namespace, device: torch
                            on_cpu=device.type == "cpu")
     net = build_model(cfg)
     net.choose_kernels("auto", device, torch.bfloat16 if precision(ds) == "bf16" else torch.float32)
-    engine = deepspeed_engine(net, ds, train_cfg, 1, device)
+    engine = deepspeed_engine(net, ds, train_cfg, total_steps=1)
     try:
         batch = full_length_batch(cfg, args.batch, length).to(device)
         if device.type == "cuda":
@@ -149,8 +159,9 @@ def engine_step(model: str, length: int, args: argparse.Namespace, device: torch
         engine.destroy()
 
 
-def largest_length(model: str, args: argparse.Namespace, device: torch.device, seconds: float) -> dict:
+def largest_length(model: str, args: argparse.Namespace, seconds: float) -> dict:
     """Double L from ``--length`` until a training step no longer fits, or the limits or time."""
+    device = engine_device()
     end = time.perf_counter() + seconds
     longest = min(args.max_length, args.genes)
     result: dict = {"largest_fitting": None, "out_of_memory_at": None}
@@ -280,7 +291,7 @@ def main() -> None:
     args.stamp = time.strftime("%Y%m%d-%H%M%S")
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(name, None)  # one process, not a rank of an outer launcher's group
-    args.child_env = dict(os.environ)  # before this process joins its own group of one (below)
+    args.child_env = dict(os.environ)  # before this process joins its own group of one (engine_device)
     args.out.mkdir(parents=True, exist_ok=True)
     started, end = time.perf_counter(), time.perf_counter() + budget
     report = {"device": torch.cuda.get_device_name() if cuda else "CPU", "torch": torch.__version__,
@@ -288,14 +299,10 @@ def main() -> None:
     save(report, args.out, started)
     stages = [("shards", lambda s: shards(args.out, cells, args.genes, per_cell, s))]
     stages += [(f"train {m}", lambda s, m=m: train(m, args, s)) for m in MODELS]
-    stages += [(f"length {m}", lambda s, m=m: largest_length(m, args, device, s)) for m in MODELS]
-    stages += [("attention", lambda s: attention_paths(device, torch.bfloat16 if cuda else torch.float32, args.smoke))]
-    device = None
+    stages += [(f"length {m}", lambda s, m=m: largest_length(m, args, s)) for m in MODELS]
+    stages += [("attention", lambda s: attention_paths(torch.device("cuda" if cuda else "cpu"),
+                                                       torch.bfloat16 if cuda else torch.float32, args.smoke))]
     for done, (name, measure) in enumerate(stages):
-        if name.startswith("length") and device is None:
-            from scgraph.train.distributed import init_distributed
-
-            device = init_distributed()[2]  # the engine's process group of one, as the trainer joins it
         left = end - time.perf_counter()
         share = left if name == "shards" else left / (len(stages) - done)
         stage_start = time.perf_counter()

@@ -54,7 +54,7 @@ def test_each_shipped_config_trains_with_torch_adamw_and_builds_no_op(path, grou
     _, world, device = group_of_one
     train = TrainConfig(batch_size=ds["train_micro_batch_size_per_gpu"])
     model = build_model(ModelConfig(backbone="gnn", vocab_size=50, hidden=16, layers=1, adjacency_rank=4))
-    engine = deepspeed_engine(model, resolve_ds_config(ds, train, world, on_cpu=True), train, 2, device)
+    engine = deepspeed_engine(model, resolve_ds_config(ds, train, world, on_cpu=True), train, total_steps=2)
     assert type(engine.basic_optimizer) is torch.optim.AdamW
     batch = full_length_batch(model.cfg, 2, 8).to(device)
     loss = mvp_loss(engine(batch.genes, batch.values, batch.masked), batch.values, batch.masked)

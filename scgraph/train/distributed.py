@@ -134,6 +134,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
     import deepspeed
 
     check_build_locks()
+    if cuda:
+        # DeepSpeed takes LOCAL_RANK for the GPU's number (its process group, engine, ZeRO-3 partitioning):
+        # a task that sees only its own GPU is local rank 0 on it
+        os.environ["LOCAL_RANK"] = str(device.index)
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         if not cuda:
             dist.init_process_group("gloo")  # DeepSpeed adopts this group, and builds nothing more
@@ -147,8 +152,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
                 raise failure or ValueError(f"building DeepSpeed's C++ op {SHM_OP_NAME} failed on another "
                                             "rank: its error says why")
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
 
 

@@ -10,7 +10,6 @@ scheduler (its step count) restores it exactly on resume.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 from typing import Any, Protocol
 
 import torch
@@ -60,21 +59,18 @@ def scheduler(cfg: TrainConfig, total_steps: int):
     return build
 
 
-def deepspeed_engine(model: nn.Module, ds: dict[str, Any], train: TrainConfig, total_steps: int,
-                     device: torch.device):
+def deepspeed_engine(model: nn.Module, ds: dict[str, Any], train: TrainConfig, total_steps: int):
     """The DeepSpeed engine that trains ``model`` under the resolved config ``ds``. Without an
     optimizer block in ``ds`` (the shipped configs) DeepSpeed is given torch's fused AdamW, which needs
     nothing built. An Adam/AdamW block makes DeepSpeed use its own FusedAdam (or, with ZeRO-Offload,
     DeepSpeedCPUAdam) instead: C++/CUDA ops it compiles at start, which fails without a CUDA compiler
     (``CUDA_HOME``), as on a GPU machine with pip-installed torch. (With offload and the client
-    optimizer the config must set ``zero_force_ds_cpu_optimizer: false``.) On a GPU the engine takes
-    ``device`` (``init_distributed``'s choice), not the GPU numbered LOCAL_RANK as it would by itself."""
+    optimizer the config must set ``zero_force_ds_cpu_optimizer: false``.)"""
     import deepspeed
 
     groups = param_groups(model, train.weight_decay)
     # fused: one kernel for all parameters (4x cheaper than the default on CPU)
     client = None if "optimizer" in ds else torch.optim.AdamW(groups, lr=train.lr, fused=True)
-    args = SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None
-    engine, _, _, _ = deepspeed.initialize(args=args, model=model, optimizer=client, model_parameters=groups,
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, model_parameters=groups,
                                            lr_scheduler=scheduler(train, total_steps), config=ds)
     return engine

@@ -136,7 +136,7 @@ class Pretrainer:
         self.params = count_parameters(model)
         self.flops = self._measure_flops(run)
         self.peak = peak_tflops(self.device, precision(self.ds), cfg.peak_tflops)
-        self.engine = deepspeed_engine(model, self.ds, run.train, self.max_steps, self.device)
+        self.engine = deepspeed_engine(model, self.ds, run.train, self.max_steps)
         if cfg.compile:
             self.engine.compile()
         self.memory = MemoryMeter(self.device)
