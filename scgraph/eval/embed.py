@@ -49,7 +49,7 @@ def inference_tokenizer(tok: TokenizerConfig, selection: str, seq_len: int | Non
                                selection=resolved_selection(tok, selection))
 
 
-def embed_cells(model: CellModel, run: RunConfig, counts: sp.csr_matrix, *, selection: str = "train",
+def embed_cells(model: CellModel | BagOfGenes, run: RunConfig, counts: sp.csr_matrix, *, selection: str = "train",
                 seq_len: int | None = None, choice: GeneChoice | None = None, batch_size: int = 256, seed: int = 0,
                 desc: str | None = None, progress: bool = True) -> np.ndarray:
     """(cells, hidden) float32: ``model.cell_embedding`` (mean over genes or the CLS output, as the
@@ -63,6 +63,8 @@ def embed_cells(model: CellModel, run: RunConfig, counts: sp.csr_matrix, *, sele
     counts = sp.csr_matrix(counts)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
+    if isinstance(model, CellModel):  # (the bag-of-genes control has no kernels to choose)
+        model.choose_kernels("auto", device, next(model.parameters()).dtype)  # as training does (kernels, TF32)
     order = np.argsort(np.diff(counts.indptr), kind="stable")
     out = np.zeros((counts.shape[0], run.model.hidden), dtype=np.float32)
     with torch.inference_mode():

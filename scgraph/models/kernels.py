@@ -58,7 +58,10 @@ class ScoresOnceAttention(torch.autograd.Function):
 
     Per block: S = bias + (scale Q) K^T, P = softmax(S) (in float32 at least), O = P V. Backward recomputes P
     (one fused softmax costs less on CPU than saving and re-exponentiating a log-sum-exp), then
-    dV += P^T dO, dS = P * (dO V^T - rowsum), dQ = scale dS K, dK += dS^T (scale Q).
+    dV += P^T dO, dS = P * (dO V^T - rowsum), dQ = scale dS K, dK += dS^T (scale Q). In bf16/fp16 the
+    scores, dS and the dK, dV sums over query blocks are float32 (the narrow Q, K upcast): bf16 holds a
+    score near 30 only to +-0.06, +-6 % in its probability; only P V and P^T dO take P in the input's
+    precision, as flash attention does.
     """
 
     @staticmethod
@@ -70,8 +73,9 @@ class ScoresOnceAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, bias, scale: float):
         bh, n_q, _ = q.shape
         group, chunk = _blocking(bh, n_q, k.shape[1])
-        qs = (q * scale).contiguous()
-        k, v = k.contiguous(), v.contiguous()
+        acc = torch.promote_types(q.dtype, torch.float32)
+        qs = (q.to(acc) * scale).contiguous()
+        k, v = k.to(acc).contiguous(), v.contiguous()
         out = v.new_empty(bh, n_q, v.shape[-1])
         for g0 in range(0, bh, group):
             g = slice(g0, g0 + group)
@@ -85,30 +89,29 @@ class ScoresOnceAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, bias = ctx.saved_tensors
+        q, k, v, bias = ctx.saved_tensors  # (k already upcast in forward)
         scale, group, chunk = ctx.scale, ctx.group, ctx.chunk
         bh, n_q, _ = q.shape
-        qs, grad_out = (q * scale).contiguous(), grad_out.contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        qs, grad_out = (q.to(k.dtype) * scale).contiguous(), grad_out.contiguous()
+        dq, dk, dv = torch.empty_like(qs), torch.zeros_like(k), torch.zeros_like(v, dtype=k.dtype)
         for g0 in range(0, bh, group):
             g = slice(g0, g0 + group)
             kt, vt, bg = k[g].transpose(1, 2), v[g].transpose(1, 2), None if bias is None else bias[g]
             for i in range(0, n_q, chunk):
                 qi, doi = qs[g, i:i + chunk], grad_out[g, i:i + chunk]
                 p = ScoresOnceAttention._probabilities(qi, kt, bg)
-                ds = torch._softmax_backward_data(torch.bmm(doi, vt).to(p.dtype), p, -1, p.dtype).to(q.dtype)
-                p = p.to(v.dtype)
-                dv[g] += torch.bmm(p.transpose(1, 2), doi)
+                ds = torch._softmax_backward_data(torch.bmm(doi, vt).to(p.dtype), p, -1, p.dtype).to(k.dtype)
+                dv[g] += torch.bmm(p.to(v.dtype).transpose(1, 2), doi)
                 dk[g] += torch.bmm(ds.transpose(1, 2), qi)
                 dq[g, i:i + chunk] = torch.bmm(ds, k[g]) * scale
-        return dq, dk, dv, None, None
+        return dq.to(q.dtype), dk.to(q.dtype), dv.to(v.dtype), None, None
 
 
 def scores_once(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale) v over kept keys: q, k (B, H, L, w), v (B, H, L, dv), ``keep`` (B, L)
     or (B, 1, 1, L) -> (B, H, L, dv)."""
     b, h, n, w = q.shape
-    bias = _key_bias(keep, h, q.dtype)
+    bias = _key_bias(keep, h, torch.promote_types(q.dtype, torch.float32))  # added to float32 scores
     out = ScoresOnceAttention.apply(q.reshape(b * h, n, w), k.reshape(b * h, n, w), v.reshape(b * h, n, -1), bias,
                                     float(scale))
     return out.view(b, h, n, -1)

@@ -27,9 +27,9 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
 def check_token_ids(genes: torch.Tensor, n_tokens: int) -> None:
-    """Out-of-range ids would index past the gene tables (a device assert on CUDA): refuse them.
-    (Skipped inside torch.compile, where reading a value back would break the graph.)"""
-    if torch.compiler.is_compiling():
+    """Out-of-range ids would index past the gene tables (a device assert on CUDA): refuse them. Host
+    tensors only (a GPU read stalls its queue: the trainer checks first), and not in torch.compile."""
+    if torch.compiler.is_compiling() or genes.device.type != "cpu":
         return
     if genes.numel() and (int(genes.min()) < 0 or int(genes.max()) >= n_tokens):
         bad = genes[(genes < 0) | (genes >= n_tokens)][0].item()
@@ -223,12 +223,13 @@ class LinearGraphMixer(GraphMixer):
 
     def forward(self, h: torch.Tensor, genes: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         q, k = self.adjacency.queries_keys(genes)  # (B, gh, L, w)
-        v = self.values(h, q.shape[1])  # (B, gh, L, dv)
-        fq = self.phi(q)
-        fk = self.phi(k) * attn_mask.reshape(h.shape[0], 1, -1, 1).to(q.dtype)
+        # float32: the normaliser sums L x w products, ~70,000 at w = 128, L = 513: in fp16 inf, so output 0
+        v = self.values(h, q.shape[1]).float()  # (B, gh, L, dv)
+        fq = self.phi(q.float())
+        fk = self.phi(k.float()) * attn_mask.reshape(h.shape[0], 1, -1, 1)
         num = fq @ (fk.transpose(-1, -2) @ v)  # (B, gh, L, dv)
         den = (fq * fk.sum(dim=-2, keepdim=True)).sum(-1, keepdim=True).clamp_min(self.eps)
-        return self.merge(num / den)
+        return self.merge((num / den).to(h.dtype))
 
 
 #: The token mixers by name (the names ``--backbone`` takes), the Transformer first.
@@ -358,8 +359,10 @@ class CellModel(nn.Module):
             nn.init.normal_(module.genes.weight, std=module.genes.embedding_dim ** -0.5)
 
     def choose_kernels(self, requested: str, device: torch.device, dtype: torch.dtype) -> str | None:
-        """Fix every GNN mixer's kernel for this device and precision (``auto`` resolved once, at
-        start-up); the kernel's name, or None where there is no choice (Transformer, linear GNN)."""
+        """Fix how this model runs on ``device`` in ``dtype``, for training and inference alike: fp32 products
+        on CUDA in TF32, every GNN mixer's kernel (``auto`` resolved); the kernel, or None without a choice."""
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
         mixers = [b.mixer for b in self.blocks if isinstance(b.mixer, GraphMixer)]
         if not mixers or isinstance(mixers[0], LinearGraphMixer):
             return None
@@ -389,7 +392,6 @@ class CellModel(nn.Module):
                 h = block(h, genes, attn_mask)
         return self.final_norm(h)
 
-
     def forward(self, genes: torch.Tensor, values: torch.Tensor, masked: torch.Tensor | None = None,
                 decode: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predicted value for every position (B, L); the loss reads only the masked ones. With
@@ -406,8 +408,8 @@ class CellModel(nn.Module):
     def pool(self, h: torch.Tensor, genes: torch.Tensor) -> torch.Tensor:
         """(B, d) cell embedding from final states: the CLS output, or the mean over the cell's
         genes (pad and CLS excluded)."""
-        if self.cfg.cell_embedding == "cls":
-            if not bool((genes[:, 0] == self.cfg.cls_id).all()):
+        if self.cfg.cell_embedding == "cls":  # (checked on the host only: RunConfig puts the CLS first)
+            if genes.device.type == "cpu" and not bool((genes[:, 0] == self.cfg.cls_id).all()):
                 raise ValueError("cell_embedding is 'cls' but the input has no CLS token at position 0")
             return h[:, 0]
         is_gene = (genes < self.cfg.vocab_size).unsqueeze(-1).to(h.dtype)

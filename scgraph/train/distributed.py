@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -98,6 +99,22 @@ def build_shm_op(timeout_s: float = BUILD_TIMEOUT_S) -> None:
         raise ValueError(f"{what} failed: {said[-1] if said else f'exit status {proc.returncode}'}")
 
 
+def rank_device(env: Mapping[str, str], visible: int) -> torch.device:
+    """This rank's device, from its launch environment and the number of CUDA devices it sees: the
+    CPU without any; GPU LOCAL_RANK where each task sees all of the node's GPUs; GPU 0 where it sees
+    one (SLURM's --gpus-per-task or gres binding: each task's own GPU is its device 0)."""
+    if not visible:
+        return torch.device("cpu")
+    if env.get("DS_ACCELERATOR", "cuda") != "cuda":  # DeepSpeed would keep the model on the CPU, batches on the GPU
+        raise ValueError(f"DS_ACCELERATOR={env['DS_ACCELERATOR']} but {visible} CUDA GPU(s) are visible: unset it to "
+                         "train on the GPUs, or hide them (CUDA_VISIBLE_DEVICES=) to train on the CPU")
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    if visible > 1 and local_rank >= visible:
+        raise ValueError(f"LOCAL_RANK {local_rank} but this task sees {visible} GPUs: give each task one GPU or all "
+                         "of the node's")
+    return torch.device("cuda", local_rank if visible > 1 else 0)
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device) after joining the group: NCCL on GPUs, gloo on CPU. On a CPU
     node each rank takes the cores SLURM gave its task (``--cpus-per-task``), else an equal share of
@@ -106,7 +123,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    cuda = torch.cuda.is_available()
+    device = rank_device(os.environ, torch.cuda.device_count())
+    cuda = device.type == "cuda"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -116,6 +134,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
     import deepspeed
 
     check_build_locks()
+    if cuda:
+        # DeepSpeed takes LOCAL_RANK for the GPU's number (its process group, engine, ZeRO-3 partitioning):
+        # a task that sees only its own GPU is local rank 0 on it
+        os.environ["LOCAL_RANK"] = str(device.index)
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         if not cuda:
             dist.init_process_group("gloo")  # DeepSpeed adopts this group, and builds nothing more
@@ -129,9 +152,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
                 raise failure or ValueError(f"building DeepSpeed's C++ op {SHM_OP_NAME} failed on another "
                                             "rank: its error says why")
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 
 

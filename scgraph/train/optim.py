@@ -1,4 +1,4 @@
-"""The optimizer's parameter groups and the learning-rate schedule.
+"""The optimizer's parameter groups, the learning-rate schedule, and the DeepSpeed engine around them.
 
 Weight decay pulls weights toward zero; on a gene embedding or an adjacency factor that means
 shrinking the rows of genes a batch happens to contain, and on a norm or a bias it fights the
@@ -57,3 +57,20 @@ def scheduler(cfg: TrainConfig, total_steps: int):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
 
     return build
+
+
+def deepspeed_engine(model: nn.Module, ds: dict[str, Any], train: TrainConfig, total_steps: int):
+    """The DeepSpeed engine that trains ``model`` under the resolved config ``ds``. Without an
+    optimizer block in ``ds`` (the shipped configs) DeepSpeed is given torch's fused AdamW, which needs
+    nothing built. An Adam/AdamW block makes DeepSpeed use its own FusedAdam (or, with ZeRO-Offload,
+    DeepSpeedCPUAdam) instead: C++/CUDA ops it compiles at start, which fails without a CUDA compiler
+    (``CUDA_HOME``), as on a GPU machine with pip-installed torch. (With offload and the client
+    optimizer the config must set ``zero_force_ds_cpu_optimizer: false``.)"""
+    import deepspeed
+
+    groups = param_groups(model, train.weight_decay)
+    # fused: one kernel for all parameters (4x cheaper than the default on CPU)
+    client = None if "optimizer" in ds else torch.optim.AdamW(groups, lr=train.lr, fused=True)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, model_parameters=groups,
+                                           lr_scheduler=scheduler(train, total_steps), config=ds)
+    return engine

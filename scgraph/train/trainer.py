@@ -32,14 +32,14 @@ from scgraph.data.shards import ShardSet
 from scgraph.data.shards.stats import STATS_TARGET_SUM
 from scgraph.data.tokenize import GeneChoice, mean_profile
 from scgraph.io.files import check_directory
-from scgraph.models.model import build_model, count_parameters
+from scgraph.models.model import build_model, check_token_ids, count_parameters
 from scgraph.plots import line_plot
 from scgraph.tracking import Tracker, check_store, flatten, git_commit
 from scgraph.train.checkpointer import MODEL_DIR, UNIVERSAL, Checkpointer, export_encoder, load_pretrained, read_meta
 from scgraph.train.distributed import all_ranks_agree, init_distributed, leave, mean_over_ranks
 from scgraph.train.dsconfig import load_ds_config, precision, resolve_ds_config, zero_stage
 from scgraph.train.objectives import pretraining_loss
-from scgraph.train.optim import param_groups, scheduler
+from scgraph.train.optim import deepspeed_engine
 from scgraph.train.telemetry import MemoryMeter, measure_flops, optimizer_state_bytes, peak_tflops
 
 
@@ -139,15 +139,7 @@ class Pretrainer:
         self.params = count_parameters(model)
         self.flops = self._measure_flops(run)
         self.peak = peak_tflops(self.device, precision(self.ds), cfg.peak_tflops)
-        groups = param_groups(model, run.train.weight_decay)
-        client_optimizer = None
-        if "optimizer" not in self.ds:  # fused: one kernel for all parameters (4x cheaper than the default on CPU)
-            client_optimizer = torch.optim.AdamW(groups, lr=run.train.lr, fused=True)
-        import deepspeed
-
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_optimizer, model_parameters=groups,
-                                                    lr_scheduler=scheduler(run.train, self.max_steps),
-                                                    config=self.ds)
+        self.engine = deepspeed_engine(model, self.ds, run.train, self.max_steps)
         if cfg.compile:
             self.engine.compile()
         self.memory = MemoryMeter(self.device)
@@ -216,7 +208,7 @@ class Pretrainer:
         total, batches = 0.0, 0
         with torch.no_grad():
             for batch in itertools.islice(loader, limit):
-                batch = batch.to(self.device)
+                batch = self._to_device(batch)
                 total += pretraining_loss(self.engine, batch, run.train.weights)[0].item()
                 batches += 1
         self.engine.train()
@@ -347,6 +339,12 @@ class Pretrainer:
                 yield batch
             self.epoch, self.consumed, self.segments = self.epoch + 1, 0, []
 
+    def _to_device(self, batch: Batch) -> Batch:
+        """``batch`` on this rank's device, its token ids checked on the host first (the model checks
+        only host tensors: on a GPU that would stall the queue at every micro-step)."""
+        check_token_ids(batch.genes, self.cfg.run.model.n_tokens)
+        return batch.to(self.device)
+
     def _micro_step(self, batch: Batch, measure: bool, boundary: bool) -> tuple[float, dict[str, float]]:
         """Forward, backward and (at an accumulation boundary) the optimizer step of one micro-batch;
         ``measure`` records the memory of each phase (first optimizer step only). The loss and each
@@ -402,9 +400,9 @@ class Pretrainer:
         with tqdm(total=self.max_steps, initial=self.step, desc=f"pretrain {self.cfg.run.model.backbone}",
                   disable=self.rank != 0, unit="step") as bar:
             while self.step < self.max_steps:
-                batch = next(batches).to(self.device)
+                host = next(batches)  # its tokens counted on the host: no GPU sync
                 boundary = self.engine.is_gradient_accumulation_boundary()
-                window.add(self._micro_step(batch, measuring, boundary), batch, vocab)
+                window.add(self._micro_step(self._to_device(host), measuring, boundary), host, vocab)
                 if not boundary:
                     continue
                 self.step += 1
