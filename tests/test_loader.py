@@ -269,3 +269,19 @@ def test_batch_to_the_device_it_is_on_copies_no_tensor(tagged):
     moved = batch.to("cpu")
     for field in dataclasses.fields(Batch):
         assert getattr(moved, field.name).data_ptr() == getattr(batch, field.name).data_ptr(), field.name
+
+
+def test_a_stream_maps_only_the_shard_it_reads_and_copies_at_most_a_buffer_of_cells(tagged):
+    """The memory the pool states: shards read past are unmapped, the cells still waiting in the
+    shuffle buffer copied out of them (never more than the buffer), and every cell served once."""
+    from scgraph.data.loader import shuffled
+    from scgraph.data.pool import CellPool
+
+    runs = epoch_runs(tagged.shard_cells, seed=3, epoch=0)
+    pool = CellPool(runs, tagged.shard_paths, tagged.shard_cells, tagged.vocab_size, np.zeros(0, np.int64))
+    order, served = shuffled(N_CELLS, 64, 3, 0, 0, 0), []
+    while len(positions := np.fromiter(itertools.islice(order, 16), np.int64)):
+        served += pool.take(positions).indices.tolist()  # cell i expresses gene i
+        assert sum(cells.mapped for cells in pool.open.values()) <= 1
+        assert sum(cells.left for cells in pool.open.values() if not cells.mapped) <= 64
+    assert sorted(served) == list(range(N_CELLS)) and not pool.open

@@ -42,7 +42,7 @@ import webdataset as wds
 
 from scgraph.config import TokenizerConfig
 from scgraph.data.batch import Batch, make_batch
-from scgraph.data.pool import CellPool, Run
+from scgraph.data.pool import CellPool, Run, buffer_mib
 from scgraph.data.shards import ShardSet
 
 DEFAULT_SHUFFLE_BUFFER = 4096
@@ -294,6 +294,16 @@ class ShardLoader:
     @property
     def batches_per_epoch(self) -> int:
         return self.dataset.batches_per_epoch
+
+    def memory(self) -> str:
+        """What each stream holds, in cells and MiB (see ``pool``)."""
+        data = self.dataset
+        totals = data.shards.manifest["totals"]
+        genes = totals.get("nnz", 0) / max(data.shards.n_cells, 1)
+        return (f"{data.streams} stream(s) per rank, each a shuffle buffer of {data.shuffle_buffer:,} cells (at most "
+                f"{buffer_mib(data.shuffle_buffer, genes):,.0f} MiB of them copied out of shards read past) and the "
+                f"shard it reads mapped (about {totals['bytes'] / max(totals['shards'], 1) / 2**20:,.0f} MiB of page "
+                "cache)")
 
     def __len__(self) -> int:
         if self.dataset.resampled:

@@ -2,36 +2,45 @@
 
 A stream's input is its runs of cells laid end to end; a cell is named by its position in that
 sequence. The shuffle is computed on positions alone (it never looks at a cell), so the bytes of a
-cell are touched once, when the batch that holds it is gathered: each shard the stream reads is
+cell are touched when the batch that holds it is gathered: each shard the stream reads is
 memory-mapped and its tar headers parsed into offsets once (``read_shard_arrays``), and a batch is
 one ragged ``take`` per shard it draws from. No Python object per cell on the path.
 
-Memory: the shuffle buffer holds ``shuffle_buffer`` positions (8 bytes each); cell bytes stay in
-the page cache of the mapped shards, which are unmapped once every cell the stream reads from them
-was served. A cell waits in the buffer about ``shuffle_buffer`` draws on average and rarely more
-than ``shuffle_buffer * ln(shuffle_buffer)``, so the shards of about that many cells (plus the
-shard being read) are mapped at a time: ``mapped_cells`` says how many, for a stated bound in MiB.
+Memory, per stream: the shuffle buffer's positions (8 bytes per cell), the shard being read
+(mapped: page cache), and the cells still waiting in the buffer from shards read past, copied out
+of them when the stream moves on so that those are unmapped (at most ``shuffle_buffer`` cells, 8
+bytes per expressed gene each; a cell waits about ``shuffle_buffer`` draws on average, but a few
+wait ten times longer, and would keep a whole shard mapped each).
 """
 
 from __future__ import annotations
 
 import itertools
-import math
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
-from scgraph.data.shards import CorruptShardError, ShardArrays, ranges, read_shard_arrays
+from scgraph.data.shards import CorruptShardError, ShardArrays, join_rows, read_shard_arrays
 
 #: (shard, start, stop): cells start..stop-1 of a shard, in stored order.
 Run = tuple[int, int, int]
 
 
-def mapped_cells(shuffle_buffer: int, shard_cells: int) -> int:
-    """About the most cells whose shards a stream keeps mapped: the shuffle's reach back (a buffer
-    of b cells rarely holds one older than b ln b draws) plus the shards at each end of it."""
-    reach = shuffle_buffer * max(1.0, math.log(max(shuffle_buffer, 1)))
-    return int(reach) + 2 * shard_cells
+def buffer_mib(shuffle_buffer: int, genes_per_cell: float) -> float:
+    """The most the cells copied out of shards read past take (MiB): a full buffer of them."""
+    return shuffle_buffer * (8 * genes_per_cell + 24) / 2**20
+
+
+@dataclass
+class _Open:
+    """A group being served: its cells as arrays, and where each of its positions is in them (-1
+    once served or skipped)."""
+
+    arrays: ShardArrays
+    row: np.ndarray
+    left: int
+    mapped: bool = True
 
 
 class CellPool:
@@ -41,48 +50,60 @@ class CellPool:
 
     def __init__(self, runs: list[Run], paths: list[str], shard_cells: list[int], n_genes: int,
                  skipped: np.ndarray) -> None:
-        self.paths, self.shard_cells, self.n_genes = paths, shard_cells, n_genes
+        self.paths, self.shard_cells, self.n_genes, self.skipped = paths, shard_cells, n_genes, skipped
         # consecutive runs of one shard (what an earlier segment left of it) are one group: one mapping
         self.groups: list[tuple[int, np.ndarray]] = []  # (shard, its cell for each position of the group)
         for shard, group in itertools.groupby(runs, key=lambda run: run[0]):
             cells = [np.arange(start, stop, dtype=np.int64) for _, start, stop in group]
             self.groups.append((shard, np.concatenate(cells)))
-        sizes = np.array([len(cells) for _, cells in self.groups], dtype=np.int64)
-        self.ends = np.cumsum(sizes)  # group k holds positions ends[k-1] .. ends[k]-1
-        skipped_per_group = np.bincount(np.searchsorted(self.ends, skipped, side="right"), minlength=len(sizes))
-        self.left = sizes - skipped_per_group[: len(sizes)]  # positions of each group still to serve
-        self.open: dict[int, ShardArrays] = {}
+        self.ends = np.cumsum([len(cells) for _, cells in self.groups], dtype=np.int64)
+        self.starts = self.ends - [len(cells) for _, cells in self.groups]
+        self.open: dict[int, _Open] = {}
+        self.reached = 0  # every position before this one has entered the shuffle buffer
 
     def take(self, positions: np.ndarray) -> sp.csr_matrix:
         """The cells at ``positions`` (each served at most once) as one CSR matrix, in that order."""
+        self.reached = max(self.reached, int(positions.max(initial=-1)) + 1)
         group = np.searchsorted(self.ends, positions, side="right")
-        starts = np.concatenate(([0], self.ends[:-1]))
-        lengths = np.zeros(len(positions), dtype=np.int64)
-        parts = []
+        genes: list[np.ndarray] = [np.zeros(0, np.uint32)] * len(positions)
+        counts = list(genes)
+        where = []
         for k in np.unique(group).tolist():
             rows = np.flatnonzero(group == k)
-            shard, cells = self.groups[k]
-            if k not in self.open:
-                self.open[k] = self._read(shard)
-            part = self.open[k].rows(cells[positions[rows] - starts[k]], self.n_genes)
-            lengths[rows] = np.diff(part.indptr)
-            parts.append((rows, part))
-            self.left[k] -= len(rows)
-            if self.left[k] == 0:
-                del self.open[k]  # unmapped: every cell the stream reads from it was served
-        if len(parts) == 1:
-            return parts[0][1]
-        indptr = np.zeros(len(positions) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=indptr[1:])
-        genes, counts = np.empty(indptr[-1], dtype=np.int32), np.empty(indptr[-1], dtype=np.float32)
-        for rows, part in parts:
-            at = ranges(indptr[rows], lengths[rows], part.indptr)
-            genes[at], counts[at] = part.indices, part.data
-        return sp.csr_matrix((counts, genes, indptr), shape=(len(positions), self.n_genes))
+            cells = self._open(k)
+            offsets = positions[rows] - self.starts[k]
+            for row, g, c in zip(rows.tolist(), *cells.arrays.views(cells.row[offsets])):
+                genes[row], counts[row] = g, c
+            cells.row[offsets] = -1
+            cells.left -= len(rows)
+            where.append(cells.arrays.where)
+        batch = join_rows(genes, counts, self.n_genes, ", ".join(where))
+        self._move_on()
+        return batch
 
-    def _read(self, shard: int) -> ShardArrays:
-        arrays = read_shard_arrays(self.paths[shard])
-        if len(arrays.lengths) != self.shard_cells[shard]:
-            raise CorruptShardError(f"{arrays.where}: holds {len(arrays.lengths)} cells, the manifest says "
-                                    f"{self.shard_cells[shard]}; find every bad shard with python -m sharding verify")
-        return arrays
+    def _open(self, k: int) -> _Open:
+        if k not in self.open:
+            shard, cells = self.groups[k]
+            arrays = read_shard_arrays(self.paths[shard])
+            if len(arrays.lengths) != self.shard_cells[shard]:
+                raise CorruptShardError(f"{arrays.where}: holds {len(arrays.lengths)} cells, the manifest says "
+                                        f"{self.shard_cells[shard]}; find every bad shard with python -m sharding "
+                                        "verify")
+            row = cells.copy()
+            skipped = self.skipped[(self.skipped >= self.starts[k]) & (self.skipped < self.ends[k])]
+            row[skipped - self.starts[k]] = -1
+            self.open[k] = _Open(arrays, row, int((row >= 0).sum()))
+        return self.open[k]
+
+    def _move_on(self) -> None:
+        """Close what is served; copy the cells still waiting out of each shard the stream has
+        read past (all of its cells entered the buffer), and unmap it."""
+        for k, cells in list(self.open.items()):
+            if cells.left == 0:
+                del self.open[k]
+            elif cells.mapped and self.ends[k] <= self.reached:
+                waiting = np.flatnonzero(cells.row >= 0)
+                kept = cells.arrays.rows(cells.row[waiting], self.n_genes)
+                cells.arrays = ShardArrays.in_memory(kept.indptr, kept.indices, kept.data, cells.arrays.where)
+                cells.row[waiting] = np.arange(len(waiting))
+                cells.mapped = False

@@ -17,8 +17,8 @@ from scgraph.data.shards.codec import (
     encode_block,
     encode_obs,
     iter_shard,
+    join_rows,
     npy_header,
-    ranges,
     read_shard_arrays,
 )
 from scgraph.data.shards.manifest import (
@@ -35,5 +35,5 @@ from scgraph.data.shards.manifest import (
 
 __all__ = ["COUNTS", "FORMAT", "GENES", "MANIFEST_NAME", "MEMBERS", "OBS", "TAR_END", "TMP_SUFFIX", "Cell",
            "CorruptShardError", "ShardArrays", "ShardSet", "build_manifest", "content_identity", "decode_cell",
-           "decode_npy", "decode_rows", "differences", "encode_block", "encode_obs", "iter_shard", "npy_header",
-           "ranges", "read_manifest", "read_shard_arrays", "write_manifest"]
+           "decode_npy", "decode_rows", "differences", "encode_block", "encode_obs", "iter_shard", "join_rows",
+           "npy_header", "read_manifest", "read_shard_arrays", "write_manifest"]
