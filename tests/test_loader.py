@@ -159,16 +159,15 @@ def test_loader_reads_a_path_and_reports_too_small_sets(tagged):
         build_loader(tagged, TOK, batch_size=16, mask_ratio=0.15, seed=0, rank=2, world_size=2)
 
 
-def test_decode_rows_refuses_gene_indices_outside_the_vocabulary():
-    import io
-
-    from scgraph.data.shards import CorruptShardError, decode_rows, iter_shard
+def test_shard_arrays_refuse_gene_indices_outside_the_vocabulary(tmp_path):
+    from scgraph.data.shards import CorruptShardError, read_shard_arrays
 
     blob = encode_sample(5, np.array([1, 9], dtype=np.int32), np.array([2.0, 3.0], dtype=np.float32), {})
-    samples = list(iter_shard(io.BytesIO(blob + b"\0" * 1024)))
-    np.testing.assert_array_equal(decode_rows(samples, 10).toarray(), [[0, 2, 0, 0, 0, 0, 0, 0, 0, 3]])
-    with pytest.raises(CorruptShardError, match="outside the vocabulary of 8 genes"):
-        decode_rows(samples, 8)
+    (tmp_path / "shard-000000.tar").write_bytes(blob + b"\0" * 1024)
+    arrays = read_shard_arrays(str(tmp_path / "shard-000000.tar"))
+    np.testing.assert_array_equal(arrays.rows(np.array([0]), 10).toarray(), [[0, 2, 0, 0, 0, 0, 0, 0, 0, 3]])
+    with pytest.raises(CorruptShardError, match="shard-000000.tar: gene index outside the vocabulary of 8 genes"):
+        arrays.rows(np.array([0]), 8)
 
 
 def test_batches_are_those_a_plain_webdataset_pipeline_makes_from_the_shards(tagged):
@@ -216,7 +215,7 @@ def test_shard_arrays_read_what_iter_shard_reads_in_any_layout(tagged, tmp_path)
     import io
     import shutil
 
-    from scgraph.data.shards import COUNTS, GENES, decode_rows, iter_shard, read_shard_arrays
+    from scgraph.data.shards import COUNTS, GENES, decode_cell, iter_shard, read_shard_arrays
 
     def npy2(sample):
         out = {"__key__": sample["__key__"], "obs.json": sample["obs.json"]}
@@ -231,7 +230,11 @@ def test_shard_arrays_read_what_iter_shard_reads_in_any_layout(tagged, tmp_path)
     _rewrite(other, npy2)
     cells = np.arange(80)[::-1]
     for path in (tagged.shard_paths[4], other):
-        expected = decode_rows(list(iter_shard(path)), tagged.vocab_size)[cells]
+        decoded = [decode_cell(sample) for sample in iter_shard(path)]
+        expected = sp.csr_matrix((np.concatenate([c.counts for c in decoded]),
+                                  np.concatenate([c.genes for c in decoded]),
+                                  np.cumsum([0] + [len(c.genes) for c in decoded])), shape=(80, tagged.vocab_size))
+        expected = expected[cells]
         got = read_shard_arrays(path).rows(cells, tagged.vocab_size)
         assert (got != expected).nnz == 0 and np.array_equal(got.indptr, expected.indptr)
 

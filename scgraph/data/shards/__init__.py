@@ -13,7 +13,6 @@ from scgraph.data.shards.codec import (
     ShardArrays,
     decode_cell,
     decode_npy,
-    decode_rows,
     encode_block,
     encode_obs,
     iter_shard,
@@ -35,5 +34,5 @@ from scgraph.data.shards.manifest import (
 
 __all__ = ["COUNTS", "FORMAT", "GENES", "MANIFEST_NAME", "MEMBERS", "OBS", "TAR_END", "TMP_SUFFIX", "Cell",
            "CorruptShardError", "ShardArrays", "ShardSet", "build_manifest", "content_identity", "decode_cell",
-           "decode_npy", "decode_rows", "differences", "encode_block", "encode_obs", "iter_shard", "join_rows",
+           "decode_npy", "differences", "encode_block", "encode_obs", "iter_shard", "join_rows",
            "npy_header", "read_manifest", "read_shard_arrays", "write_manifest"]

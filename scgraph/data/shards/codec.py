@@ -264,37 +264,6 @@ def decode_cell(sample: dict[str, Any], where: str = "shard") -> Cell:
 _I4, _F4 = _FAST_NPY["<i4"][0], _FAST_NPY["<f4"][0]
 
 
-def decode_rows(samples: Sequence[dict[str, Any]], n_genes: int, where: str = "shard") -> sp.csr_matrix:
-    """A batch of samples as one CSR matrix (cells x genes): the loader's decode stage, with one
-    ``frombuffer`` per batch instead of two per cell. Gene indices outside the vocabulary would
-    crash an embedding lookup on a GPU, so they are refused here."""
-    genes, counts, lengths = [], [], []
-    for sample in samples:
-        g, c = _fast_payload(sample.get(GENES, b"")), _fast_payload(sample.get(COUNTS, b""))
-        if g is None or c is None or g[0] != _I4 or c[0] != _F4:
-            cell = decode_cell(sample, where)  # a layout the fast path does not take, or an error
-            genes.append(cell.genes.tobytes())
-            counts.append(cell.counts.tobytes())
-            lengths.append(len(cell.genes))
-            continue
-        g_bytes, c_bytes = memoryview(sample[GENES])[g[1] :], memoryview(sample[COUNTS])[c[1] :]
-        if len(g_bytes) != len(c_bytes):
-            raise CorruptShardError(
-                f"{where}: sample {sample['__key__']} has genes and counts of different lengths"
-            )
-        genes.append(g_bytes)
-        counts.append(c_bytes)
-        lengths.append(len(g_bytes) // 4)
-    indptr = np.zeros(len(samples) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=indptr[1:])
-    gene_ids = np.frombuffer(bytearray().join(genes), dtype=_I4)  # writable: tokenize edits in place
-    if gene_ids.size and (gene_ids.min() < 0 or gene_ids.max() >= n_genes):
-        raise CorruptShardError(f"{where}: gene index outside the vocabulary of {n_genes} genes")
-    return sp.csr_matrix(
-        (np.frombuffer(bytearray().join(counts), dtype=_F4), gene_ids, indptr), shape=(len(samples), n_genes)
-    )
-
-
 # --- a shard as arrays: the loader's hot path ---------------------------------------------------
 
 #: Each member suffix, NUL-terminated as a name field holds it: what a header's name ends with.
