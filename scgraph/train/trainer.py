@@ -126,7 +126,10 @@ class Pretrainer:
                 self.ds["checkpoint"] = {**self.ds.get("checkpoint", {}), "load_universal": True}
 
         self.val_shards = self._validation_shards()
-        self.batches_per_epoch = self._loader(0, 0).batches_per_epoch
+        loader = self._loader(0, 0)
+        self.batches_per_epoch = loader.batches_per_epoch
+        if self.rank == 0:
+            print(f"scgraph: loader: {loader.memory()}", flush=True)
         self.max_steps = (cfg.epochs * self.batches_per_epoch // self.accumulation if cfg.epochs
                           else run.train.max_steps)
         torch.manual_seed(run.train.seed)
