@@ -15,10 +15,11 @@ batch_size`` cells (different ones each epoch) are left out. The shards a run re
 in the permuted order, so a rank reads about 1/world_size of the data.
 
 Randomness is keyed, not carried: the shuffle buffer's seed is (seed, epoch, stream), a batch's
-tokenize/mask rng is (seed, epoch, stream, batch index). So ``skip_batches`` can drop samples after
-the shuffle buffer without tokenizing them and land on exactly the batches an uninterrupted run
-would have produced next. The stream depends on the :class:`Layout` (world_size, streams =
-num_workers, batch_size), seed, epoch and shuffle_buffer.
+tokenize/mask rng is (seed, epoch, stream, batch index). So ``skip_batches`` can drop positions after
+the shuffle buffer without reading their cells (a shard all of whose cells were skipped is never
+opened) and land on exactly the batches an uninterrupted run would have produced next. The stream
+depends on the :class:`Layout` (world_size, streams = num_workers, batch_size), seed, epoch and
+shuffle_buffer.
 
 A run resumed on another layout (a job requeued onto another allocation, another micro-batch or
 number of workers) passes the epoch's earlier ``segments`` (each layout and the batches its ranks
