@@ -8,8 +8,9 @@ and about 2,000 genes (the census averages about 2,000), then reads each with th
 (MVP: tokenize and mask) and the default one (plus the recon objective's expression profile of
 1,024 unexpressed genes per cell), batches of 256 and L = 512, with 0, 1 and 2 DataLoader workers,
 each in a fresh process (its peak RSS, and its workers', are its own). Also times each stage of
-one stream in process (gather the CSR from the shards, tokenize, mask, profile) and, with
-``--demo``, the trainer's data wait at the demo's settings.
+one stream in process (gather the CSR from the shards, tokenize, mask, profile), follows the RSS of
+one stream over an epoch of 100 shards (is it flat?) and, with ``--demo``, the trainer's data wait
+at the demo's settings.
 
 cells/s per core divides by the processes doing loader work (the main process with 0 workers,
 else the workers). The planner's line: an H100 at 40 % MFU (989 dense bf16 TFLOP/s) trains
@@ -56,8 +57,20 @@ print(json.dumps({"cells_per_s": cells / seconds,
                   "rss_worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
 
+#: RSS (anonymous and mapped) after each batch of one stream over an epoch: is it flat?
+_RSS_CHILD = """
+import json, sys
+from scgraph.config import TokenizerConfig
+from scgraph.data.loader import build_loader
+def rss():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:")) / 1024
+loader = build_loader(sys.argv[1], TokenizerConfig(seq_len=512), batch_size=256, mask_ratio=0.15, seed=0,
+                      recon_genes=1024, verify=False)
+print(json.dumps([rss() for batch in loader]))
+"""
 
-def write_set(folder: str, n_cells: int, genes_per_cell: int, seed: int = 0) -> str:
+
+def write_set(folder: str, n_cells: int, genes_per_cell: int, seed: int = 0, cells_per_shard: int = 1000) -> str:
     """A shard set of ``n_cells`` cells, each expressing ``genes_per_cell`` random genes of VOCAB."""
     import anndata as ad
     import pandas as pd
@@ -74,8 +87,8 @@ def write_set(folder: str, n_cells: int, genes_per_cell: int, seed: int = 0) -> 
     obs = pd.DataFrame({"label": pd.Categorical(["x"] * n_cells)}, index=[f"c{i}" for i in range(n_cells)])
     h5ad = os.path.join(folder, f"g{genes_per_cell}.h5ad")
     ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=[f"ENSG{i:011d}" for i in range(VOCAB)])).write_h5ad(h5ad)
-    out = os.path.join(folder, f"shards{genes_per_cell}")
-    write_shards(SourceSpec("h5ad", h5ad), out, WriteOptions(cells_per_shard=1000, obs_columns=("label",)),
+    out = os.path.join(folder, f"shards{genes_per_cell}_{cells_per_shard}")
+    write_shards(SourceSpec("h5ad", h5ad), out, WriteOptions(cells_per_shard=cells_per_shard, obs_columns=("label",)),
                  progress=False)
     os.remove(h5ad)
     return out
@@ -162,6 +175,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", type=int, default=3000, help="cells in each generated shard set")
     parser.add_argument("--demo", action="store_true", help="also the trainer's data wait at the demo's settings")
+    parser.add_argument("--shard-cells", type=int, default=150,
+                        help="cells per shard of the 100-shard set whose epoch's RSS is followed")
     args = parser.parse_args()
 
     def load() -> str:
@@ -183,6 +198,10 @@ def main() -> None:
                     rates[density, recipe, workers] = per_core
                     rows.append((density, recipe, workers, result, per_core, before))
         wait = demo_data_wait(work) if args.demo else None
+        many = write_set(work, 100 * args.shard_cells, 2000, cells_per_shard=args.shard_cells)
+        done = subprocess.run([sys.executable, "-c", _RSS_CHILD, many], cwd=ROOT, capture_output=True, text=True,
+                              env=os.environ | {"PYTHONPATH": ROOT}, check=True)
+        rss = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"\n{args.cells:,} cells per set, vocabulary {VOCAB:,}, batches of 256, L 512, {os.cpu_count()} CPUs\n")
     print("| genes/cell | recipe | workers | cells/s | cells/s per core | peak RSS MiB main / worker | "
           "load 1/5 min before |\n|---:|---|---:|---:|---:|---|---|")
@@ -211,6 +230,10 @@ def main() -> None:
             whole = [rates[density, recipe, w] * max(1, w) for w in (0, 2)]
             checks.append((f"2 workers no slower than 0 ({density:,} genes, {recipe})", whole[1] >= whole[0],
                            f"{whole[1]:,.0f} vs {whole[0]:,.0f} cells/s"))
+    quarter = max(1, len(rss) // 4)
+    print(f"RSS over an epoch of 100 shards ({args.shard_cells} cells each, 2,000 genes, recon, 0 workers, "
+          f"{len(rss)} batches): max {max(rss[:quarter]):,.0f} MiB in its first quarter, "
+          f"{max(rss[-quarter:]):,.0f} MiB in its last, {max(rss):,.0f} MiB peak")
     if wait is not None:
         checks.append(("data wait <= 5 % of step time at the demo's settings", wait <= 0.05, f"{wait:.1%}"))
     for what, met, value in checks:

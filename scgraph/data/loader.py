@@ -303,7 +303,7 @@ class ShardLoader:
         totals = data.shards.manifest["totals"]
         genes = totals.get("nnz", 0) / max(data.shards.n_cells, 1)
         return (f"{data.streams} stream(s) per rank, each a shuffle buffer of {data.shuffle_buffer:,} cells (at most "
-                f"{buffer_mib(data.shuffle_buffer, genes):,.0f} MiB of them copied out of shards read past) and the "
+                f"{buffer_mib(data.shuffle_buffer, genes):,.0f} MiB held copied out of shards read past) and the "
                 f"shard it reads mapped (about {totals['bytes'] / max(totals['shards'], 1) / 2**20:,.0f} MiB of page "
                 "cache)")
 

@@ -8,9 +8,10 @@ one ragged ``take`` per shard it draws from. No Python object per cell on the pa
 
 Memory, per stream: the shuffle buffer's positions (8 bytes per cell), the shard being read
 (mapped: page cache), and the cells still waiting in the buffer from shards read past, copied out
-of them when the stream moves on so that those are unmapped (at most ``shuffle_buffer`` cells, 8
-bytes per expressed gene each; a cell waits about ``shuffle_buffer`` draws on average, but a few
-wait ten times longer, and would keep a whole shard mapped each).
+of them when the stream moves on so that those are unmapped, and copied again whenever fewer than
+half of a copy's cells still wait: at most 2 x ``shuffle_buffer`` cells, 8 bytes per expressed gene
+each. (A cell waits about ``shuffle_buffer`` draws on average, but a few wait ten times longer: one
+would otherwise keep a whole shard, or a whole copy, alive.)
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ Run = tuple[int, int, int]
 
 
 def buffer_mib(shuffle_buffer: int, genes_per_cell: float) -> float:
-    """The most the cells copied out of shards read past take (MiB): a full buffer of them."""
-    return shuffle_buffer * (8 * genes_per_cell + 24) / 2**20
+    """The most the cells copied out of shards read past take (MiB): twice a full buffer of them."""
+    return 2 * shuffle_buffer * (8 * genes_per_cell + 24) / 2**20
 
 
 @dataclass
@@ -97,11 +98,12 @@ class CellPool:
 
     def _move_on(self) -> None:
         """Close what is served; copy the cells still waiting out of each shard the stream has
-        read past (all of its cells entered the buffer), and unmap it."""
+        read past (all of its cells entered the buffer), and unmap it; copy them again out of a
+        copy less than half of whose cells still wait."""
         for k, cells in list(self.open.items()):
             if cells.left == 0:
                 del self.open[k]
-            elif cells.mapped and self.ends[k] <= self.reached:
+            elif (self.ends[k] <= self.reached) if cells.mapped else (2 * cells.left < len(cells.arrays.lengths)):
                 waiting = np.flatnonzero(cells.row >= 0)
                 kept = cells.arrays.rows(cells.row[waiting], self.n_genes)
                 cells.arrays = ShardArrays.in_memory(kept.indptr, kept.indices, kept.data, cells.arrays.where)
