@@ -408,7 +408,8 @@ class PretrainConfig:
     num_workers: int = option(0, "DataLoader worker processes per rank")
     verify_shards: bool = option(True, "check each shard's sha256 against the manifest the first time the run reads "
                                  "it (--no-verify-shards: for shards verified already)")
-    shuffle_buffer: int = option(4096, "cells in each stream's shuffle buffer")
+    shuffle_buffer: int = option(4096, "cells in each stream's shuffle buffer: at most twice that many held in memory "
+                                 "(8 bytes per expressed gene), besides the one shard each stream maps")
     flops_cells: int = option(2, "real cells the FLOPs per cell are measured on")
     graph_kernel: str = option("auto", "how the GNN computes softmax(U[g]V[g]^T) H W_v: auto (one fused SDPA call "
                                "where a kernel takes the widths, else scores_once), scores_once (blocked, exact, "

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import encode_sample, generated_anndata
+from conftest import encode_npy, encode_sample, generated_anndata
 
 from scgraph.config import TokenizerConfig, WriteOptions
 from scgraph.data.batch import Batch
@@ -159,13 +159,134 @@ def test_loader_reads_a_path_and_reports_too_small_sets(tagged):
         build_loader(tagged, TOK, batch_size=16, mask_ratio=0.15, seed=0, rank=2, world_size=2)
 
 
-def test_decode_rows_refuses_gene_indices_outside_the_vocabulary():
-    import io
-
-    from scgraph.data.shards import CorruptShardError, decode_rows, iter_shard
+def test_shard_arrays_refuse_gene_indices_outside_the_vocabulary(tmp_path):
+    from scgraph.data.shards import CorruptShardError, read_shard_arrays
 
     blob = encode_sample(5, np.array([1, 9], dtype=np.int32), np.array([2.0, 3.0], dtype=np.float32), {})
-    samples = list(iter_shard(io.BytesIO(blob + b"\0" * 1024)))
-    np.testing.assert_array_equal(decode_rows(samples, 10).toarray(), [[0, 2, 0, 0, 0, 0, 0, 0, 0, 3]])
-    with pytest.raises(CorruptShardError, match="outside the vocabulary of 8 genes"):
-        decode_rows(samples, 8)
+    (tmp_path / "shard-000000.tar").write_bytes(blob + b"\0" * 1024)
+    arrays = read_shard_arrays(str(tmp_path / "shard-000000.tar"))
+    np.testing.assert_array_equal(arrays.rows(np.array([0]), 10).toarray(), [[0, 2, 0, 0, 0, 0, 0, 0, 0, 3]])
+    with pytest.raises(CorruptShardError, match="shard-000000.tar: gene index outside the vocabulary of 8 genes"):
+        arrays.rows(np.array([0]), 8)
+
+
+def test_batches_are_those_a_plain_webdataset_pipeline_makes_from_the_shards(tagged):
+    """The shards stay WebDataset tars, and the array path changes no batch: WebDataset's own
+    chain (tar samples -> shuffle -> np.load -> batched) over the epoch's shard order, tokenized
+    with each batch's seed, gives exactly the loader's batches."""
+    import webdataset as wds
+
+    from scgraph.data.batch import make_batch
+    from scgraph.data.loader import _seed
+
+    order = [tagged.shard_paths[shard] for shard, _, _ in epoch_runs(tagged.shard_cells, seed=3, epoch=0)]
+    chain = wds.DataPipeline(wds.SimpleShardList(order), wds.tarfile_to_samples(),
+                             wds.shuffle(64, 64, seed=_seed(3, 0, 0)), wds.decode(),
+                             wds.batched(16, collation_fn=list, partial=False))
+    expected = []
+    for index, samples in enumerate(chain):
+        genes = [s["genes.npy"] for s in samples]
+        counts = sp.csr_matrix((np.concatenate([s["counts.npy"] for s in samples]), np.concatenate(genes),
+                                np.cumsum([0] + [len(g) for g in genes])), shape=(16, tagged.vocab_size))
+        expected.append(make_batch(counts, TOK, tagged.vocab_size, 0.15, np.random.default_rng([3, 0, 0, index])))
+    assert len(expected) == N_CELLS // 16
+    assert same(load(tagged, shuffle_buffer=64), expected)
+
+
+def _rewrite(shard: str, change) -> None:
+    """The shard written again by Python's tarfile, each sample passed through ``change`` (None: left out)."""
+    import io
+    import tarfile
+
+    from scgraph.data.shards import iter_shard
+
+    samples = [s for s in map(change, iter_shard(shard)) if s is not None]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            for member in [m for m in sample if m != "__key__"]:
+                info = tarfile.TarInfo(f"{sample['__key__']}.{member}")
+                info.size = len(sample[member])
+                tar.addfile(info, io.BytesIO(sample[member]))
+
+
+def test_shard_arrays_read_what_iter_shard_reads_in_any_layout(tagged, tmp_path):
+    """The vectorised header parse reads the writer's shards; a tar in another layout (another
+    member order, .npy 2.0 headers) goes the per-member way, and both give iter_shard's cells."""
+    import io
+    import shutil
+
+    from scgraph.data.shards import COUNTS, GENES, decode_cell, iter_shard, read_shard_arrays
+
+    def npy2(sample):
+        out = {"__key__": sample["__key__"], "obs.json": sample["obs.json"]}
+        for member in (COUNTS, GENES):
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.load(io.BytesIO(sample[member])), version=(2, 0))
+            out[member] = buffer.getvalue()
+        return out
+
+    other = str(tmp_path / "other.tar")
+    shutil.copy(tagged.shard_paths[4], other)
+    _rewrite(other, npy2)
+    cells = np.arange(80)[::-1]
+    for path in (tagged.shard_paths[4], other):
+        decoded = [decode_cell(sample) for sample in iter_shard(path)]
+        expected = sp.csr_matrix((np.concatenate([c.counts for c in decoded]),
+                                  np.concatenate([c.genes for c in decoded]),
+                                  np.cumsum([0] + [len(c.genes) for c in decoded])), shape=(80, tagged.vocab_size))
+        expected = expected[cells]
+        got = read_shard_arrays(path).rows(cells, tagged.vocab_size)
+        assert (got != expected).nnz == 0 and np.array_equal(got.indptr, expected.indptr)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("damage, said", [
+    ("lengths", r"shard-000001\.tar: sample 300 has genes and counts of different lengths"),
+    ("cells", r"shard-000001\.tar: holds 299 cells, the manifest says 300; find every bad shard with python -m "
+              r"sharding verify"),
+])
+def test_a_shard_that_does_not_add_up_is_one_line_naming_it(tagged, tmp_path, num_workers, damage, said):
+    """Bad input is one line naming the shard (what the command line prints), also when a
+    DataLoader worker met it."""
+    import shutil
+
+    from scgraph.data.shards import CorruptShardError
+
+    shutil.copytree(tagged.directory, tmp_path / "shards")
+    shards = ShardSet.open(str(tmp_path / "shards"))
+
+    def damaged(sample):
+        if sample["__key__"] != "300":
+            return sample
+        return sample | {"counts.npy": encode_npy(np.ones(2, np.float32))} if damage == "lengths" else None
+
+    _rewrite(shards.shard_paths[1], damaged)
+    with pytest.raises(CorruptShardError, match=f"^{said}$"):
+        load(shards, num_workers=num_workers, verify=False)
+
+
+def test_batch_to_the_device_it_is_on_copies_no_tensor(tagged):
+    import dataclasses
+
+    batch = next(iter(build_loader(tagged, TOK, batch_size=16, mask_ratio=0.15, seed=3, recon_genes=4)))
+    moved = batch.to("cpu")
+    for field in dataclasses.fields(Batch):
+        assert getattr(moved, field.name).data_ptr() == getattr(batch, field.name).data_ptr(), field.name
+
+
+def test_a_stream_maps_only_the_shard_it_reads_and_holds_at_most_twice_its_buffer(tagged):
+    """The memory the pool states: shards read past are unmapped, the cells still waiting in the
+    shuffle buffer copied out of them (never more than twice the buffer), and every cell served once."""
+    from scgraph.data.loader import shuffled
+    from scgraph.data.pool import CellPool
+
+    runs = epoch_runs(tagged.shard_cells, seed=3, epoch=0)
+    pool = CellPool(runs, tagged.shard_paths, tagged.shard_cells, tagged.vocab_size, np.zeros(0, np.int64))
+    order, served = shuffled(N_CELLS, 64, 3, 0, 0, 0), []
+    while len(positions := np.fromiter(itertools.islice(order, 16), np.int64)):
+        served += pool.take(positions).indices.tolist()  # cell i expresses gene i
+        assert sum(cells.mapped for cells in pool.open.values()) <= 1
+        copies = [cells for cells in pool.open.values() if not cells.mapped]
+        assert all(len(cells.arrays.lengths) <= 2 * cells.left for cells in copies)  # so at most twice the buffer:
+        assert sum(len(cells.arrays.lengths) for cells in copies) <= 2 * 64
+    assert sorted(served) == list(range(N_CELLS)) and not pool.open

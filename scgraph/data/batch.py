@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,8 +25,19 @@ class Batch:
     profile_values: torch.Tensor | None = None
     profile_weight: torch.Tensor | None = None
 
+    def _map(self, change: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        return Batch(**{f.name: None if (t := getattr(self, f.name)) is None else change(t)
+                        for f in dataclasses.fields(self)})
+
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in dataclasses.astuple(self)))
+        """On ``device``; a tensor already there is the same tensor (no copy). From pinned memory
+        to CUDA the copies are asynchronous (the step's first kernel waits for them, not the host)."""
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> Batch:
+        """In page-locked memory, so ``to`` a CUDA device can copy without blocking (what a
+        DataLoader with ``pin_memory`` calls on each batch)."""
+        return self._map(torch.Tensor.pin_memory)
 
     def __len__(self) -> int:
         return self.genes.shape[0]

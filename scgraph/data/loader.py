@@ -1,7 +1,10 @@
-"""The streaming loader: shards -> tokenized, masked ``Batch``es, as a WebDataset stage chain.
+"""The streaming loader: shards -> tokenized, masked ``Batch``es.
 
-    epoch plan (split by node and worker) -> tar samples -> shuffle buffer -> skip -> batch
-    (decode, tokenize, mask: each vectorised over the batch)
+    epoch plan (split by node and worker) -> shuffled positions -> skip -> batch of positions ->
+    CSR gathered from memory-mapped shards (``pool``) -> tokenize, mask (vectorised over the batch)
+
+The shuffle is WebDataset's shuffle buffer applied to cell positions, not to decoded samples, so
+a cell's bytes are read once, by the batch that trains on it (see ``pool`` for its memory).
 
 Splitting is by cell, not by shard: an epoch permutes the shard order (seeded by seed and epoch),
 lays the cells end to end, and cuts that sequence into ``world_size x streams`` equal runs of whole
@@ -12,10 +15,11 @@ batch_size`` cells (different ones each epoch) are left out. The shards a run re
 in the permuted order, so a rank reads about 1/world_size of the data.
 
 Randomness is keyed, not carried: the shuffle buffer's seed is (seed, epoch, stream), a batch's
-tokenize/mask rng is (seed, epoch, stream, batch index). So ``skip_batches`` can drop samples after
-the shuffle buffer without tokenizing them and land on exactly the batches an uninterrupted run
-would have produced next. The stream depends on the :class:`Layout` (world_size, streams =
-num_workers, batch_size), seed, epoch and shuffle_buffer.
+tokenize/mask rng is (seed, epoch, stream, batch index). So ``skip_batches`` can drop positions after
+the shuffle buffer without reading their cells (a shard all of whose cells were skipped is never
+opened) and land on exactly the batches an uninterrupted run would have produced next. The stream
+depends on the :class:`Layout` (world_size, streams = num_workers, batch_size), seed, epoch and
+shuffle_buffer.
 
 A run resumed on another layout (a job requeued onto another allocation, another micro-batch or
 number of workers) passes the epoch's earlier ``segments`` (each layout and the batches its ranks
@@ -31,22 +35,22 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import webdataset as wds
 
 from scgraph.config import TokenizerConfig
 from scgraph.data.batch import Batch, make_batch
-from scgraph.data.shards import COUNTS, GENES, ShardSet, decode_rows, iter_shard
+from scgraph.data.pool import CellPool, Run, buffer_mib
+from scgraph.data.shards import ShardSet
 from scgraph.data.tokenize import GeneChoice
 
 DEFAULT_SHUFFLE_BUFFER = 4096
-
-
-#: (shard, start, stop): cells start..stop-1 of a shard, in stored order.
-Run = tuple[int, int, int]
+#: Batches a rank's DataLoader keeps ready ahead of the step, split over its workers: enough to ride
+#: out a slow batch, few enough that what waits stays a handful of batches of memory.
+PREFETCH_BATCHES = 8
 
 
 @dataclass(frozen=True)
@@ -108,26 +112,40 @@ def _seed(*key: int) -> int:
     return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
 
 
-def _shuffle_stage(buffer: int, seed: int, epoch: int, stream: int, segment: int):
-    """The stream's shuffle buffer (None for none); seeded by (seed, epoch, stream[, segment])."""
+def shuffled(n: int, buffer: int, seed: int, epoch: int, stream: int, segment: int) -> Iterator[int]:
+    """Positions 0..n-1 of a stream's input in the order its shuffle buffer emits them: WebDataset's
+    ``shuffle(buffer, buffer)`` seeded by (seed, epoch, stream[, segment]), as the loader always
+    applied it to the cells themselves (so a checkpoint resumes onto the same batches)."""
+    positions = iter(range(n))
     if buffer <= 1:
-        return None
-    return wds.shuffle(buffer, buffer, seed=_seed(seed, epoch, stream, *([segment] if segment else [])))
+        return positions
+    return wds.shuffle(buffer, buffer, seed=_seed(seed, epoch, stream, *([segment] if segment else [])))(positions)
+
+
+def _cells_of(runs: list[Run]) -> tuple[np.ndarray, np.ndarray]:
+    """(shard, cell) of each position of the sequence ``runs`` describe."""
+    sizes = [stop - start for _, start, stop in runs]
+    shards = np.repeat(np.array([shard for shard, _, _ in runs], dtype=np.int64), sizes)
+    cells = np.concatenate([np.arange(start, stop, dtype=np.int64) for _, start, stop in runs] or [np.zeros(0, int)])
+    return shards, cells
 
 
 def consumed_cells(runs: list[Run], layout: Layout, batches: int, *, seed: int, epoch: int, segment: int,
                    shuffle_buffer: int) -> dict[int, np.ndarray]:
     """The cells (shard -> sorted indices) that ``batches`` batches of every rank took from
     ``runs`` under ``layout``, found by replaying each stream's shuffle on cell ids."""
-    taken: dict[int, list[int]] = {}
+    shards, cells = [], []
     for stream in range(layout.n_streams):
         local = stream % layout.streams
         count = (batches - local + layout.streams - 1) // layout.streams * layout.batch_size
-        ids = ((shard, i) for shard, start, stop in stream_part(runs, layout, stream) for i in range(start, stop))
-        stage = _shuffle_stage(shuffle_buffer, seed, epoch, stream, segment)
-        for shard, i in itertools.islice(stage(ids) if stage else ids, max(count, 0)):
-            taken.setdefault(shard, []).append(i)
-    return {shard: np.sort(np.array(cells, dtype=np.int64)) for shard, cells in taken.items()}
+        part = stream_part(runs, layout, stream)
+        order = shuffled(sum(stop - start for _, start, stop in part), shuffle_buffer, seed, epoch, stream, segment)
+        positions = np.fromiter(itertools.islice(order, max(count, 0)), dtype=np.int64)
+        of_shard, of_cell = _cells_of(part)
+        shards.append(of_shard[positions])
+        cells.append(of_cell[positions])
+    shard, cell = np.concatenate(shards), np.concatenate(cells)
+    return {int(s): np.sort(cell[shard == s]) for s in np.unique(shard)}
 
 class ShardStream(torch.utils.data.IterableDataset):
     """One rank's batches; inside a DataLoader each worker takes one stream.
@@ -212,8 +230,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         vocab_size = self.shards.vocab_size
         segment = [self._segment(epoch)] if self._segment(epoch) else []
 
-        def collate(samples: list[dict[str, Any]]) -> Batch:
-            counts = decode_rows(samples, vocab_size)
+        def collate(counts: sp.csr_matrix) -> Batch:
             rng = np.random.default_rng([self.seed, epoch, stream, next(counter), *segment])
             return make_batch(counts, self.tok, vocab_size, self.mask_ratio, rng, self.recon_genes, self.choice)
 
@@ -230,18 +247,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         """Batches ``skip..`` of one stream (0 <= stream < streams) of this rank in ``epoch``."""
         global_stream = self.rank * self.streams + stream
         slices = self._slices(epoch, stream)
-        paths = self.shards.shard_paths
-        stages: list[Any] = [lambda: _read(slices, paths)]
-        shuffle = _shuffle_stage(self.shuffle_buffer, self.seed, epoch, global_stream, self._segment(epoch))
-        if shuffle is not None:
-            stages.append(shuffle)
-        stages += [
-            lambda samples: itertools.islice(samples, skip * self.batch_size, None),
-            wds.batched(
-                self.batch_size, collation_fn=self._collate(epoch, global_stream, skip), partial=False
-            ),
-        ]
-        return iter(wds.DataPipeline(*stages))
+        n = sum(stop - start for _, start, stop in slices)
+        order = shuffled(n, self.shuffle_buffer, self.seed, epoch, global_stream, self._segment(epoch))
+        skipped = np.sort(np.fromiter(itertools.islice(order, skip * self.batch_size), dtype=np.int64))
+        pool = CellPool(slices, self.shards.shard_paths, self.shards.shard_cells, self.shards.vocab_size, skipped)
+        collate = self._collate(epoch, global_stream, skip)
+        while len(positions := np.fromiter(itertools.islice(order, self.batch_size), np.int64)) == self.batch_size:
+            yield collate(pool.take(positions))
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
@@ -257,33 +269,22 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield from self.epoch_batches(epoch, stream, skip if i == 0 else 0)
 
 
-def _read(slices: list[Run], paths: list[str]) -> Iterator[dict[str, Any]]:
-    """The samples of ``slices`` in order; consecutive runs of one shard (what is left of it after
-    an earlier segment took cells here and there) in one pass over the file."""
-    for shard, group in itertools.groupby(slices, key=lambda run: run[0]):
-        runs = list(group)
-        lo, hi = runs[0][1], runs[-1][2]
-        if len(runs) == 1:
-            yield from iter_shard(paths[shard], lo, hi, (GENES, COUNTS))
-            continue
-        keep = np.zeros(hi - lo, dtype=bool)
-        for _, start, stop in runs:
-            keep[start - lo:stop - lo] = True
-        for wanted, sample in zip(keep, iter_shard(paths[shard], lo, hi, (GENES, COUNTS))):
-            if wanted:
-                yield sample
-
-
 class ShardLoader:
     """What ``build_loader`` returns: iterate it for ``Batch``es (in a DataLoader when
     ``num_workers`` > 0). ``len()`` is the batches left in this epoch (not for ``resampled``).
 
     With ``verify``, each shard this rank will read is checked against the manifest's sha256
     before the first batch (once per ShardSet object, so once per run): a shard damaged after it
-    was written is refused by name instead of trained on."""
+    was written is refused by name instead of trained on. With ``pin_memory`` (for a CUDA
+    device) batches arrive in page-locked memory, so ``Batch.to`` copies them asynchronously.
 
-    def __init__(self, dataset: ShardStream, num_workers: int, verify: bool) -> None:
+    Workers are not persistent: a loader serves one epoch (its plan, seeds and skip are the
+    epoch's), and forking two workers delayed the first batch by 0.2-0.3 s on the 2-core machine
+    (load 9), once per epoch of minutes or hours."""
+
+    def __init__(self, dataset: ShardStream, num_workers: int, verify: bool, pin_memory: bool = False) -> None:
         self.dataset, self.num_workers, self.verify = dataset, num_workers, verify
+        self.pin_memory = pin_memory
 
     def _check_shards(self) -> None:
         data = self.dataset
@@ -298,6 +299,16 @@ class ShardLoader:
     def batches_per_epoch(self) -> int:
         return self.dataset.batches_per_epoch
 
+    def memory(self) -> str:
+        """What each stream holds, in cells and MiB (see ``pool``)."""
+        data = self.dataset
+        totals = data.shards.manifest["totals"]
+        genes = totals.get("nnz", 0) / max(data.shards.n_cells, 1)
+        return (f"{data.streams} stream(s) per rank, each a shuffle buffer of {data.shuffle_buffer:,} cells (at most "
+                f"{buffer_mib(data.shuffle_buffer, genes):,.0f} MiB held copied out of shards read past) and the "
+                f"shard it reads mapped (about {totals['bytes'] / max(totals['shards'], 1) / 2**20:,.0f} MiB of page "
+                "cache)")
+
     def __len__(self) -> int:
         if self.dataset.resampled:
             raise TypeError("a resampled loader is endless and has no len()")
@@ -307,12 +318,32 @@ class ShardLoader:
         if self.verify:
             self._check_shards()
         if self.num_workers == 0:
-            return iter(self.dataset)
-        return iter(
-            torch.utils.data.DataLoader(
-                self.dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=4
-            )
-        )
+            return map(Batch.pin_memory, self.dataset) if self.pin_memory else iter(self.dataset)
+        return _raised(torch.utils.data.DataLoader(
+            _Reported(self.dataset), batch_size=None, num_workers=self.num_workers,
+            prefetch_factor=-(-PREFETCH_BATCHES // self.num_workers), pin_memory=self.pin_memory))
+
+
+class _Reported(torch.utils.data.IterableDataset):
+    """A worker's batches, then the bad-input error that stopped it (if one did) as an item, so the
+    main process raises it as it was: a DataLoader would wrap it in a multi-line traceback."""
+
+    def __init__(self, dataset: ShardStream) -> None:
+        super().__init__()
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[Batch | ValueError | OSError]:
+        try:
+            yield from self.dataset
+        except (ValueError, OSError) as err:
+            yield err
+
+
+def _raised(items: Iterator[Batch | ValueError | OSError]) -> Iterator[Batch]:
+    for item in items:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def build_loader(
@@ -333,6 +364,7 @@ def build_loader(
     recon_genes: int | None = None,
     segments: tuple[Segment, ...] = (),
     choice: GeneChoice | None = None,
+    pin_memory: bool = False,
 ) -> ShardLoader:
     """Full batches of tokenized, masked cells for one rank. Pass ``torch.distributed`` rank and
     world size; ``skip_batches`` = batches already consumed (counted from the start of ``epoch``,
@@ -340,7 +372,7 @@ def build_loader(
     ``verify`` checks each shard's sha256 before it is first read; ``recon_genes`` adds each cell's
     profile for the recon objective (that many unexpressed genes); ``segments``: the earlier parts of
     ``epoch`` trained on other layouts (see the module doc); ``choice``: the corpus statistics the
-    tokenizer's selection reads (``GeneChoice``)."""
+    tokenizer's selection reads (``GeneChoice``); ``pin_memory``: for a CUDA device."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0; got {num_workers}")
     if isinstance(shards, str):
@@ -362,4 +394,4 @@ def build_loader(
         segments=segments,
         choice=choice,
     )
-    return ShardLoader(dataset, num_workers, verify)
+    return ShardLoader(dataset, num_workers, verify, pin_memory)

@@ -42,6 +42,9 @@ from scgraph.train.objectives import pretraining_loss
 from scgraph.train.optim import deepspeed_engine
 from scgraph.train.telemetry import MemoryMeter, measure_flops, optimizer_state_bytes, peak_tflops
 
+#: Above this share of step time spent waiting for batches, the run says the loader needs more workers.
+DATA_WAIT_WARNING = 0.10
+
 
 @dataclass
 class _Window:
@@ -52,6 +55,7 @@ class _Window:
     micro: int = 0
     cells: int = 0
     tokens: int = 0
+    wait: float = 0.0  # seconds the steps waited for their batches
     start: float = field(default_factory=time.perf_counter)
 
     def add(self, loss: tuple[float, dict[str, float]], batch: Batch, vocab_size: int) -> None:
@@ -126,7 +130,10 @@ class Pretrainer:
         # statistics of the whole set (validation shards too): the same whichever shards are held out
         self.choice = GeneChoice.build(run.tokenizer, self.shards.gene_stats, cfg.shards)
         self.val_shards = self._validation_shards()
-        self.batches_per_epoch = self._loader(0, 0).batches_per_epoch
+        loader = self._loader(0, 0)
+        self.batches_per_epoch = loader.batches_per_epoch
+        if self.rank == 0:
+            print(f"scgraph: loader: {loader.memory()}", flush=True)
         self.max_steps = (cfg.epochs * self.batches_per_epoch // self.accumulation if cfg.epochs
                           else run.train.max_steps)
         torch.manual_seed(run.train.seed)
@@ -188,7 +195,8 @@ class Pretrainer:
                             seed=run.train.seed, rank=self.rank, world_size=self.world,
                             num_workers=self.cfg.num_workers, shuffle_buffer=self.cfg.shuffle_buffer,
                             epoch=epoch, skip_batches=skip, verify=self.cfg.verify_shards,
-                            segments=tuple(self.segments) if epoch == self.epoch else (), choice=self.choice)
+                            pin_memory=self.device.type == "cuda", choice=self.choice,
+                            segments=tuple(self.segments) if epoch == self.epoch else ())
 
     def validate(self) -> float:
         """The loss on held-out cells: the same cells with the same masks every time (their own
@@ -372,12 +380,14 @@ class Pretrainer:
 
     def _log(self, window: _Window) -> dict[str, float]:
         elapsed = time.perf_counter() - window.start
-        loss, cells, tokens = mean_over_ranks([window.loss / window.micro, window.cells, window.tokens], self.device)
+        loss, cells, tokens, wait = mean_over_ranks([window.loss / window.micro, window.cells, window.tokens,
+                                                     window.wait], self.device)
         names = sorted(window.parts)
         parts = mean_over_ranks([window.parts[n] / window.micro for n in names], self.device) if len(names) > 1 else []
         metrics = {"train/loss": loss, **{f"train/loss_{n}": v for n, v in zip(names, parts)}, "train/lr": self.step_lr,
                    "train/cells_per_s": cells * self.world / elapsed,
-                   "train/tokens_per_s": tokens * self.world / elapsed, "train/epoch": self.epoch}
+                   "train/tokens_per_s": tokens * self.world / elapsed, "train/epoch": self.epoch,
+                   "train/data_wait_s": wait * self.accumulation / window.micro, "train/data_wait_frac": wait / elapsed}
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             metrics["train/grad_norm"] = float(norm)
@@ -397,12 +407,16 @@ class Pretrainer:
         measuring = self.step == 0
         window = _Window()
         batches = self._batches()
+        windows, warned = 0, False  # logged in this process; the first holds the loader's start (workers, shard checks)
         with tqdm(total=self.max_steps, initial=self.step, desc=f"pretrain {self.cfg.run.model.backbone}",
                   disable=self.rank != 0, unit="step") as bar:
             while self.step < self.max_steps:
+                waited = time.perf_counter()
                 host = next(batches)  # its tokens counted on the host: no GPU sync
+                batch = self._to_device(host)
+                window.wait += time.perf_counter() - waited
                 boundary = self.engine.is_gradient_accumulation_boundary()
-                window.add(self._micro_step(self._to_device(host), measuring, boundary), host, vocab)
+                window.add(self._micro_step(batch, measuring, boundary), host, vocab)
                 if not boundary:
                     continue
                 self.step += 1
@@ -410,7 +424,11 @@ class Pretrainer:
                 bar.update()
                 if self.step % self.cfg.run.train.log_every == 0 or self.step == self.max_steps:
                     metrics = self._log(window)
-                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", cells_s=f"{metrics['train/cells_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", cells_s=f"{metrics['train/cells_per_s']:.0f}",
+                                    data_wait=f"{metrics['train/data_wait_frac']:.0%}")
+                    windows += 1
+                    if windows > 1 and not warned:
+                        warned = self._warn_data_wait(metrics["train/data_wait_frac"])
                     window = _Window()
                 if self.step % self.cfg.checkpoint_every == 0 and self.step < self.max_steps:
                     self.save_checkpoint()
@@ -428,6 +446,15 @@ class Pretrainer:
         elif self.rank == 0:
             print(f"scgraph: stopped by {signal.Signals(self.stop_signal).name} at step {self.step}; checkpoint "
                   f"{self.checkpoints.dir / self.last_tag}: --resume continues from it", flush=True)
+
+    def _warn_data_wait(self, fraction: float) -> bool:
+        """Say (in one line) when the steps of a logging window waited on data; whether it did."""
+        if fraction <= DATA_WAIT_WARNING:
+            return False
+        if self.rank == 0:
+            print(f"scgraph: warning: steps spent {fraction:.0%} of their time waiting for batches: the input "
+                  f"pipeline is the bottleneck; raise --num-workers (now {self.cfg.num_workers})", flush=True)
+        return True
 
     def _stopping(self) -> bool:
         """Whether any rank was asked to stop (SIGTERM: SLURM's preemption and time limit; SIGINT;

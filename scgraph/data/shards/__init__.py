@@ -10,13 +10,15 @@ from scgraph.data.shards.codec import (
     TAR_END,
     Cell,
     CorruptShardError,
+    ShardArrays,
     decode_cell,
     decode_npy,
-    decode_rows,
     encode_block,
     encode_obs,
     iter_shard,
+    join_rows,
     npy_header,
+    read_shard_arrays,
 )
 from scgraph.data.shards.manifest import (
     FORMAT,
@@ -31,6 +33,6 @@ from scgraph.data.shards.manifest import (
 )
 
 __all__ = ["COUNTS", "FORMAT", "GENES", "MANIFEST_NAME", "MEMBERS", "OBS", "TAR_END", "TMP_SUFFIX", "Cell",
-           "CorruptShardError", "ShardSet", "build_manifest", "content_identity", "decode_cell", "decode_npy",
-           "decode_rows", "differences", "encode_block", "encode_obs", "iter_shard", "npy_header", "read_manifest",
-           "write_manifest"]
+           "CorruptShardError", "ShardArrays", "ShardSet", "build_manifest", "content_identity", "decode_cell",
+           "decode_npy", "differences", "encode_block", "encode_obs", "iter_shard", "join_rows",
+           "npy_header", "read_manifest", "read_shard_arrays", "write_manifest"]

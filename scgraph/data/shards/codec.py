@@ -264,32 +264,119 @@ def decode_cell(sample: dict[str, Any], where: str = "shard") -> Cell:
 _I4, _F4 = _FAST_NPY["<i4"][0], _FAST_NPY["<f4"][0]
 
 
-def decode_rows(samples: Sequence[dict[str, Any]], n_genes: int, where: str = "shard") -> sp.csr_matrix:
-    """A batch of samples as one CSR matrix (cells x genes): the loader's decode stage, with one
-    ``frombuffer`` per batch instead of two per cell. Gene indices outside the vocabulary would
-    crash an embedding lookup on a GPU, so they are refused here."""
-    genes, counts, lengths = [], [], []
-    for sample in samples:
-        g, c = _fast_payload(sample.get(GENES, b"")), _fast_payload(sample.get(COUNTS, b""))
-        if g is None or c is None or g[0] != _I4 or c[0] != _F4:
-            cell = decode_cell(sample, where)  # a layout the fast path does not take, or an error
-            genes.append(cell.genes.tobytes())
-            counts.append(cell.counts.tobytes())
-            lengths.append(len(cell.genes))
-            continue
-        g_bytes, c_bytes = memoryview(sample[GENES])[g[1] :], memoryview(sample[COUNTS])[c[1] :]
-        if len(g_bytes) != len(c_bytes):
-            raise CorruptShardError(
-                f"{where}: sample {sample['__key__']} has genes and counts of different lengths"
-            )
-        genes.append(g_bytes)
-        counts.append(c_bytes)
-        lengths.append(len(g_bytes) // 4)
-    indptr = np.zeros(len(samples) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=indptr[1:])
-    gene_ids = np.frombuffer(bytearray().join(genes), dtype=_I4)  # writable: tokenize edits in place
+# --- a shard as arrays: the loader's hot path ---------------------------------------------------
+
+#: Each member suffix, NUL-terminated as a name field holds it: what a header's name ends with.
+_SUFFIX_FIELDS = np.array([list(f"{m}\0\0".encode()[:11].ljust(11, b"\0")) for m in MEMBERS], dtype=np.uint8)
+
+
+@dataclass
+class ShardArrays:
+    """A shard's cells as arrays: where each cell's genes and counts lie in ``words`` (the file as
+    little-endian 32-bit words, memory-mapped, so nothing is read twice or copied until a batch
+    gathers it). Built by parsing every tar header at once with numpy: no object per cell.
+
+    A batch is gathered from one zero-copy view per cell and array, joined by one ``concatenate``
+    (a memcpy each): a fancy-index ``take`` builds 8-byte indices per gene and measured 4-9x
+    slower on the 2-core machine (166 against 19 us per cell at 2,000 genes)."""
+
+    words: np.ndarray
+    genes_at: np.ndarray  # (cells,) int64 word offset of each cell's gene ids
+    counts_at: np.ndarray  # (cells,) int64 word offset of its counts
+    lengths: np.ndarray  # (cells,) int64 genes per cell
+    where: str
+
+    @classmethod
+    def in_memory(cls, indptr: np.ndarray, genes: np.ndarray, counts: np.ndarray, where: str) -> ShardArrays:
+        """Cells given as CSR arrays (int32 gene ids, float32 counts), held in memory."""
+        indptr = np.asarray(indptr, dtype=np.int64)
+        words = np.concatenate([np.asarray(genes, _I4).view("<u4"), np.asarray(counts, _F4).view("<u4")])
+        return cls(words, indptr[:-1], indptr[:-1] + indptr[-1], np.diff(indptr), where)
+
+    def views(self, cells: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The gene ids and the counts of ``cells`` (indices in stored order), one view each."""
+        words, lengths = self.words, self.lengths[cells].tolist()
+        return ([words[at : at + n] for at, n in zip(self.genes_at[cells].tolist(), lengths)],
+                [words[at : at + n] for at, n in zip(self.counts_at[cells].tolist(), lengths)])
+
+    def rows(self, cells: np.ndarray, n_genes: int) -> sp.csr_matrix:
+        """Cells ``cells`` as one CSR matrix (cells x ``n_genes``) of counts, in fresh arrays."""
+        return join_rows(*self.views(cells), n_genes, self.where)
+
+
+def join_rows(genes: list[np.ndarray], counts: list[np.ndarray], n_genes: int, where: str) -> sp.csr_matrix:
+    """Cells given as views of their gene ids and counts (32-bit words) as one CSR matrix, in one
+    copy. Gene indices outside the vocabulary would crash an embedding lookup on a GPU: refused here."""
+    indptr = np.zeros(len(genes) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, genes), np.int64, len(genes)), out=indptr[1:])
+    empty = [np.zeros(0, "<u4")]
+    gene_ids = np.concatenate(genes + empty).view(_I4)
     if gene_ids.size and (gene_ids.min() < 0 or gene_ids.max() >= n_genes):
         raise CorruptShardError(f"{where}: gene index outside the vocabulary of {n_genes} genes")
-    return sp.csr_matrix(
-        (np.frombuffer(bytearray().join(counts), dtype=_F4), gene_ids, indptr), shape=(len(samples), n_genes)
-    )
+    return sp.csr_matrix((np.concatenate(counts + empty).view(_F4), gene_ids, indptr), shape=(len(genes), n_genes))
+
+
+def read_shard_arrays(path: str) -> ShardArrays:
+    """A shard's cells as :class:`ShardArrays`. A file the vectorised parse does not take (a valid
+    tar in another layout, or any damage) goes through ``iter_shard`` and ``decode_cell``, which
+    decode any layout they accept and name what is wrong otherwise."""
+    where = os.path.basename(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint8)
+    found = _scan(data, where)
+    if found is not None:
+        return ShardArrays(data.view(np.ndarray).view("<u4"), *found, where)  # plain slicing, not memmap's
+    cells = [decode_cell(sample, where) for sample in iter_shard(path, members=(GENES, COUNTS), where=where)]
+    indptr = np.cumsum([0] + [len(c.genes) for c in cells])
+    empty = [np.zeros(0, np.int32)]
+    return ShardArrays.in_memory(indptr, np.concatenate([c.genes for c in cells] + empty),
+                                 np.concatenate([c.counts for c in cells] + empty), where)
+
+
+def _scan(data: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(genes_at, counts_at, lengths) of a shard laid out as ``encode_block`` writes it (any member
+    order), found from all its tar headers at once; None for anything else."""
+    if data.size < 2 * _BLOCK or data.size % _BLOCK:
+        return None
+    blocks = data.reshape(-1, _BLOCK)
+    head = np.flatnonzero((blocks[:, 257:262] == np.frombuffer(b"ustar", np.uint8)).all(axis=1))
+    digits = blocks[head, 124:135].astype(np.int64) - 48
+    if head.size == 0:
+        return (np.zeros(0, np.int64),) * 3 if not blocks[0].any() else None
+    if head[0] != 0 or ((digits < 0) | (digits > 7)).any() or not np.isin(blocks[head, 156], (0, 48)).all():
+        return None
+    sizes = digits @ (8 ** np.arange(10, -1, -1, dtype=np.int64))
+    follows = head + 1 + -(-sizes // _BLOCK)
+    # the headers found are exactly the chain the archive walks (a payload that looks like a header breaks it)
+    if (follows[:-1] != head[1:]).any() or follows[-1] >= len(blocks) or blocks[follows[-1]].any():
+        return None
+    names = blocks[head, :100]
+    dot = np.argmax(names == ord("."), axis=1)
+    # a new sample where a name differs from the one before at or before its dot (another key)
+    same = names[1:] == names[:-1]
+    sample = np.cumsum(np.concatenate(([True], ~same.all(axis=1) & (np.argmin(same, axis=1) <= dot[1:])))) - 1
+    kind = np.zeros(len(head), dtype=np.int64)
+    known = np.zeros(len(head), dtype=bool)
+    for at in np.unique(dot).tolist():  # names of one key length: the suffix is one column slice
+        rows = np.flatnonzero(dot == at)
+        suffix = names[rows, at + 1 : at + 12] if at + 12 <= 100 else None
+        for k, field in enumerate(_SUFFIX_FIELDS):
+            hit = (suffix == field).all(axis=1) if suffix is not None else np.zeros(len(rows), bool)
+            kind[rows[hit]], known[rows[hit]] = k, True
+    n = int(sample[-1]) + 1
+    per_kind = [np.bincount(sample[kind == k], minlength=n) for k in range(len(MEMBERS))]
+    if not known.all() or (per_kind[0] != 1).any() or (per_kind[1] != 1).any() or (per_kind[2] > 1).any():
+        return None
+    genes, counts = head[kind == 0], head[kind == 1]  # one each per sample, in sample order
+    lengths = [(sizes[kind == k] - _NPY_HEADER_BYTES) // 4 for k in (0, 1)]
+    for member, dtype, length, size in ((genes, "<i4", lengths[0], sizes[kind == 0]),
+                                        (counts, "<f4", lengths[1], sizes[kind == 1])):
+        if (size < _NPY_HEADER_BYTES).any() or ((size - _NPY_HEADER_BYTES) % 4).any():
+            return None
+        if (blocks[member + 1, :_NPY_HEADER_BYTES] != _npy_headers(length, dtype)).any():
+            return None
+    bad = np.flatnonzero(lengths[0] != lengths[1])
+    if bad.size:
+        name = bytes(names[kind == 0][bad[0]]).split(b".")[0].decode(errors="replace")
+        raise CorruptShardError(f"{where}: sample {name} has genes and counts of different lengths")
+    offset = _NPY_HEADER_BYTES // 4
+    return (genes + 1) * (_BLOCK // 4) + offset, (counts + 1) * (_BLOCK // 4) + offset, lengths[0]

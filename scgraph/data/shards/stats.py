@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import os
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from scgraph.data.shards.codec import COUNTS, GENES, decode_rows, iter_shard
+from scgraph.data.shards.codec import read_shard_arrays
 from scgraph.io.counts import log1p_normalized
 from scgraph.io.files import write_atomic
 
@@ -193,12 +192,12 @@ class GeneSummary:
 
 
 def shard_blocks(paths: Iterable[str], vocab_size: int, cells: int = 2048) -> Iterator[sp.csr_matrix]:
-    """The cells of shards ``paths`` as CSR blocks of at most ``cells`` cells (bounded memory)."""
+    """The cells of shards ``paths`` as CSR blocks of at most ``cells`` cells (bounded memory: a
+    shard is memory-mapped, a block copied out of it)."""
     for path in paths:
-        samples = iter_shard(path, members=(GENES, COUNTS))
-        name = os.path.basename(path)
-        while block := list(itertools.islice(samples, cells)):
-            yield decode_rows(block, vocab_size, name)
+        shard = read_shard_arrays(path)
+        for start in range(0, len(shard.lengths), cells):
+            yield shard.rows(np.arange(start, min(start + cells, len(shard.lengths))), vocab_size)
 
 
 def compute_gene_stats(directory: str, manifest: dict[str, Any], progress: bool = False) -> GeneStats:
