@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from scgraph.cli import option
+from scgraph.data import tokens
 
 #: Size of the CELLxGENE Census gene vocabulary used by the paper (homo sapiens).
 CENSUS_VOCAB_SIZE = 60_664
@@ -214,16 +215,16 @@ class ModelConfig:
 
     @property
     def pad_id(self) -> int:
-        return self.vocab_size
+        return tokens.pad_id(self.vocab_size)
 
     @property
     def cls_id(self) -> int:
-        return self.vocab_size + 1
+        return tokens.cls_id(self.vocab_size)
 
     @property
     def n_tokens(self) -> int:
         """Rows of every gene-indexed table: the genes, then pad and CLS."""
-        return self.vocab_size + 2
+        return tokens.n_tokens(self.vocab_size)
 
     @property
     def ffn_width(self) -> int:

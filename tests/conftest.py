@@ -175,6 +175,18 @@ def dense_graph_mixer(mixer, h, genes, attn_mask):
     return mixer.out(out.transpose(1, 2).reshape(b, n, -1))
 
 
+def digests(path) -> dict[str, str]:
+    """Every file under ``path`` (relative name -> sha256); {} if there is nothing."""
+    from pathlib import Path
+
+    from scgraph.io.files import file_sha256
+
+    path = Path(path)
+    if not path.exists():
+        return {}
+    return {str(p.relative_to(path)): file_sha256(p) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
 def stored_artifacts(store: str, run_id: str):
     """The folder of a run's artifacts in a SQLite store's mlartifacts (where every scgraph run keeps
     them), and the names in it."""

@@ -10,7 +10,6 @@ warned twice as at a time limit and requeues itself each time. Jobs run one afte
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 import mlflow
 import psutil
 import pytest
+from conftest import digests
 from slurm_cluster import started
 from test_pretrain import SMALL
 
@@ -47,10 +47,6 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("slurm")
 
 
-def files(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
-
-
 def logs(work: Path, prefix: str) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted(work.glob(f"{prefix}*.out")))
 
@@ -72,7 +68,7 @@ def test_shard_array_of_two_tasks_merges_into_the_single_process_shard_set(shard
     single = work / "single"
     assert sharding_main(["write", "--quiet", "--census-uri", cbmc_census, "--out", str(single),
                           "--obs-columns", "cell_type", *SELECT]) == 0
-    assert files(work / "shards") == files(single)  # the same 8 shards and manifest, byte for byte
+    assert digests(work / "shards") == digests(single)  # the same 8 shards and manifest, byte for byte
     log = logs(work, "merge-")
     assert "merged 2 parts into 2,000 cells in 8 shards" in log and "OK, 8 shards, 2,000 cells" in log
     assert not (work / "shards.parts").exists()

@@ -29,6 +29,7 @@ from scgraph.data.batch import Batch
 from scgraph.data.loader import Layout, Segment, ShardLoader, build_loader
 from scgraph.data.shards import ShardSet
 from scgraph.data.tokenize import mean_profile
+from scgraph.data.tokens import is_gene
 from scgraph.io.files import check_directory
 from scgraph.models.model import build_model, count_parameters
 from scgraph.plots import line_plot
@@ -58,7 +59,7 @@ class _Window:
             self.parts[name] = self.parts.get(name, 0.0) + value
         self.micro += 1
         self.cells += len(batch)
-        self.tokens += int((batch.genes < vocab_size).sum())
+        self.tokens += int(is_gene(batch.genes, vocab_size).sum())
 
 
 class Pretrainer:

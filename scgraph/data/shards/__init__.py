@@ -21,16 +21,16 @@ from scgraph.data.shards.codec import (
 from scgraph.data.shards.manifest import (
     FORMAT,
     MANIFEST_NAME,
-    TMP_SUFFIX,
     ShardSet,
     build_manifest,
     content_identity,
     differences,
     read_manifest,
+    shard_name,
     write_manifest,
 )
 
-__all__ = ["COUNTS", "FORMAT", "GENES", "MANIFEST_NAME", "MEMBERS", "OBS", "TAR_END", "TMP_SUFFIX", "Cell",
+__all__ = ["COUNTS", "FORMAT", "GENES", "MANIFEST_NAME", "MEMBERS", "OBS", "TAR_END", "Cell",
            "CorruptShardError", "ShardSet", "build_manifest", "content_identity", "decode_cell", "decode_npy",
            "decode_rows", "differences", "encode_block", "encode_obs", "iter_shard", "npy_header", "read_manifest",
-           "write_manifest"]
+           "shard_name", "write_manifest"]
