@@ -403,7 +403,9 @@ class PretrainConfig:
     verify_shards: bool = option(True, "check each shard's sha256 against the manifest the first time the run reads "
                                  "it (--no-verify-shards: for shards verified already)")
     shuffle_buffer: int = option(4096, "cells in each stream's shuffle buffer")
-    flops_cells: int = option(2, "real cells the FLOPs per cell are measured on")
+    flops_cells: int = option(2, "cells of the first training micro-batch the FLOPs per cell are counted on (the "
+                              "gene decoder's share grows with the distinct genes they show: the whole micro-batch "
+                              "counts it exactly)")
     graph_kernel: str = option("auto", "how the GNN computes softmax(U[g]V[g]^T) H W_v: auto (one fused SDPA call "
                                "where a kernel takes the widths, else scores_once), scores_once (blocked, exact, "
                                "nothing L x L kept), sdpa, or subheads (values as sub-heads of the adjacency's width, "
