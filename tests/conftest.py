@@ -175,6 +175,21 @@ def dense_graph_mixer(mixer, h, genes, attn_mask):
     return mixer.out(out.transpose(1, 2).reshape(b, n, -1))
 
 
+def moved_from_init(checkpoint) -> dict[str, float]:
+    """How far each weight matrix of a pretrained model moved from its initialisation (rebuilt from
+    the run's seed, as the trainer builds it): ||w - w0|| / ||w0||, by parameter name."""
+    import torch
+
+    from scgraph.models import build_model
+    from scgraph.train.checkpointer import load_pretrained
+
+    pretrained = load_pretrained(checkpoint)
+    torch.manual_seed(pretrained.run.train.seed)
+    start = dict(build_model(pretrained.run.model).named_parameters())
+    return {name: float((p.detach() - start[name]).norm() / start[name].norm())
+            for name, p in pretrained.model.named_parameters() if p.ndim == 2}
+
+
 def digests(path) -> dict[str, str]:
     """Every file under ``path`` (relative name -> sha256); {} if there is nothing."""
     from pathlib import Path
