@@ -186,7 +186,7 @@ def moved_from_init(checkpoint) -> dict[str, float]:
     pretrained = load_pretrained(checkpoint)
     torch.manual_seed(pretrained.run.train.seed)
     start = dict(build_model(pretrained.run.model).named_parameters())
-    return {name: float((p.detach() - start[name]).norm() / start[name].norm())
+    return {name: float((p.detach() - start[name].detach()).norm() / start[name].detach().norm())
             for name, p in pretrained.model.named_parameters() if p.ndim == 2}
 
 
