@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from scgraph.cli import option
+from scgraph.data import tokens
 
 #: Size of the CELLxGENE Census gene vocabulary used by the paper (homo sapiens).
 CENSUS_VOCAB_SIZE = 60_664
@@ -216,16 +217,16 @@ class ModelConfig:
 
     @property
     def pad_id(self) -> int:
-        return self.vocab_size
+        return tokens.pad_id(self.vocab_size)
 
     @property
     def cls_id(self) -> int:
-        return self.vocab_size + 1
+        return tokens.cls_id(self.vocab_size)
 
     @property
     def n_tokens(self) -> int:
         """Rows of every gene-indexed table: the genes, then pad and CLS."""
-        return self.vocab_size + 2
+        return tokens.n_tokens(self.vocab_size)
 
     @property
     def ffn_width(self) -> int:
@@ -410,7 +411,9 @@ class PretrainConfig:
                                  "it (--no-verify-shards: for shards verified already)")
     shuffle_buffer: int = option(4096, "cells in each stream's shuffle buffer: at most twice that many held in memory "
                                  "(8 bytes per expressed gene), besides the one shard each stream maps")
-    flops_cells: int = option(2, "real cells the FLOPs per cell are measured on")
+    flops_cells: int = option(2, "cells of the first training micro-batch the FLOPs per cell are counted on (the "
+                              "gene decoder's share grows with the distinct genes they show: the whole micro-batch "
+                              "counts it exactly)")
     graph_kernel: str = option("auto", "how the GNN computes softmax(U[g]V[g]^T) H W_v: auto (one fused SDPA call "
                                "where a kernel takes the widths, else scores_once), scores_once (blocked, exact, "
                                "nothing L x L kept), sdpa, or subheads (values as sub-heads of the adjacency's width, "

@@ -53,7 +53,7 @@ from scgraph.config import (
 from scgraph.data.datasets import load_cbmc
 from scgraph.data.shards import ShardSet
 from scgraph.eval.evaluate import format_report
-from scgraph.io.files import check_directory
+from scgraph.io.files import TMP_SUFFIX, check_directory
 from scgraph.tracking import ui_command
 from scgraph.train.distributed import free_port
 
@@ -136,7 +136,7 @@ class Demo:
         self.root.mkdir(parents=True, exist_ok=True)
         h5ad = self.root / "cbmc.h5ad"
         ad.AnnData(X=data.counts, obs=obs, var=pd.DataFrame(index=data.gene_ids)).write_h5ad(h5ad)
-        partial = self.root / "census.partial"
+        partial = self.root / f"census{TMP_SUFFIX}"
         shutil.rmtree(partial, ignore_errors=True)
         self.command("build_soma", [sys.executable, "-m", "sharding", "build-soma",
                                     *to_argv(BuildSomaConfig(h5ad=str(h5ad), out=str(partial), label_key="label"))])

@@ -19,10 +19,6 @@ from scgraph.data.vocab import GeneMap
 from scgraph.io.sources import Source
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.tar"
-
-
 @dataclass
 class ShardJob:
     """One shard to write: everything a worker process needs, as plain data."""

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from scgraph.data.shards import TAR_END, TMP_SUFFIX, encode_block
-from scgraph.io.files import named
+from scgraph.data.shards import TAR_END, encode_block, shard_name
+from scgraph.io.files import TMP_SUFFIX, named
 from scgraph.io.sources import Source
 from sharding.blocks import DEFAULT_BLOCK_CELLS, QUEUE_DEPTH, prefetch, read_blocks
-from sharding.plan import ShardJob, shard_name
+from sharding.plan import ShardJob
 
 
 class _HashingFile:

@@ -32,7 +32,6 @@ from tqdm import tqdm
 from scgraph.config import ShardWriteConfig, StatsConfig, WriteOptions
 from scgraph.data.shards import (
     MANIFEST_NAME,
-    TMP_SUFFIX,
     ShardSet,
     build_manifest,
     differences,
@@ -41,7 +40,7 @@ from scgraph.data.shards import (
 )
 from scgraph.data.shards.stats import compute_gene_stats, record_gene_stats
 from scgraph.data.vocab import GeneMap, GeneVocab
-from scgraph.io.files import check_directory
+from scgraph.io.files import TMP_SUFFIX, check_directory
 from scgraph.io.sources import SourceSpec, genes_digest, open_source, resolve_obs_options
 from sharding.plan import Plan, ShardJob, select_cells
 from sharding.pool import consecutive, write_in_pool

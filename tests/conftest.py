@@ -175,6 +175,33 @@ def dense_graph_mixer(mixer, h, genes, attn_mask):
     return mixer.out(out.transpose(1, 2).reshape(b, n, -1))
 
 
+def moved_from_init(checkpoint) -> dict[str, float]:
+    """How far each weight matrix of a pretrained model moved from its initialisation (rebuilt from
+    the run's seed, as the trainer builds it): ||w - w0|| / ||w0||, by parameter name."""
+    import torch
+
+    from scgraph.models import build_model
+    from scgraph.train.checkpointer import load_pretrained
+
+    pretrained = load_pretrained(checkpoint)
+    torch.manual_seed(pretrained.run.train.seed)
+    start = dict(build_model(pretrained.run.model).named_parameters())
+    return {name: float((p.detach() - start[name].detach()).norm() / start[name].detach().norm())
+            for name, p in pretrained.model.named_parameters() if p.ndim == 2}
+
+
+def digests(path) -> dict[str, str]:
+    """Every file under ``path`` (relative name -> sha256); {} if there is nothing."""
+    from pathlib import Path
+
+    from scgraph.io.files import file_sha256
+
+    path = Path(path)
+    if not path.exists():
+        return {}
+    return {str(p.relative_to(path)): file_sha256(p) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
 def stored_artifacts(store: str, run_id: str):
     """The folder of a run's artifacts in a SQLite store's mlartifacts (where every scgraph run keeps
     them), and the names in it."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import math
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 from conftest import stored_artifacts
 from mlflow.tracking import MlflowClient
@@ -23,8 +25,10 @@ def test_compare_builds_table_ii_from_the_experiments_runs(tiny_demo, probes, tm
     assert [(r.hidden, r.seq_len, r.backbone) for r in table.rows] == [(32, 64, "transformer"), (32, 64, "gnn")]
     assert table.datasets == ["cbmc"]
     tf, gnn = table.rows
-    for row in table.rows:
-        assert row.flops > 0 and row.memory > 0
+    client = MlflowClient(tracking_uri=tiny_demo.mlflow_uri)
+    for row in table.rows:  # the cost columns are the pretraining run's encoder FLOPs and peak memory
+        cost = client.get_run(row.pretraining_run_id).data.metrics
+        assert (row.flops, row.memory) == (cost["cost/encoder_flops_per_cell"], cost["cost/peak_memory_mib"] * 2**20)
         assert row.accuracy["cbmc"] == pytest.approx((probes[row.backbone]["accuracy_mean"],
                                                       probes[row.backbone]["accuracy_std"]))
         assert row.pretraining_run_id == probes[row.backbone]["pretraining_run_id"]
@@ -42,13 +46,16 @@ def test_compare_builds_table_ii_from_the_experiments_runs(tiny_demo, probes, tm
         rows = list(csv.DictReader(f))
     assert [r["backbone"] for r in rows] == ["transformer", "gnn"]
     assert float(rows[0]["cbmc_accuracy_mean"]) == pytest.approx(tf.accuracy["cbmc"][0])
-    assert (tmp_path / "table2.png").stat().st_size > 1000
+    # the bar chart: one bar colour per row (tab10's first two), each drawn
+    pixels = plt.imread(tmp_path / "table2.png")[..., :3]
+    for colour in plt.get_cmap("tab10").colors[:2]:
+        assert (np.abs(pixels - np.array(colour)).max(axis=-1) < 0.02).sum() > 100, colour
 
-    client = MlflowClient(tracking_uri=tiny_demo.mlflow_uri)
     experiment = client.get_experiment_by_name("tiny")
     (run,) = client.search_runs([experiment.experiment_id], "tags.`scgraph.kind` = 'compare'")
-    assert stored_artifacts(tiny_demo.mlflow_uri, run.info.run_id)[1] == {"table2.csv", "table2.md", "table2.png",
-                                                                          "loss_overlay.png"}
+    folder, names = stored_artifacts(tiny_demo.mlflow_uri, run.info.run_id)
+    assert names == {"table2.csv", "table2.md", "table2.png", "loss_overlay.png"}
+    assert (folder / "table2.png").read_bytes() == (tmp_path / "table2.png").read_bytes()
     assert collect("tiny", tiny_demo.mlflow_uri).rows == table.rows  # its own run is not a row
 
 

@@ -3,15 +3,17 @@ split survives the census layout and the shards, and a second run reuses every f
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
 import pytest
-from conftest import iter_cells
+from conftest import TINY_DEMO, iter_cells
 
 from scgraph.config import DemoConfig
 from scgraph.data.shards import ShardSet
 from scgraph.demo import DEMO_BACKBONES, Demo, StepFailed, held_out_cells
+from scgraph.train.checkpointer import load_pretrained
 
 
 @pytest.mark.slow
@@ -23,9 +25,10 @@ def test_held_out_cells_never_reach_pretraining_and_share_its_vocabulary(tiny_de
     held = list(iter_cells(heldout))
     assert not pretrain_ids & {c.soma_joinid for c in held}
     assert len({c.obs["cell_type"] for c in held}) == 11
-    for backbone in DEMO_BACKBONES:
-        final = tiny_demo.pretrain_output(backbone) / "final_checkpoint.json"
-        assert final.is_file(), backbone
+    for backbone in DEMO_BACKBONES:  # each trained the demo's steps on these shards
+        final = json.loads((tiny_demo.pretrain_output(backbone) / "final_checkpoint.json").read_text())
+        assert final["step"] == TINY_DEMO["steps"], backbone
+        assert load_pretrained(tiny_demo.pretrain_output(backbone)).meta["shards_identity"] == pretrain.identity
 
 
 @pytest.mark.slow

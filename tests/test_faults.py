@@ -4,7 +4,6 @@ before and after). Kills use real signals on real processes."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -19,7 +18,7 @@ import pandas as pd
 import psutil
 import pytest
 import tiledbsoma.io
-from conftest import generated_anndata, generated_counts, iter_cells
+from conftest import digests, generated_anndata, generated_counts, iter_cells
 
 from scgraph.cli import run
 from scgraph.data.shards import MANIFEST_NAME
@@ -30,14 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 #: A run small enough that, should a refusal under test not happen, it still ends in seconds.
 TINY = ["--hidden", "8", "--layers", "1", "--heads", "2", "--adjacency-rank", "4", "--seq-len", "8",
         "--batch-size", "4", "--max-steps", "1"]
-
-
-def tree(path: Path) -> dict[str, str]:
-    """Every file under ``path`` (relative name -> sha256); {} if there is nothing."""
-    if not path.exists():
-        return {}
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def one_line_error(capsys, code: int) -> str:
@@ -70,7 +61,7 @@ def test_resume_refuses_a_source_that_changed_since_and_keeps_what_was_written(t
     out = tmp_path / "shards"
     assert write("--h5ad", str(source), "--out", str(out), "--cells-per-shard", "100") == 2
     capsys.readouterr()
-    before = tree(out)
+    before = digests(out)
     assert len(before) == 3  # two complete shards and the manifest
     other = ad.read_h5ad(source)
     if change == "genes":
@@ -81,7 +72,7 @@ def test_resume_refuses_a_source_that_changed_since_and_keeps_what_was_written(t
     err = one_line_error(capsys, write("--h5ad", str(source), "--out", str(out), "--cells-per-shard", "100"))
     assert f"--out {out} was written from another version of the source" in err and said in err
     assert f"remove {out} or choose a new --out" in err
-    assert tree(out) == before
+    assert digests(out) == before
 
 
 # --- 2. workers die with their parent; every interrupted state resumes ---------------------------
@@ -429,7 +420,7 @@ def test_a_damaged_checkpoint_names_its_file_and_the_previous_one_and_leaves_the
     shutil.copytree(original, out)
     damaged = next(p for p in sorted((out / "checkpoints" / "step00000006").glob("*.pt")))
     damaged.write_bytes(damaged.read_bytes()[:100])
-    before = tree(out)
+    before = digests(out)
     run_id = mlflow_run(store, "e").info.run_id
     failed = pretrain(["--shards", _shards_of(original), "--output", str(out), "--resume", "--max-steps", "8",
                        "--mlflow-uri", store, "--experiment", "e"])
@@ -437,7 +428,7 @@ def test_a_damaged_checkpoint_names_its_file_and_the_previous_one_and_leaves_the
     line = failed.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: checkpoint file {damaged} has 100 bytes") and "when it was written" in line
     assert line.endswith("resume from the previous complete checkpoint with --resume-from step00000004")
-    assert tree(out) == before
+    assert digests(out) == before
     assert mlflow_run(store, "e").info.status == "FINISHED"  # a refused resume touches no run
     resumed = pretrain(["--shards", _shards_of(original), "--output", str(out), "--resume-from", "step00000004",
                         "--max-steps", "8", "--mlflow-uri", store, "--experiment", "e"])

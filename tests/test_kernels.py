@@ -10,7 +10,7 @@ from conftest import dense_graph_mixer
 from scgraph.config import ModelConfig
 from scgraph.models import build_model
 from scgraph.models.kernels import BLOCK_ELEMENTS, ScoresOnceAttention, scores_once
-from scgraph.train.telemetry import analytic_forward_flops, full_length_batch, measure_flops
+from scgraph.train.telemetry import analytic_encoder_flops, full_length_batch, measure_flops
 
 G = 60
 
@@ -86,8 +86,8 @@ def test_no_length_squared_tensor_is_kept_for_backward(kernel):
 def test_scores_once_forward_flops_are_the_analytic_count():
     model = gnn(hidden=64, layers=2, adjacency_rank=8, preset="scbenchmark")  # symmetric-MLP adjacency, w = 16
     batch = full_length_batch(model.cfg, 2, 48)
-    flops = measure_flops(model, batch)
-    assert flops.forward == pytest.approx(analytic_forward_flops(model.cfg, 48), rel=0.05)
+    flops = measure_flops(model, batch, {"mvp": 1.0})
+    assert flops.encoder == pytest.approx(analytic_encoder_flops(model.cfg, 48), rel=0.05)
 
 
 def dense_linear(mixer, h, genes, mask):

@@ -105,19 +105,6 @@ def test_skip_batches_resumes_exactly_where_an_uninterrupted_run_would_be(tagged
     assert same(list(resumed), full[skip:])
 
 
-def test_resampled_streams_successive_epochs_and_resumes_across_them(tagged):
-    epochs = [load(tagged, num_workers=2, epoch=e) for e in range(3)]
-    expected = epochs[0] + epochs[1] + epochs[2][:6]
-    stream = build_loader(tagged, TOK, batch_size=16, mask_ratio=0.15, seed=3, num_workers=2, resampled=True)
-    assert same(list(itertools.islice(stream, len(expected))), expected)
-    resumed = build_loader(
-        tagged, TOK, batch_size=16, mask_ratio=0.15, seed=3, num_workers=2, resampled=True, skip_batches=83
-    )
-    assert same(list(itertools.islice(resumed, 83)), expected[83:166])
-    with pytest.raises(TypeError, match="endless"):
-        len(stream)
-
-
 def test_stream_parts_cut_the_permuted_sequence_into_equal_runs():
     runs = epoch_runs([300, 300, 300, 300, 80], seed=0, epoch=2)
     parts = [stream_part(runs, Layout(5, 1, 16), s) for s in range(5)]

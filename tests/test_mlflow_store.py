@@ -122,7 +122,7 @@ def test_training_metrics_are_by_step_and_one_off_figures_once_at_step_zero(serv
         run_id = run["info"]["run_id"]
         loss = server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="train/loss")["metrics"]
         assert [m["step"] for m in loss] == [3]  # every 10 steps and the last: the tiny demo trains 3
-        for key in ("cost/peak_memory_mib", "cost/forward_flops_per_cell", "cost/train_flops_per_cell"):
+        for key in ("cost/peak_memory_mib", "cost/encoder_flops_per_cell", "cost/train_flops_per_cell"):
             history = server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key=key)["metrics"]
             assert [m["step"] for m in history] == [0], key
         inputs = run["inputs"]["dataset_inputs"]

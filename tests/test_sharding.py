@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -12,7 +11,7 @@ import pytest
 import scipy.sparse as sp
 import tiledbsoma as soma
 import tiledbsoma.io
-from conftest import encode_npy, encode_sample, generated_anndata, generated_counts, iter_cells
+from conftest import digests, encode_npy, encode_sample, generated_anndata, generated_counts, iter_cells
 
 from scgraph.data.shards import MANIFEST_NAME, ShardSet, decode_npy, iter_shard
 from sharding.blocks import cut_blocks, prefetch
@@ -39,13 +38,6 @@ def assert_rows_equal(cells: dict, matrix: sp.csr_matrix) -> None:
         order = np.argsort(row.indices)
         np.testing.assert_array_equal(genes, row.indices[order])
         np.testing.assert_array_equal(counts, row.data[order].astype(np.float32))
-
-
-def digests(directory: str) -> dict[str, str]:
-    return {
-        name: hashlib.sha256(open(os.path.join(directory, name), "rb").read()).hexdigest()
-        for name in sorted(os.listdir(directory))
-    }
 
 
 def test_census_uri_shards_hold_every_cell_row_for_row(cbmc, cbmc_census, tmp_path, capsys):

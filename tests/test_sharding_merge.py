@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
+from conftest import digests
 
 from scgraph.data.shards import MANIFEST_NAME
 from sharding.cli import main
@@ -16,12 +16,6 @@ from sharding.verify import verify
 
 # 2,500 of the real CBMC cells in 7 shards: slices of 3 get 2, 2 and 3 shards; slices of 9 leave 2 empty.
 SELECT = ["--max-cells", "2500", "--cells-per-shard", "400", "--seed", "3"]
-
-
-def files(directory) -> dict[str, str]:
-    return {
-        name: hashlib.sha256((directory / name).read_bytes()).hexdigest() for name in sorted(os.listdir(directory))
-    }
 
 
 def manifest(directory) -> dict:
@@ -53,7 +47,7 @@ def test_merged_slices_equal_the_single_process_shard_set(count, single, cbmc_ce
     out = tmp_path / "merged"
     assert main(["merge", "--out", str(out), *reversed(parts)]) == 0  # order of the parts does not matter
     assert f"merged {count} parts into 2,500 cells in 7 shards" in capsys.readouterr().out
-    assert files(out) == files(single)  # byte for byte: the shards and the manifest
+    assert digests(out) == digests(single)  # byte for byte: the shards and the manifest
     assert verify(str(out), progress=False).ok
     assert not any(os.path.exists(p) for p in parts)
 
@@ -65,7 +59,7 @@ def test_interrupted_merge_finishes_when_run_again(single, cbmc_census, tmp_path
     moved = manifest(tmp_path / "part1")["shards"][0]["name"]  # the merge died after moving one shard
     os.replace(os.path.join(parts[1], moved), out / moved)
     assert main(["merge", "--out", str(out), *parts]) == 0
-    assert files(out) == files(single)
+    assert digests(out) == digests(single)
 
 
 @pytest.mark.parametrize(("case", "message"), [
@@ -97,10 +91,10 @@ def test_merge_refuses_parts_that_are_not_one_complete_array_and_moves_nothing(
         (tmp_path / "part1" / MANIFEST_NAME).write_text(json.dumps(record))
     else:
         shutil.copytree(single, out)
-    before = {p: files(Path(p)) for p in parts}
+    before = {p: digests(Path(p)) for p in parts}
     assert main(["merge", "--out", str(out), *parts]) == 2
     assert message in capsys.readouterr().err
-    assert {p: files(Path(p)) for p in parts} == before
+    assert {p: digests(Path(p)) for p in parts} == before
 
 
 def test_slice_is_validated_and_part_of_the_resumable_command(cbmc_census, tmp_path, capsys):

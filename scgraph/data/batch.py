@@ -42,6 +42,10 @@ class Batch:
     def __len__(self) -> int:
         return self.genes.shape[0]
 
+    def __getitem__(self, cells: slice) -> Batch:
+        """These cells (rows) of the batch."""
+        return Batch(*(None if t is None else t[cells] for t in dataclasses.astuple(self)))
+
 
 def make_batch(
     counts: sp.spmatrix, tok: TokenizerConfig, vocab_size: int, mask_ratio: float, rng: np.random.Generator,

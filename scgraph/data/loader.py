@@ -168,7 +168,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         world_size: int,
         streams: int,
         shuffle_buffer: int,
-        resampled: bool,
         epoch: int,
         skip_batches: int,
         recon_genes: int | None = None,
@@ -185,11 +184,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shards, self.tok = shards, tok
         self.batch_size, self.mask_ratio, self.seed = batch_size, mask_ratio, seed
         self.rank, self.world_size, self.streams = rank, world_size, streams
-        self.shuffle_buffer, self.resampled = shuffle_buffer, resampled
+        self.shuffle_buffer = shuffle_buffer
         self.epoch, self.skip_batches = epoch, skip_batches
         self.recon_genes, self.choice = recon_genes, choice
-        if segments and resampled:
-            raise ValueError("earlier segments of an epoch apply to one epoch, not to a resampled stream")
         self.layout = Layout(world_size, streams, batch_size)
         self.segments = tuple(segments)
         self._plans: dict[int, list[Run]] = {}
@@ -258,20 +255,16 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        per_epoch = self.batches_per_epoch  # resampled streams have no earlier segments: every epoch alike
-        if not self.resampled and self.skip_batches >= per_epoch:
+        if self.skip_batches >= self.batches_per_epoch:
             return
-        first_epoch, within = divmod(self.skip_batches, per_epoch)
-        stream = (worker + within) % self.streams
-        skip = (within + self.streams - 1 - stream) // self.streams
-        epochs = itertools.count(self.epoch + first_epoch) if self.resampled else [self.epoch]
-        for i, epoch in enumerate(epochs):
-            yield from self.epoch_batches(epoch, stream, skip if i == 0 else 0)
+        stream = (worker + self.skip_batches) % self.streams
+        skip = (self.skip_batches + self.streams - 1 - stream) // self.streams
+        yield from self.epoch_batches(self.epoch, stream, skip)
 
 
 class ShardLoader:
     """What ``build_loader`` returns: iterate it for ``Batch``es (in a DataLoader when
-    ``num_workers`` > 0). ``len()`` is the batches left in this epoch (not for ``resampled``).
+    ``num_workers`` > 0). ``len()`` is the batches left in this epoch.
 
     With ``verify``, each shard this rank will read is checked against the manifest's sha256
     before the first batch (once per ShardSet object, so once per run): a shard damaged after it
@@ -288,11 +281,7 @@ class ShardLoader:
 
     def _check_shards(self) -> None:
         data = self.dataset
-        if data.resampled:
-            shards = range(len(data.shards.shard_cells))
-        else:
-            shards = data.epoch_shards(data.epoch + data.skip_batches // data.batches_per_epoch)
-        for index in shards:
+        for index in data.epoch_shards(data.epoch):
             data.shards.check_shard(index)
 
     @property
@@ -310,8 +299,6 @@ class ShardLoader:
                 "cache)")
 
     def __len__(self) -> int:
-        if self.dataset.resampled:
-            raise TypeError("a resampled loader is endless and has no len()")
         return max(0, self.batches_per_epoch - self.dataset.skip_batches)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -357,7 +344,6 @@ def build_loader(
     world_size: int = 1,
     num_workers: int = 0,
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-    resampled: bool = False,
     epoch: int = 0,
     skip_batches: int = 0,
     verify: bool = True,
@@ -367,8 +353,7 @@ def build_loader(
     pin_memory: bool = False,
 ) -> ShardLoader:
     """Full batches of tokenized, masked cells for one rank. Pass ``torch.distributed`` rank and
-    world size; ``skip_batches`` = batches already consumed (counted from the start of ``epoch``,
-    across epochs when ``resampled``); ``resampled`` streams successive reshuffled epochs endlessly;
+    world size; ``skip_batches`` = batches already consumed (counted from the start of ``epoch``);
     ``verify`` checks each shard's sha256 before it is first read; ``recon_genes`` adds each cell's
     profile for the recon objective (that many unexpressed genes); ``segments``: the earlier parts of
     ``epoch`` trained on other layouts (see the module doc); ``choice``: the corpus statistics the
@@ -387,7 +372,6 @@ def build_loader(
         world_size=world_size,
         streams=max(1, num_workers),
         shuffle_buffer=shuffle_buffer,
-        resampled=resampled,
         epoch=epoch,
         skip_batches=skip_batches,
         recon_genes=recon_genes,

@@ -14,12 +14,13 @@ import scipy.sparse as sp
 
 from scgraph.config import TokenizerConfig
 from scgraph.data.shards.stats import GeneSummary
+from scgraph.data.tokens import cls_id, pad_id
 from scgraph.io.counts import check_counts, log1p_normalized
 
 
 @dataclass
 class Tokens:
-    """``genes`` (n, length) int64 ids, pad = vocab_size and CLS = vocab_size + 1; ``values``
+    """``genes`` (n, length) int64 ids (pad and CLS as ``scgraph.data.tokens`` numbers them); ``values``
     (n, length) float32, 0 at pad and CLS; ``n_genes`` (n,) genes kept per cell. ``length`` is the
     longest cell's (at most seq_len, plus the CLS)."""
 
@@ -173,20 +174,20 @@ def tokenize(
     n_genes = np.minimum(counts, cfg.seq_len)
     offset = int(bool(cfg.cls_token))
     width = int(n_genes.max(initial=0)) + offset
-    genes = np.full((n, width), vocab_size, dtype=np.int64)
+    genes = np.full((n, width), pad_id(vocab_size), dtype=np.int64)
     vals = np.zeros((n, width), dtype=np.float32)
     genes[kept_rows, slot + offset] = indices[keep]
     vals[kept_rows, slot + offset] = values[keep]
     if cfg.n_bins is not None:
         vals[:, offset:] = bin_values(vals[:, offset:], n_genes, cfg.n_bins)
     if cfg.cls_token:
-        genes[:, 0] = vocab_size + 1
+        genes[:, 0] = cls_id(vocab_size)
     return Tokens(genes=genes, values=vals, n_genes=n_genes)
 
 
 @dataclass
 class Profile:
-    """What the ``recon`` objective scores per cell: ``genes`` (n, S) ids (pad = vocab_size),
+    """What the ``recon`` objective scores per cell: ``genes`` (n, S) ids (padded),
     ``values`` (n, S) the normalised expression (0 for an unexpressed gene), ``weight`` (n, S) how
     much each entry counts (0 at pad). Summed ``weight * error**2`` over ``weight.sum()`` estimates
     the mean squared error over the whole vocabulary without bias."""
@@ -213,7 +214,7 @@ def profile(matrix: sp.spmatrix, cfg: TokenizerConfig, vocab_size: int, unexpres
         genes = np.broadcast_to(np.arange(vocab_size), (n, vocab_size)).copy()
         return Profile(genes, dense.astype(np.float32), np.ones((n, vocab_size), dtype=np.float32))
     width = counts.max(initial=0) + unexpressed
-    genes = np.full((n, width), vocab_size, dtype=np.int64)
+    genes = np.full((n, width), pad_id(vocab_size), dtype=np.int64)
     vals = np.zeros((n, width), dtype=np.float32)
     weight = np.zeros((n, width), dtype=np.float32)
     rows = np.repeat(np.arange(n), counts)
@@ -227,7 +228,7 @@ def profile(matrix: sp.spmatrix, cfg: TokenizerConfig, vocab_size: int, unexpres
         np.zeros_like(drawn, dtype=bool)
     kept = (~hit).sum(axis=1, keepdims=True)
     at = counts[:, None] + np.arange(unexpressed)
-    genes[np.arange(n)[:, None], at] = np.where(hit, vocab_size, drawn)
+    genes[np.arange(n)[:, None], at] = np.where(hit, pad_id(vocab_size), drawn)
     weight[np.arange(n)[:, None], at] = np.where(hit, 0.0, (vocab_size - counts[:, None]) / np.maximum(kept, 1))
     return Profile(genes, vals, weight)
 

@@ -2,10 +2,11 @@
 
 A row is a (setting, backbone) pair, the setting being hidden size / genes per cell L as in the
 paper (prefixed by the preset when the experiment holds more than one). Its cost columns come from
-the pretraining run (forward FLOPs per cell, peak training memory), its accuracy columns from the
-probe runs linked to that run (tag ``pretraining_run_id``), one column per probed dataset. When a
-row has several pretraining runs, the latest one with a probe is used and the others are named in
-the notes; when a run was probed several times on a dataset, the latest probe counts.
+the pretraining run (the encoder's forward FLOPs per cell, peak training memory), its accuracy
+columns from the probe runs linked to that run (tag ``pretraining_run_id``), one column per probed
+dataset. When a row has several pretraining runs, the latest one with a probe is used and the
+others are named in the notes; when a run was probed several times on a dataset, the latest probe
+counts.
 """
 
 from __future__ import annotations
@@ -141,7 +142,8 @@ def collect(experiment: str, uri: str | None = None) -> Table:
         source = pretraining(latest)
         if source is not None:
             metrics = source.data.metrics
-            row.flops = metrics.get("cost/forward_flops_per_cell", math.nan)
+            # the encoder's forward (runs logged before it was counted apart: the model's forward)
+            row.flops = metrics.get("cost/encoder_flops_per_cell", metrics.get("cost/forward_flops_per_cell", math.nan))
             row.memory = metrics.get("cost/peak_memory_mib", math.nan) * 2**20
             row.loss = sorted((m.step, m.value) for m in store.get_metric_history(latest, "train/loss"))
         else:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from scgraph.config import EMBED_SELECTIONS, RunConfig, TokenizerConfig
 from scgraph.data.tokenize import GeneChoice, tokenize
+from scgraph.data.tokens import is_gene
 from scgraph.models.model import CellModel, build_model
 
 
@@ -98,10 +99,10 @@ class BagOfGenes(torch.nn.Module):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.table = torch.randn(run.model.n_tokens, run.model.hidden, generator=generator)
-        self.pad_id = run.model.pad_id
+        self.vocab_size = run.model.vocab_size
 
     def cell_embedding(self, genes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        weight = torch.where(genes < self.pad_id, values, torch.zeros_like(values))  # (never pad or CLS)
+        weight = torch.where(is_gene(genes, self.vocab_size), values, torch.zeros_like(values))
         total = (weight[..., None] * self.table[genes]).sum(dim=1)
         return total / weight.sum(dim=1, keepdim=True).clamp_min(1e-12)
 

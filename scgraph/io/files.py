@@ -3,8 +3,13 @@ the file (``write()`` on a full disk raises an OSError with no file name)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+
+#: Temporary files (a shard, a manifest, any file being replaced) end so; they never hold anything
+#: complete, and a re-run removes those a killed one left.
+TMP_SUFFIX = ".partial"
 
 
 def named(err: OSError, path: str | Path) -> OSError:
@@ -18,7 +23,7 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     """Replace ``path`` with ``data`` all at once: written to a temporary file beside it, fsynced,
     then renamed over it, so a reader sees the old file or the new one, never a part."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
     try:
         with open(tmp, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
@@ -28,6 +33,15 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise named(err, path) from None
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes, read in 4 MiB chunks (never the whole file in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def check_directory(flag: str, path: str | Path) -> None:

@@ -24,6 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scgraph.config import DEFAULT_OBS_COLUMNS, H5AD_MATRICES, PRIMARY_FILTER
+from scgraph.io.files import file_sha256
 
 #: Where the cells come from.
 SOURCE_KINDS = ("census-version", "census-uri", "soma", "h5ad")
@@ -291,12 +292,8 @@ class H5adSource:
     def fingerprint(self) -> dict[str, Any]:
         """What identifies this file's content: its size and sha256 (read once, about 1 s per GB),
         and the number of cells."""
-        digest = hashlib.sha256()
-        with open(self.name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
         return {"cells": len(self._obs), "genes": len(self._var), "bytes": os.path.getsize(self.name),
-                "sha256": digest.hexdigest()}
+                "sha256": file_sha256(self.name)}
 
     def read_counts(self, joinids: np.ndarray) -> sp.csr_matrix:
         try:

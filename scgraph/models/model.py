@@ -20,6 +20,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from scgraph.config import ModelConfig
+from scgraph.data.tokens import is_gene
 from scgraph.models.kernels import KERNELS, choose_kernel, static_attention
 
 #: Activations of the feed-forward and of the post_act layout, by name.
@@ -412,8 +413,8 @@ class CellModel(nn.Module):
             if genes.device.type == "cpu" and not bool((genes[:, 0] == self.cfg.cls_id).all()):
                 raise ValueError("cell_embedding is 'cls' but the input has no CLS token at position 0")
             return h[:, 0]
-        is_gene = (genes < self.cfg.vocab_size).unsqueeze(-1).to(h.dtype)
-        return (h * is_gene).sum(1) / is_gene.sum(1).clamp(min=1.0)
+        gene = is_gene(genes, self.cfg.vocab_size).unsqueeze(-1).to(h.dtype)
+        return (h * gene).sum(1) / gene.sum(1).clamp(min=1.0)
 
     def cell_embedding(self, genes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """(B, d): the encoder's embedding of unmasked cells (see :meth:`pool`)."""

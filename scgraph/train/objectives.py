@@ -26,18 +26,26 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor)
     return ((pred.float() - target.float()) ** 2 * weight).sum() / weight.sum().clamp(min=1e-12)
 
 
-def pretraining_loss(model: torch.nn.Module, batch: Batch,
-                     weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(the weighted sum, each objective's loss) for one batch; ``model`` is a CellModel or the
-    DeepSpeed engine around one (called once, so ZeRO-3 gathers each parameter once)."""
+def decoded_genes(batch: Batch, weights: dict[str, float]) -> torch.Tensor | None:
+    """(B, S) the genes the gene decoder scores for each cell: its own tokens for gepc, then its
+    profile for recon; None when no objective reads the cell embedding."""
     gepc, recon = weights.get("gepc", 0.0) > 0, weights.get("recon", 0.0) > 0
     if recon and batch.profile_genes is None:
         raise ValueError("the recon objective needs batches with profiles (build the loader with recon_genes)")
     decode = [batch.genes] if gepc else []
     if recon:
         decode.append(batch.profile_genes)
-    if decode:
-        pred, decoded = model(batch.genes, batch.values, batch.masked, torch.cat(decode, dim=1))
+    return torch.cat(decode, dim=1) if decode else None
+
+
+def pretraining_loss(model: torch.nn.Module, batch: Batch,
+                     weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(the weighted sum, each objective's loss) for one batch; ``model`` is a CellModel or the
+    DeepSpeed engine around one (called once, so ZeRO-3 gathers each parameter once)."""
+    gepc, recon = weights.get("gepc", 0.0) > 0, weights.get("recon", 0.0) > 0
+    decode = decoded_genes(batch, weights)
+    if decode is not None:
+        pred, decoded = model(batch.genes, batch.values, batch.masked, decode)
     else:
         pred, decoded = model(batch.genes, batch.values, batch.masked), None
     parts = {}

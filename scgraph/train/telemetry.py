@@ -1,5 +1,8 @@
 """The paper's Table II cost columns: FLOPs per cell (measured and analytic) and training memory.
 
+FLOPs are counted twice over: for the encoder alone (the paper's Table II compares encoders) and
+for a training step on the objectives the run trains (encoder, the value head, the gene decoder
+when an objective reads the cell embedding; forward and backward): what MFU divides by.
 ``FlopCounterMode`` counts zero FLOPs for the fused CPU ``scaled_dot_product_attention`` kernel, so
 the measurement runs under the math backend, which is counted. The analytic count sits beside it as
 a cross-check; both count matrix products only (multiply-add = 2 FLOPs), as the paper does.
@@ -19,10 +22,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from scgraph.config import ModelConfig
 from scgraph.data.batch import Batch
 from scgraph.models.model import CellModel, mvp_loss
+from scgraph.train.objectives import decoded_genes, pretraining_loss
 
 
-def analytic_forward_flops(cfg: ModelConfig, length: int) -> int:
-    """Forward FLOPs for one cell of ``length`` tokens (matrix products, multiply-add = 2).
+def analytic_encoder_flops(cfg: ModelConfig, length: int) -> int:
+    """Forward FLOPs of the encoder (value encoder and blocks) for one cell of ``length`` tokens
+    (matrix products, multiply-add = 2).
 
     The GNN's scores A[g,g] are counted once per adjacency head (the formula's cost, and what the
     scores-once kernel does; the sub-head kernel recomputes them per sub-head). The linear GNN
@@ -41,8 +46,24 @@ def analytic_forward_flops(cfg: ModelConfig, length: int) -> int:
         if cfg.adjacency == "symmetric_mlp":
             per_layer += cfg.graph_heads * 2 * 2 * n * cfg.adjacency_rank ** 2
     value_encoder = {"linear": 2 * n * d, "mlp": 2 * n * d + 2 * n * d * d, "bins": 0}[cfg.value_encoder]
+    return cfg.layers * per_layer + value_encoder
+
+
+def analytic_training_flops(cfg: ModelConfig, length: int, weights: dict[str, float], decoded: int) -> tuple[int, int]:
+    """(forward, forward + backward) FLOPs per cell of a training step on the objectives ``weights``:
+    the encoder, the value head (run in every forward, back-propagated only for mvp), and, when an
+    objective reads the cell embedding, the gene decoder (its projection, and one score per cell for
+    each of the ``decoded`` distinct genes its batch scores). Backward costs each product twice
+    (gradients of its input and of its weights), but the value encoder's first layer once (its input,
+    the data, takes no gradient)."""
+    n, d = length, cfg.hidden
+    encoder = analytic_encoder_flops(cfg, length)
+    data_layer = 0 if cfg.value_encoder == "bins" else 2 * n * d
     head = 2 * n * d
-    return cfg.layers * per_layer + value_encoder + head
+    decoder = 2 * d * d + 2 * d * decoded if decoded else 0
+    backward = 2 * encoder - data_layer + (2 * head if weights.get("mvp", 0.0) > 0 else 0) + 2 * decoder
+    forward = encoder + head + decoder
+    return forward, forward + backward
 
 
 #: Dense bf16/fp16 tensor-core peak TFLOP/s of common GPUs (vendor data sheets), for MFU. Matched
@@ -71,14 +92,15 @@ def peak_tflops(device: torch.device, precision: str, explicit: float | None = N
 
 @dataclass
 class FlopCount:
+    """FLOPs per cell, measured and analytic: the encoder's forward alone, and a training step's
+    forward and forward + backward on the objectives it trains."""
+
+    encoder: float
     forward: float
     forward_backward: float
+    analytic_encoder: float
     analytic_forward: float
-
-    @property
-    def analytic_forward_backward(self) -> float:
-        """Backward costs about twice the forward (gradients for inputs and for weights)."""
-        return 3 * self.analytic_forward
+    analytic_forward_backward: float
 
 
 def full_length_batch(cfg: ModelConfig, batch: int, length: int, seed: int = 0) -> Batch:
@@ -91,19 +113,28 @@ def full_length_batch(cfg: ModelConfig, batch: int, length: int, seed: int = 0) 
                  masked=torch.rand(batch, length, generator=gen) < 0.15)
 
 
-def measure_flops(model: CellModel, batch: Batch) -> FlopCount:
-    """Forward and forward+backward FLOPs per cell of ``batch``, counted by ``FlopCounterMode``
-    under the math attention backend. Dense kernels cost the same for padded and full cells."""
+def measure_flops(model: CellModel, batch: Batch, weights: dict[str, float]) -> FlopCount:
+    """FLOPs per cell of ``batch``, counted by ``FlopCounterMode`` under the math attention backend:
+    the encoder's forward, and the forward and forward + backward of the loss on the objectives
+    ``weights``. Dense kernels cost the same for padded and full cells; the gene decoder's cost per
+    cell grows with the distinct genes the batch scores."""
     batch = batch.to(next(model.parameters()).device)
     with sdpa_kernel(SDPBackend.MATH):
-        with FlopCounterMode(display=False) as fwd, torch.no_grad():
-            model(batch.genes, batch.values, batch.masked)
+        with FlopCounterMode(display=False) as encoder, torch.no_grad():
+            model.encode(batch.genes, batch.values, batch.masked)
+        with FlopCounterMode(display=False) as forward, torch.no_grad():
+            pretraining_loss(model, batch, weights)
         with FlopCounterMode(display=False) as both:
-            mvp_loss(model(batch.genes, batch.values, batch.masked), batch.values, batch.masked).backward()
+            pretraining_loss(model, batch, weights)[0].backward()
     model.zero_grad(set_to_none=True)
-    return FlopCount(forward=fwd.get_total_flops() / len(batch),
-                     forward_backward=both.get_total_flops() / len(batch),
-                     analytic_forward=float(analytic_forward_flops(model.cfg, batch.genes.shape[1])))
+    decode = decoded_genes(batch, weights)
+    length = batch.genes.shape[1]
+    analytic = analytic_training_flops(model.cfg, length, weights, 0 if decode is None else len(torch.unique(decode)))
+    cells = len(batch)
+    return FlopCount(encoder=encoder.get_total_flops() / cells, forward=forward.get_total_flops() / cells,
+                     forward_backward=both.get_total_flops() / cells,
+                     analytic_encoder=float(analytic_encoder_flops(model.cfg, length)),
+                     analytic_forward=float(analytic[0]), analytic_forward_backward=float(analytic[1]))
 
 
 def _tensors(obj: object, depth: int = 3):

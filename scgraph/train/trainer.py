@@ -25,14 +25,15 @@ import torch
 import torch.distributed as dist
 
 from scgraph.cli import Command, explain, run
-from scgraph.config import PretrainConfig, RunConfig
+from scgraph.config import PretrainConfig
 from scgraph.data.batch import Batch
 from scgraph.data.loader import Layout, Segment, ShardLoader, build_loader
 from scgraph.data.shards import ShardSet
 from scgraph.data.shards.stats import STATS_TARGET_SUM
 from scgraph.data.tokenize import GeneChoice, mean_profile
+from scgraph.data.tokens import is_gene
 from scgraph.io.files import check_directory
-from scgraph.models.model import build_model, check_token_ids, count_parameters
+from scgraph.models.model import CellModel, build_model, check_token_ids, count_parameters
 from scgraph.plots import line_plot
 from scgraph.tracking import Tracker, check_store, flatten, git_commit
 from scgraph.train.checkpointer import MODEL_DIR, UNIVERSAL, Checkpointer, export_encoder, load_pretrained, read_meta
@@ -40,7 +41,7 @@ from scgraph.train.distributed import all_ranks_agree, init_distributed, leave, 
 from scgraph.train.dsconfig import load_ds_config, precision, resolve_ds_config, zero_stage
 from scgraph.train.objectives import pretraining_loss
 from scgraph.train.optim import deepspeed_engine
-from scgraph.train.telemetry import MemoryMeter, measure_flops, optimizer_state_bytes, peak_tflops
+from scgraph.train.telemetry import FlopCount, MemoryMeter, measure_flops, optimizer_state_bytes, peak_tflops
 
 #: Above this share of step time spent waiting for batches, the run says the loader needs more workers.
 DATA_WAIT_WARNING = 0.10
@@ -64,7 +65,7 @@ class _Window:
             self.parts[name] = self.parts.get(name, 0.0) + value
         self.micro += 1
         self.cells += len(batch)
-        self.tokens += int((batch.genes < vocab_size).sum())
+        self.tokens += int(is_gene(batch.genes, vocab_size).sum())
 
 
 class Pretrainer:
@@ -130,10 +131,10 @@ class Pretrainer:
         # statistics of the whole set (validation shards too): the same whichever shards are held out
         self.choice = GeneChoice.build(run.tokenizer, self.shards.gene_stats, cfg.shards)
         self.val_shards = self._validation_shards()
-        loader = self._loader(0, 0)
-        self.batches_per_epoch = loader.batches_per_epoch
+        first = self._loader(0, 0)
+        self.batches_per_epoch = first.batches_per_epoch
         if self.rank == 0:
-            print(f"scgraph: loader: {loader.memory()}", flush=True)
+            print(f"scgraph: loader: {first.memory()}", flush=True)
         self.max_steps = (cfg.epochs * self.batches_per_epoch // self.accumulation if cfg.epochs
                           else run.train.max_steps)
         torch.manual_seed(run.train.seed)
@@ -144,7 +145,7 @@ class Pretrainer:
         self.graph_kernel = model.choose_kernels(cfg.graph_kernel, self.device, dtype)
         model.checkpointing = cfg.activation_checkpointing
         self.params = count_parameters(model)
-        self.flops = self._measure_flops(run)
+        self.flops = self._measure_flops(model, first)
         self.peak = peak_tflops(self.device, precision(self.ds), cfg.peak_tflops)
         self.engine = deepspeed_engine(model, self.ds, run.train, self.max_steps)
         if cfg.compile:
@@ -235,13 +236,11 @@ class Pretrainer:
             print(f"scgraph: step {self.step}: validation loss {loss:.4f} (best {self.best[1]:.4f} at step "
                   f"{self.best[0]})", flush=True)
 
-    def _measure_flops(self, run: RunConfig):
-        """FLOPs on real cells (the first batch of the epoch), on a CPU fp32 copy of the model."""
-        batch = next(iter(build_loader(self.shards, run.tokenizer, batch_size=self.cfg.flops_cells,
-                                       mask_ratio=run.train.mask_ratio, seed=run.train.seed,
-                                       shuffle_buffer=self.cfg.flops_cells, verify=self.cfg.verify_shards,
-                                       choice=self.choice)))
-        return measure_flops(build_model(run.model), batch)
+    def _measure_flops(self, model: CellModel, loader: ShardLoader) -> FlopCount:
+        """FLOPs of what trains: the configured objectives on the first cells of the first training
+        micro-batch, counted on the model before DeepSpeed takes it (still on the CPU, in fp32)."""
+        batch = next(iter(loader))[: self.cfg.flops_cells]
+        return measure_flops(model, batch, self.cfg.run.train.weights)
 
     # -- checkpoints -------------------------------------------------------------------------
     def load_checkpoint(self) -> None:
@@ -319,10 +318,12 @@ class Pretrainer:
                                  {"cells": self.shards.n_cells, "genes": self.shards.vocab_size,
                                   "shards": len(self.shards.shard_cells)}, "training")
             self.tracker.metrics({f"cost/{k}": v for k, v in self.params.items()} | {
+                "cost/encoder_flops_per_cell": self.flops.encoder,
+                "cost/encoder_flops_per_cell_analytic": self.flops.analytic_encoder,
+                "cost/train_forward_flops_per_cell": self.flops.forward,
+                "cost/train_forward_flops_per_cell_analytic": self.flops.analytic_forward,
                 "cost/train_flops_per_cell": self.flops.forward_backward,
-                "cost/train_flops_per_cell_analytic": self.flops.analytic_forward_backward,
-                "cost/forward_flops_per_cell": self.flops.forward,
-                "cost/forward_flops_per_cell_analytic": self.flops.analytic_forward})
+                "cost/train_flops_per_cell_analytic": self.flops.analytic_forward_backward})
             if self.rank == 0:
                 self.output.mkdir(parents=True, exist_ok=True)
                 resolved = self.output / "resolved_config.json"

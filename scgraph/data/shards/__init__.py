@@ -23,16 +23,16 @@ from scgraph.data.shards.codec import (
 from scgraph.data.shards.manifest import (
     FORMAT,
     MANIFEST_NAME,
-    TMP_SUFFIX,
     ShardSet,
     build_manifest,
     content_identity,
     differences,
     read_manifest,
+    shard_name,
     write_manifest,
 )
 
-__all__ = ["COUNTS", "FORMAT", "GENES", "MANIFEST_NAME", "MEMBERS", "OBS", "TAR_END", "TMP_SUFFIX", "Cell",
+__all__ = ["COUNTS", "FORMAT", "GENES", "MANIFEST_NAME", "MEMBERS", "OBS", "TAR_END", "Cell",
            "CorruptShardError", "ShardArrays", "ShardSet", "build_manifest", "content_identity", "decode_cell",
            "decode_npy", "differences", "encode_block", "encode_obs", "iter_shard", "join_rows",
-           "npy_header", "read_manifest", "read_shard_arrays", "write_manifest"]
+           "npy_header", "read_manifest", "read_shard_arrays", "shard_name", "write_manifest"]

@@ -24,12 +24,16 @@ from scgraph import __version__
 from scgraph.data.shards.codec import Cell, CorruptShardError, decode_cell, iter_shard
 from scgraph.data.shards.stats import GeneSummary
 from scgraph.data.vocab import GeneVocab
-from scgraph.io.files import write_atomic
+from scgraph.io.files import file_sha256, write_atomic
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "scgraph-shards/1"
-#: Temporary files (a shard or manifest being written) end so; they never hold anything complete.
-TMP_SUFFIX = ".partial"
+
+
+def shard_name(index: int) -> str:
+    """The file name of shard ``index`` in a set (and in its manifest)."""
+    return f"shard-{index:06d}.tar"
+
 _REQUIRED_KEYS = ("format", "source", "obs_filter", "vocabulary", "shards", "totals", "complete", "tool")
 _SHARD_KEYS = ("index", "name", "cells", "bytes", "sha256")
 _TOTALS_KEYS = ("cells", "shards", "bytes")
@@ -244,11 +248,7 @@ class ShardSet:
         if index in self._checked:
             return
         record, path = self.manifest["shards"][index], self.shard_paths[index]
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-        problem = digest_problem(record, os.path.getsize(path), digest.hexdigest())
+        problem = digest_problem(record, os.path.getsize(path), file_sha256(path))
         if problem:
             raise CorruptShardError(f"{self.directory}/{problem}: the shard is damaged; write it again (the same "
                                     "write command into a new --out) or find every bad one with "
