@@ -138,11 +138,6 @@ def _fragments(uri: str) -> list[str] | None:
     return sorted(os.listdir(os.path.join(path, "__fragments")))
 
 
-def genes_digest(genes: Genes) -> str:
-    """A short hash of a source's var (ids and names, in order)."""
-    return hashlib.sha256(json.dumps([genes.feature_ids, genes.feature_names]).encode()).hexdigest()[:16]
-
-
 class SomaSource:
     """A SOMA experiment with the census schema: measurement "RNA", X layer "raw"."""
 
