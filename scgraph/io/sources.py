@@ -11,7 +11,6 @@ SOMA experiment); an .h5ad is read in backed mode so its matrix is never loaded 
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -24,6 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scgraph.config import DEFAULT_OBS_COLUMNS, H5AD_MATRICES, PRIMARY_FILTER
+from scgraph.io.files import sha256_of
 
 #: Where the cells come from.
 SOURCE_KINDS = ("census-version", "census-uri", "soma", "h5ad")
@@ -257,6 +257,8 @@ class H5adSource:
             self._X = sparse_dataset(x) if isinstance(x, h5py.Group) else x
             self._obs: pd.DataFrame = read_elem(self._file["obs"])
             self._var: pd.DataFrame = read_elem(group["var"])
+            if not isinstance(self._obs, pd.DataFrame) or not isinstance(self._var, pd.DataFrame):
+                self._obs, self._var = _legacy_frames(path, use_raw)
         except (OSError, KeyError) as err:  # damaged inside
             self._file.close()
             raise ValueError(f"--h5ad {path} is damaged and cannot be read ({err})") from None
@@ -286,12 +288,8 @@ class H5adSource:
     def fingerprint(self) -> dict[str, Any]:
         """What identifies this file's content: its size and sha256 (read once, about 1 s per GB),
         and the number of cells."""
-        digest = hashlib.sha256()
-        with open(self.name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
         return {"cells": len(self._obs), "genes": len(self._var), "bytes": os.path.getsize(self.name),
-                "sha256": digest.hexdigest()}
+                "sha256": sha256_of(self.name)}
 
     def read_counts(self, joinids: np.ndarray) -> sp.csr_matrix:
         try:
@@ -303,6 +301,18 @@ class H5adSource:
     def read_obs(self, joinids: np.ndarray, obs_columns: Sequence[str]) -> ObsColumns:
         obs = self._obs.iloc[joinids]
         return {c: obs[c].astype(object).tolist() for c in obs_columns}
+
+
+def _legacy_frames(path: str, use_raw: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """obs and var of an .h5ad in anndata's legacy layout (before 0.7: compound datasets, which
+    ``read_elem`` returns as record arrays), through anndata's own reader of that layout."""
+    import anndata as ad
+
+    adata = ad.read_h5ad(path, backed="r")
+    try:
+        return adata.obs, (adata.raw.var if use_raw else adata.var)
+    finally:
+        adata.file.close()
 
 
 Source = SomaSource | H5adSource

@@ -24,7 +24,7 @@ from scgraph import __version__
 from scgraph.config import parse_slice
 from scgraph.data.shards.codec import Cell, CorruptShardError, decode_cell, iter_shard
 from scgraph.data.vocab import GeneVocab
-from scgraph.io.files import write_atomic
+from scgraph.io.files import sha256_of, write_atomic
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "scgraph-shards/1"
@@ -257,11 +257,7 @@ class ShardSet:
         if index in self._checked:
             return
         record, path = self.manifest["shards"][index], self.shard_paths[index]
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-        problem = digest_problem(record, os.path.getsize(path), digest.hexdigest())
+        problem = digest_problem(record, os.path.getsize(path), sha256_of(path))
         if problem:
             raise CorruptShardError(f"{self.directory}/{problem}: the shard is damaged; write it again (the same "
                                     "write command into a new --out) or find every bad one with "
