@@ -34,10 +34,10 @@ def inference_tokenizer(tok: TokenizerConfig, selection: str, seq_len: int | Non
     ``seq_len`` genes (default: the training L), or ``all`` of each cell's genes."""
     if selection not in EMBED_SELECTIONS:
         raise ValueError(f"embed selection must be one of {', '.join(EMBED_SELECTIONS)}; got {selection!r}")
+    longest = max(1, int(np.diff(counts.indptr).max(initial=0)))  # a longer L would only add padding
     if selection == "all":
-        length = max(1, int(np.diff(counts.indptr).max(initial=0)))
-        return dataclasses.replace(tok, seq_len=length, selection="top")
-    return dataclasses.replace(tok, seq_len=genes_shown(tok, selection, seq_len), selection=selection)
+        return dataclasses.replace(tok, seq_len=longest, selection="top")
+    return dataclasses.replace(tok, seq_len=min(genes_shown(tok, selection, seq_len), longest), selection=selection)
 
 
 def embed_cells(model: CellModel, run: RunConfig, counts: sp.csr_matrix, *, selection: str = "top",
@@ -92,8 +92,8 @@ def embed(adata: ad.AnnData, checkpoint: str, *, key: str = "X_scgraph", selecti
     from scgraph.eval.cells import cells_of, match_genes
     from scgraph.train.checkpointer import load_pretrained
 
+    cells = cells_of(adata, "adata")  # (the data's problems first: they are cheaper to find)
     pretrained = load_pretrained(checkpoint, mlflow_uri)
-    cells = cells_of(adata, "adata")
     mapping = match_genes(cells, GeneVocab(pretrained.meta["feature_ids"], pretrained.meta["feature_names"]),
                           match_genes_by)
     adata.obsm[key] = embed_cells(pretrained.model, pretrained.run, mapping.apply(cells.counts), selection=selection,
