@@ -224,15 +224,15 @@ def test_duplicate_gene_ids_and_non_counts_are_refused_naming_the_file_and_matri
     from scgraph.eval.evaluate import main as probe
 
     adata = generated_anndata(generated_counts(60, 20, 5))
-    adata.var_names = [f"G{i % 10}" for i in range(20)]  # every id twice
+    adata.var_names = [f"GENE{i % 10:05d}" for i in range(20)]  # every id twice, each in the model's vocabulary
     path = tmp_path / "dup.h5ad"
     adata.write_h5ad(path)
     assert sharding(["write", "--quiet", "--h5ad", str(path), "--out", str(tmp_path / "s")]) == 2
-    assert "gene feature ids must be unique; 'G0' appears 2 times" in capsys.readouterr().err
+    assert "gene feature ids must be unique; 'GENE00000' appears 2 times" in capsys.readouterr().err
     err = one_line_error(capsys, probe(["--checkpoint", str(trained[0]), "--data", str(path), "--label-key", "label",
                                         "--out", str(tmp_path / "probe"), "--quiet"]))
-    assert err == f"error: --data {path} (X): gene feature ids must be unique; 'G0' appears 2 times\n"
-    with pytest.raises(ValueError, match=r"^adata \(X\): gene feature ids must be unique; 'G0' appears 2 times"):
+    assert err == f"error: --data {path} (X): gene feature ids must be unique; 'GENE00000' appears 2 times\n"
+    with pytest.raises(ValueError, match=r"^adata \(X\): gene feature ids must be unique; 'GENE00000' appears 2 times"):
         embed(ad.read_h5ad(path), str(tmp_path / "no-model"))
     normalised = generated_anndata(generated_counts(60, 20, 5))
     normalised.raw = normalised.copy()
@@ -367,8 +367,8 @@ def test_probe_outputs_of_another_probe_are_refused_and_unwritable_ones_fail_fir
     capsys.readouterr()
     before = tree(tmp_path)
     err = one_line_error(capsys, probe([*args, "--seed", "1", "--out", str(out)]))
-    assert err == (f"error: --out {out} holds the results of another probe (other export, seed): choose a new --out, or "
-                   "--overwrite to replace them\n")
+    assert err == (f"error: --out {out} holds the results of another probe (other export, seed): choose a new "
+                   "--out, or --overwrite to replace them\n")
     err = one_line_error(capsys, probe([*args, "--out", str(tmp_path / "other"), "--export", str(export)]))
     assert err.startswith(f"error: --export {export} exists and this probe did not write it")
     assert tree(tmp_path) == before
@@ -392,3 +392,27 @@ def test_a_synthetic_study_with_other_settings_does_not_replace_the_table(tmp_pa
     err = one_line_error(capsys, study([*args, "--epochs", "2"]))
     assert err.startswith(f"error: --out {tmp_path / 's'} holds the results of a study with other settings")
     assert tree(tmp_path / "s") == before
+
+
+# --- messages that misled ----------------------------------------------------------------------------
+
+
+def test_messages_name_the_file_and_the_matrix_or_key_at_fault(small_shards, tmp_path, capsys):
+    import numpy as np
+
+    from scgraph.cli import run
+    from scgraph.train.trainer import COMMAND as PRETRAIN
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": -4}))
+    err = one_line_error(capsys, run(PRETRAIN, ["--shards", str(small_shards), "--output", str(tmp_path / "o"),
+                                                "--deepspeed-config", str(ds), "--mlflow-uri",
+                                                f"sqlite:///{tmp_path}/m.db"]))
+    assert err == f"error: DeepSpeed config {ds}: train_micro_batch_size_per_gpu must be > 0; got -4\n"
+    adata = generated_anndata(generated_counts(20, 10, 3))
+    adata.raw = adata.copy()
+    adata.raw.X.data[:] = np.log1p(adata.raw.X.data)
+    adata.write_h5ad(tmp_path / "log.h5ad")
+    err = one_line_error(capsys, sharding(["write", "--quiet", "--h5ad", str(tmp_path / "log.h5ad"), "--out",
+                                           str(tmp_path / "s")]))
+    assert err.startswith(f"error: {tmp_path / 'log.h5ad'} (raw.X): counts of cell soma_joinid=0 contain non-integer")

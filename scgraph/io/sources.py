@@ -151,6 +151,7 @@ class SomaSource:
                 f"(layers: {', '.join(ms.X.keys()) or 'none'})"
             )
         self.name = name
+        self.counts_name = f"{name} (X layer 'raw')"  # where the counts are, for error messages
         self._obs = experiment.obs
         self._var = ms.var
         self._X = ms.X["raw"]
@@ -250,6 +251,7 @@ class H5adSource:
             if use_raw and "raw" not in self._file:
                 raise ValueError(f"{path} has no raw matrix (raw.X); use --h5ad-matrix X")
             group = self._file["raw"] if use_raw else self._file
+            self.counts_name = f"{path} ({'raw.X' if use_raw else 'X'})"  # where the counts are, for error messages
             for key, where in (("X", group), ("var", group), ("obs", self._file)):
                 if key not in where:
                     raise ValueError(f"--h5ad {path} has no {key!r} in {where.name}: not an AnnData file")
