@@ -416,3 +416,32 @@ def test_messages_name_the_file_and_the_matrix_or_key_at_fault(small_shards, tmp
     err = one_line_error(capsys, sharding(["write", "--quiet", "--h5ad", str(tmp_path / "log.h5ad"), "--out",
                                            str(tmp_path / "s")]))
     assert err.startswith(f"error: {tmp_path / 'log.h5ad'} (raw.X): counts of cell soma_joinid=0 contain non-integer")
+
+
+def test_embed_warns_when_few_of_the_models_genes_are_there_or_a_cell_has_none(trained):
+    import anndata as ad
+
+    from scgraph.eval.embed import embed
+
+    counts = generated_counts(20, 15, 4, seed=2).tolil()
+    counts[3, :] = 0
+    adata = ad.AnnData(X=counts.tocsr(), var=generated_anndata(generated_counts(1, 15, 1)).var)  # GENE00000..14
+    with pytest.warns(UserWarning) as caught:
+        embed(adata, str(trained[0] / "model"), progress=False)
+    said = [str(w.message) for w in caught if str(w.message).startswith("scgraph.embed")]
+    assert said == ["scgraph.embed: the data holds 15 of the model's 40 genes (38 %): the encoder sees little of "
+                    "what it learnt",
+                    "scgraph.embed: 1 cell(s) have no count in any gene the model knows: each is embedded as an "
+                    "empty cell"]
+
+
+def test_an_embed_seq_len_beyond_the_longest_cell_is_clamped_with_a_note(trained, tmp_path):
+    from scgraph.eval.evaluate import main as probe
+
+    data = tmp_path / "cells.h5ad"
+    generated_anndata(generated_counts(40, 40, 10, seed=6)).write_h5ad(data)
+    assert probe(["--checkpoint", str(trained[0]), "--data", str(data), "--label-key", "label", "--repeats", "1",
+                  "--epochs", "1", "--tsne-cells", "30", "--quiet", "--out", str(tmp_path / "p"),
+                  "--embed-seq-len", "5000"]) == 0
+    notes = json.loads((tmp_path / "p" / "probe.json").read_text())["notes"]
+    assert "--embed-seq-len 5000 is more than the longest cell (10 genes): every cell shows all its genes" in notes

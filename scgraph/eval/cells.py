@@ -131,6 +131,21 @@ def _read_soma(uri: str, organism: str) -> Cells:
     return _cells(counts, frame, genes.feature_ids, genes.feature_names, _dataset_name(uri))
 
 
+def coverage_notes(mapping: GeneMap, counts: sp.csr_matrix) -> list[str]:
+    """What a user should know about how the data meets the model's vocabulary (``counts``: the
+    data re-indexed onto it): less than half of the model's genes present (the encoder sees little
+    of what it learnt), and cells with no count in any gene the model knows (each is embedded as an
+    empty cell, the same vector for all)."""
+    notes = []
+    if mapping.matched < mapping.vocab_size / 2:
+        notes.append(f"the data holds {mapping.matched} of the model's {mapping.vocab_size} genes "
+                     f"({100 * mapping.matched / mapping.vocab_size:.0f} %): the encoder sees little of what it learnt")
+    empty = int((np.diff(counts.indptr) == 0).sum())
+    if empty:
+        notes.append(f"{empty} cell(s) have no count in any gene the model knows: each is embedded as an empty cell")
+    return notes
+
+
 def match_genes(cells: Cells, vocab: GeneVocab, by: str = "feature_id") -> GeneMap:
     """How the cells' genes re-index onto the model's vocabulary; no gene in common is an error."""
     keys = cells.feature_ids if by == "feature_id" else cells.feature_names

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 from scgraph.cli import Command, run
 from scgraph.config import ProbeConfig
 from scgraph.data.vocab import GeneVocab
-from scgraph.eval.cells import Cells, match_genes, read_cells
+from scgraph.eval.cells import Cells, coverage_notes, match_genes, read_cells
 from scgraph.eval.embed import embed_cells, genes_shown, random_encoder
 from scgraph.eval.figures import confusion_plot, tsne_plot
 from scgraph.eval.probe import LinearProbe, clustering_agreement, evaluate, knn, logistic_regression, pca_features
@@ -94,6 +94,7 @@ def run_probe(opts: ProbeConfig) -> dict[str, Any]:
         notes.append(f"{match.dropped} of {match.matched + match.dropped} genes are not in the model's vocabulary "
                      "and were dropped")
     counts = match.apply(cells.counts)
+    notes += coverage_notes(match, counts)
     longest = int(np.diff(counts.indptr).max(initial=0))
     if (opts.embed_seq_len or 0) > longest:
         notes.append(f"--embed-seq-len {opts.embed_seq_len} is more than the longest cell ({longest} genes): every "
