@@ -445,3 +445,18 @@ def test_an_embed_seq_len_beyond_the_longest_cell_is_clamped_with_a_note(trained
                   "--embed-seq-len", "5000"]) == 0
     notes = json.loads((tmp_path / "p" / "probe.json").read_text())["notes"]
     assert "--embed-seq-len 5000 is more than the longest cell (10 genes): every cell shows all its genes" in notes
+
+
+def test_labels_the_font_cannot_draw_are_one_warning_naming_the_figure(tmp_path):
+    import warnings
+
+    import numpy as np
+
+    from scgraph.eval.figures import confusion_plot
+
+    labels = np.array(["T細胞", "B細胞", "NK"] * 5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        confusion_plot(labels, labels, np.unique(labels), tmp_path / "c.png", title="cells")
+    said = [str(w.message) for w in caught]
+    assert said == [f"{tmp_path / 'c.png'}: the font has no glyph for 細 胞: shown as boxes"]
