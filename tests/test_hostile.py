@@ -460,3 +460,17 @@ def test_labels_the_font_cannot_draw_are_one_warning_naming_the_figure(tmp_path)
         confusion_plot(labels, labels, np.unique(labels), tmp_path / "c.png", title="cells")
     said = [str(w.message) for w in caught]
     assert said == [f"{tmp_path / 'c.png'}: the font has no glyph for 細 胞: shown as boxes"]
+
+
+def test_the_probe_checks_its_tracking_store_before_reading_any_cell(trained, tmp_path, capsys):
+    import shutil
+
+    from scgraph.eval.evaluate import main as probe
+
+    model = tmp_path / "model"  # an encoder whose pretraining run named a store that cannot be
+    shutil.copytree(trained[0] / "model", model)
+    meta = json.loads((model / "scgraph.json").read_text())
+    (model / "scgraph.json").write_text(json.dumps(meta | {"mlflow_uri": "bogus://z"}))
+    err = one_line_error(capsys, probe(["--checkpoint", str(model), "--data", str(tmp_path / "missing.h5ad"),
+                                        "--label-key", "label", "--out", str(tmp_path / "p")]))
+    assert "MLflow store bogus://z: unknown scheme 'bogus'" in err

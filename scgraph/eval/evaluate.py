@@ -28,7 +28,7 @@ from scgraph.eval.probe import LinearProbe, clustering_agreement, evaluate, knn,
 from scgraph.io.counts import log1p_cp10k
 from scgraph.io.files import check_directory
 from scgraph.tracking import Tracker, check_store, flatten, git_commit
-from scgraph.train.checkpointer import Pretrained, load_pretrained, resolve_checkpoint
+from scgraph.train.checkpointer import Pretrained, load_pretrained, read_meta, resolve_checkpoint
 
 #: The controls, as named in probe.json, MLflow metrics and the printed table.
 CONTROLS = {"random_encoder": "random-init encoder, same shape",
@@ -82,8 +82,7 @@ def run_probe(opts: ProbeConfig) -> dict[str, Any]:
         "checkpoint": str((folder / tag).resolve())}
     if not opts.overwrite:
         _check_outputs(opts, command)
-    if opts.mlflow_uri:
-        check_store(opts.mlflow_uri)
+    check_store(opts.mlflow_uri or read_meta(folder, tag).get("mlflow_uri"))  # the store the run will log to
     cells = read_cells(opts.data, opts.organism)
     labels = cells.labels(opts.label_key)
     keep, notes = labelled_cells(labels, opts.label_key)
