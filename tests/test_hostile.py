@@ -1,5 +1,7 @@
 """What a hostile new user still found (round 3): each case ends in exit status 2 and one line naming
-the problem and the file or field, or in the right result, with nothing already written changed."""
+the problem and the file or field, or in the right result, with nothing already written changed.
+One catalogue in one file (over 450 lines) because the cases share two costly fixtures: a tiny
+shard set and a finished pretraining run."""
 
 from __future__ import annotations
 
