@@ -64,8 +64,10 @@ def parse_objectives(spec: str) -> dict[str, float]:
             value = float(weight) if weight else 1.0
         except ValueError:
             raise ValueError(f"objectives: weight of {name} must be a number; got {weight!r}") from None
-        if not 0 <= value < float("inf"):
-            raise ValueError(f"objectives: weight of {name} must be a finite number >= 0; got {weight}")
+        if not value >= 0:
+            raise ValueError(f"objectives: weight of {name} must be >= 0; got {weight}")
+        if value == float("inf"):
+            raise ValueError(f"objectives: weight of {name} must be finite; got {weight}")
         if name in weights:
             raise ValueError(f"objectives: {name} is given twice in {spec!r}")
         weights[name] = value
