@@ -69,6 +69,8 @@ def parse_objectives(spec: str) -> dict[str, float]:
             raise ValueError(f"objectives: weight of {name} must be a number; got {weight!r}") from None
         if not value >= 0:
             raise ValueError(f"objectives: weight of {name} must be >= 0; got {weight}")
+        if value == float("inf"):
+            raise ValueError(f"objectives: weight of {name} must be finite; got {weight}")
         if name in weights:
             raise ValueError(f"objectives: {name} is given twice in {spec!r}")
         weights[name] = value
@@ -437,6 +439,10 @@ class PretrainConfig:
             raise ValueError(f"num_workers must be >= 0; got {self.num_workers}")
         _positive("flops_cells", self.flops_cells)
         if self.resume_from is not None:
+            if self.resume_from != Path(self.resume_from).name or self.resume_from in (".", ".."):
+                raise ValueError(f"--resume-from takes a checkpoint tag of this run (a folder name in "
+                                 f"{Path(self.output) / 'checkpoints'}, e.g. step00000004), not a path; got "
+                                 f"{self.resume_from!r}")
             self.resume = True
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1); got {self.val_fraction}")
@@ -444,6 +450,9 @@ class PretrainConfig:
             raise ValueError("give --val-shards or --val-fraction, not both")
         if self.val_every < 0:
             raise ValueError(f"val_every must be >= 0; got {self.val_every}")
+        if self.val_every and not (self.val_shards or self.val_fraction):
+            raise ValueError(f"--val-every {self.val_every} needs validation data: give --val-shards DIR or "
+                             "--val-fraction")
         if self.val_cells is not None:
             _positive("val_cells", self.val_cells)
         if self.peak_tflops is not None:
@@ -501,6 +510,8 @@ class ProbeConfig:
     embed_seq_len: int | None = option(None, "genes per cell when embedding (default: the training L)")
     tsne_cells: int = option(2000, "at most this many cells (a seeded sample) in the t-SNE figure")
     quiet: bool = option(False, "no progress bars")
+    overwrite: bool = option(False, "replace what --out and --export hold from another probe (another checkpoint or "
+                             "other settings); without it they are refused")
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
@@ -632,6 +643,8 @@ class StudyConfig:
     mlflow_uri: str | None = option(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                     "sqlite:///mlflow.db)")
     experiment: str = option("synthetic", "MLflow experiment name")
+    overwrite: bool = option(False, "replace the results --out holds from a study with other settings; without it "
+                             "they are refused")
 
     def __post_init__(self) -> None:
         from scgraph.synthetic.generators import N_TOKENS

@@ -192,7 +192,7 @@ class Demo:
         probe = ProbeConfig(checkpoint=checkpoint, data=str(self.heldout_shards), dataset_name="cbmc",
                             repeats=s.repeats, seed=s.seed, out=str(out),
                             export=str(out / f"cbmc_heldout_{backbone}.h5ad"), mlflow_uri=self.mlflow_uri,
-                            experiment=s.experiment, quiet=True)
+                            experiment=s.experiment, quiet=True, overwrite=True)  # (reused above when it may be)
         self.command(f"probe_{backbone}", [sys.executable, "launchers/probe.py", *to_argv(probe)])
         return True
 

@@ -42,25 +42,62 @@ def tracking_uri(explicit: str | None = None) -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+#: Schemes of the stores MLflow 3 tracks to (``file:`` is its retired file store, refused unless
+#: ``MLFLOW_ALLOW_FILE_STORE=true``, as MLflow itself does).
+SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "file")
+#: Seconds a tracking server has to answer before a command gives up on it (MLflow's own client
+#: retries a server that is down for minutes).
+SERVER_TIMEOUT_S = 5.0
+
+
 def check_store(uri: str | None = None, *, existing: bool = False) -> str:
-    """The store's URI after checking what can be checked before any work: a SQLite store must be
-    a database in an existing folder (``existing``: the file must be there too, for commands that
-    only read it, where a mistyped path would silently create an empty store)."""
+    """The store's URI after checking what can be checked before any work, in one place for every
+    command: a known scheme; a SQLite store must be a database in an existing folder (``existing``:
+    the file must be there too, for commands that only read it, where a mistyped path would
+    silently create an empty store); a server must answer within ``SERVER_TIMEOUT_S``."""
+    explicit = uri
     uri = tracking_uri(uri)
+    where = f"MLflow store {uri}" + ("" if explicit or uri == DEFAULT_TRACKING_URI else " ($MLFLOW_TRACKING_URI)")
     if "://" not in uri:
-        raise ValueError(f"MLflow store {uri!r} is a plain path: MLflow 3 needs a database, e.g. "
-                         f"sqlite:///{Path(uri) / 'mlflow.db'}")
+        db = Path(uri).absolute() if uri.endswith(".db") else Path(uri).absolute() / "mlflow.db"
+        raise ValueError(f"{where} is a plain path: MLflow 3 needs a database, e.g. sqlite:///{db}")
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme not in SCHEMES:
+        raise ValueError(f"{where}: unknown scheme {scheme!r} (use sqlite:///PATH/mlflow.db, http(s)://HOST:PORT "
+                         "of an MLflow server, or a database URI)")
+    if scheme == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+        raise ValueError(f"{where} is MLflow's retired file store: use a database, e.g. "
+                         f"sqlite:///{Path(uri.removeprefix('file://')).parent / 'mlflow.db'}")
+    if scheme in ("http", "https"):
+        _check_server(uri, where)
     path = sqlite_path(uri)
     if path is not None:
         if path.is_file():
             with open(path, "rb") as f:
                 if f.read(16) not in (b"SQLite format 3\0", b""):
-                    raise ValueError(f"MLflow store {uri}: {path} is not an SQLite database")
+                    raise ValueError(f"{where}: {path} is not an SQLite database")
         elif existing:
             raise ValueError(f"no MLflow store at {uri} ({path} does not exist): check the path")
         elif not path.parent.is_dir():
-            raise ValueError(f"MLflow store {uri}: folder {path.parent} does not exist")
+            raise ValueError(f"{where}: folder {path.parent} does not exist")
     return uri
+
+
+def _check_server(uri: str, where: str) -> None:
+    """Refuse a tracking server that does not answer MLflow's health check in time."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError as err:
+        raise ValueError(f"{where}: the server answered {err.code} {err.reason} to MLflow's health check: is it an "
+                         "MLflow server?") from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ValueError(f"{where}: no MLflow server answers ({reason}) within {SERVER_TIMEOUT_S:g} s; start it "
+                         "(mlflow server --backend-store-uri sqlite:///mlflow.db) or check the URI") from None
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -115,7 +115,8 @@ def read_blocks(
         counts = source.read_counts(ids)
         defect = count_defect(counts)
         if defect is not None:
-            defect = (defect[0], f"counts of cell soma_joinid={ids[defect[0]]} contain {defect[1]}")
+            defect = (defect[0], f"{source.counts_name}: counts of cell soma_joinid={ids[defect[0]]} contain "
+                                 f"{defect[1]}")
         counts = job.gene_map.apply(counts) if job.gene_map is not None else _canonical(counts)
         yield Block(ids, counts, obs[part.start - chunk.start : part.stop - chunk.start], defect)
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from scgraph.config import VerifyConfig
 from scgraph.data.shards import MANIFEST_NAME, CorruptShardError, decode_cell, iter_shard, read_manifest
-from scgraph.data.shards.manifest import digest_problem
+from scgraph.data.shards.manifest import digest_problem, vocabulary_problem
 from scgraph.io.counts import value_defect
 
 
@@ -85,6 +85,9 @@ def verify(directory: str, progress: bool = True) -> VerifyReport:
             f"{MANIFEST_NAME}: incomplete ({len(manifest['shards'])} of "
             f"{manifest.get('plan', {}).get('shards', '?')} shards); re-run the write command"
         )
+    edited = vocabulary_problem(manifest)
+    if edited:
+        report.problems.append(f"{MANIFEST_NAME}: {edited}; restore it or write the shard set again")
     vocab_size = len(manifest["vocabulary"]["feature_id"])
     listed = {s["name"] for s in manifest["shards"]}
     strays = {os.path.basename(p) for pattern in ("shard-*", "*.tar")

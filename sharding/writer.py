@@ -38,10 +38,11 @@ from scgraph.data.shards import (
     read_manifest,
     write_manifest,
 )
+from scgraph.data.shards.manifest import vocabulary_digest
 from scgraph.data.shards.stats import compute_gene_stats, record_gene_stats
 from scgraph.data.vocab import GeneMap, GeneVocab
 from scgraph.io.files import TMP_SUFFIX, check_directory
-from scgraph.io.sources import SourceSpec, genes_digest, open_source, resolve_obs_options
+from scgraph.io.sources import SourceSpec, open_source, resolve_obs_options
 from sharding.plan import Plan, ShardJob, select_cells
 from sharding.pool import consecutive, write_in_pool
 from sharding.sink import write_run
@@ -167,7 +168,8 @@ def write_shards(
         except ValueError as err:
             raise ValueError(f"{source.name}: {err}") from None
         vocab, gene_map = gene_mapping(source_vocab, options)
-        fingerprint = source.fingerprint() | {"genes_sha256": genes_digest(genes)}
+        fingerprint = source.fingerprint() | {"genes_sha256": vocabulary_digest(
+            {"feature_id": genes.feature_ids, "feature_name": genes.feature_names})}
         plan = Plan(
             select_cells(source, obs_filter, options.max_cells, options.seed),
             options.cells_per_shard,

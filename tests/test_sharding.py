@@ -381,7 +381,7 @@ def test_nan_counts_are_refused_and_complete_shards_are_kept(tmp_path, capsys):
     path = _h5ad_with_nan_in_cell_250(tmp_path)
     out = str(tmp_path / "shards")
     assert write("--h5ad", path, "--out", out, "--cells-per-shard", "100") == 2
-    assert "counts of cell soma_joinid=250 contain NaN" in capsys.readouterr().err
+    assert f"{path} (X): counts of cell soma_joinid=250 contain NaN" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == [MANIFEST_NAME, "shard-000000.tar", "shard-000001.tar"]
     manifest = json.load(open(os.path.join(out, MANIFEST_NAME)))
     assert not manifest["complete"] and [s["cells"] for s in manifest["shards"]] == [100, 100]
@@ -395,7 +395,7 @@ def test_a_workers_error_is_one_line_and_the_other_workers_shards_are_kept(tmp_p
     out = str(tmp_path / "shards")
     assert write("--h5ad", path, "--out", out, "--cells-per-shard", "100", "--workers", "2") == 2
     err = capsys.readouterr().err
-    assert err == "error: counts of cell soma_joinid=250 contain NaN or infinite values\n"
+    assert err == f"error: {path} (X): counts of cell soma_joinid=250 contain NaN or infinite values\n"
     assert sorted(os.listdir(out)) == [MANIFEST_NAME, "shard-000000.tar", "shard-000001.tar"]
     assert [s["cells"] for s in json.load(open(os.path.join(out, MANIFEST_NAME)))["shards"]] == [100, 100]
 

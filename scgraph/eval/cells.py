@@ -75,21 +75,29 @@ def _read_h5ad(path: str) -> Cells:
         adata = ad.read_h5ad(path)
     except (OSError, KeyError) as err:
         raise ValueError(f"--data {path} is not a readable .h5ad file ({err})") from None
-    return cells_of(adata, _dataset_name(path))
+    return cells_of(adata, _dataset_name(path), where=f"--data {path}")
 
 
-def cells_of(adata: ad.AnnData, name: str) -> Cells:
+def cells_of(adata: ad.AnnData, name: str, where: str | None = None) -> Cells:
     """An AnnData's cells: raw counts from raw.X when present (the CELLxGENE convention for a
     normalised X), else X, as the sharding tool's ``--h5ad-matrix auto`` reads them; gene ids from
-    var['feature_id'] (else the var names), names from var['feature_name'] (else the var names)."""
+    var['feature_id'] (else the var names), names from var['feature_name'] (else the var names).
+    A backed AnnData's matrix is read whole (evaluation data is small). Counts that are not counts,
+    or a gene id twice (its columns would both be matched, silently), are refused naming ``where``
+    (default ``name``) and the matrix, as ``sharding write`` refuses them."""
     source = adata.raw if adata.raw is not None else adata
-    counts = sp.csr_matrix(source.X, dtype=np.float32)
-    check_counts(counts, adata.obs_names)
+    matrix = source.X[:] if adata.isbacked else source.X
+    counts = sp.csr_matrix(matrix, dtype=np.float32)
     var = source.var
     names = [str(x) for x in var.index]
     ids = [str(x) for x in var["feature_id"]] if "feature_id" in var.columns else names
     if "feature_name" in var.columns:
         names = [str(x) for x in var["feature_name"]]
+    try:
+        check_counts(counts, adata.obs_names)
+        GeneVocab(ids, names)  # its validation: one column per gene id
+    except ValueError as err:
+        raise ValueError(f"{where or name} ({'raw.X' if adata.raw is not None else 'X'}): {err}") from None
     return Cells(adata, counts, ids, names, name)
 
 
@@ -121,6 +129,21 @@ def _read_soma(uri: str, organism: str) -> Cells:
         obs = source.read_obs(joinids, [c for c in source.obs_columns if c != "soma_joinid"])
     frame = pd.DataFrame(obs, index=pd.Index([str(j) for j in joinids], name="soma_joinid"))
     return _cells(counts, frame, genes.feature_ids, genes.feature_names, _dataset_name(uri))
+
+
+def coverage_notes(mapping: GeneMap, counts: sp.csr_matrix) -> list[str]:
+    """What a user should know about how the data meets the model's vocabulary (``counts``: the
+    data re-indexed onto it): less than half of the model's genes present (the encoder sees little
+    of what it learnt), and cells with no count in any gene the model knows (each is embedded as an
+    empty cell, the same vector for all)."""
+    notes = []
+    if mapping.matched < mapping.vocab_size / 2:
+        notes.append(f"the data holds {mapping.matched} of the model's {mapping.vocab_size} genes "
+                     f"({100 * mapping.matched / mapping.vocab_size:.0f} %): the encoder sees little of what it learnt")
+    empty = int((np.diff(counts.indptr) == 0).sum())
+    if empty:
+        notes.append(f"{empty} cell(s) have no count in any gene the model knows: each is embedded as an empty cell")
+    return notes
 
 
 def match_genes(cells: Cells, vocab: GeneVocab, by: str = "feature_id") -> GeneMap:

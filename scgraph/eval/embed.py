@@ -13,6 +13,7 @@ to its longest cell: with every gene shown, short cells do not pay for long ones
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -43,10 +44,10 @@ def inference_tokenizer(tok: TokenizerConfig, selection: str, seq_len: int | Non
     ``seq_len`` genes (default: the training L), or ``all`` of each cell's genes."""
     if selection not in EMBED_SELECTIONS:
         raise ValueError(f"embed selection must be one of {', '.join(EMBED_SELECTIONS)}; got {selection!r}")
+    longest = max(1, int(np.diff(counts.indptr).max(initial=0)))  # a longer L would only add padding
     if selection == "all":
-        length = max(1, int(np.diff(counts.indptr).max(initial=0)))
-        return dataclasses.replace(tok, seq_len=length, selection="top")
-    return dataclasses.replace(tok, seq_len=genes_shown(tok, selection, seq_len),
+        return dataclasses.replace(tok, seq_len=longest, selection="top")
+    return dataclasses.replace(tok, seq_len=min(genes_shown(tok, selection, seq_len), longest),
                                selection=resolved_selection(tok, selection))
 
 
@@ -121,14 +122,17 @@ def embed(adata: ad.AnnData, checkpoint: str, *, key: str = "X_scgraph", selecti
     ``selection`` / ``seq_len``: which genes each cell shows the encoder (see the module doc).
     """
     from scgraph.data.vocab import GeneVocab
-    from scgraph.eval.cells import cells_of, match_genes
+    from scgraph.eval.cells import cells_of, coverage_notes, match_genes
     from scgraph.train.checkpointer import load_pretrained
 
+    cells = cells_of(adata, "adata")  # (the data's problems first: they are cheaper to find)
     pretrained = load_pretrained(checkpoint, mlflow_uri)
-    cells = cells_of(adata, "adata")
     mapping = match_genes(cells, GeneVocab(pretrained.meta["feature_ids"], pretrained.meta["feature_names"]),
                           match_genes_by)
-    adata.obsm[key] = embed_cells(pretrained.model, pretrained.run, mapping.apply(cells.counts), selection=selection,
+    counts = mapping.apply(cells.counts)
+    for note in coverage_notes(mapping, counts):
+        warnings.warn(f"scgraph.embed: {note}", stacklevel=2)
+    adata.obsm[key] = embed_cells(pretrained.model, pretrained.run, counts, selection=selection,
                                   seq_len=seq_len, choice=pretrained.gene_choice, batch_size=batch_size,
                                   progress=progress,
                                   desc=f"embed ({pretrained.run.model.backbone})")

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 from scgraph.cli import Command, run
 from scgraph.config import ProbeConfig
 from scgraph.data.vocab import GeneVocab
-from scgraph.eval.cells import Cells, match_genes, read_cells
+from scgraph.eval.cells import Cells, coverage_notes, match_genes, read_cells
 from scgraph.eval.embed import BagOfGenes, embed_cells, genes_shown, random_encoder, resolved_selection
 from scgraph.eval.figures import confusion_plot, tsne_plot
 from scgraph.eval.probe import (
@@ -36,7 +36,7 @@ from scgraph.eval.probe import (
 from scgraph.io.counts import log1p_cp10k
 from scgraph.io.files import check_directory
 from scgraph.tracking import Tracker, check_store, flatten, git_commit
-from scgraph.train.checkpointer import Pretrained, load_pretrained, resolve_checkpoint
+from scgraph.train.checkpointer import Pretrained, load_pretrained, read_meta, resolve_checkpoint
 
 #: The controls, as named in probe.json, MLflow metrics and the printed table.
 CONTROLS = {"random_encoder": "random-init encoder, same shape",
@@ -85,12 +85,15 @@ def export_embeddings(cells: Cells, embeddings: np.ndarray, backbone: str, path:
 def run_probe(opts: ProbeConfig) -> dict[str, Any]:
     """The whole probe; returns what it writes to ``OUT/probe.json``. Every check a user can fail
     runs first; the MLflow run then starts, before the cells are embedded, and ends with the work."""
-    resolve_checkpoint(opts.checkpoint, opts.mlflow_uri)  # fail on a wrong path before reading any data
+    folder, tag = resolve_checkpoint(opts.checkpoint, opts.mlflow_uri)  # fail on a wrong path before reading any data
     check_directory("--out", opts.out)
     if opts.export:
         check_directory("--export", Path(opts.export).parent)
-    if opts.mlflow_uri:
-        check_store(opts.mlflow_uri)
+    command = {k: v for k, v in asdict(opts).items() if k not in ("quiet", "overwrite")} | {
+        "checkpoint": str((folder / tag).resolve())}
+    if not opts.overwrite:
+        _check_outputs(opts, command)
+    check_store(opts.mlflow_uri or read_meta(folder, tag).get("mlflow_uri"))  # the store the run will log to
     cells = read_cells(opts.data, opts.organism)
     labels = cells.labels(opts.label_key)
     keep, notes = labelled_cells(labels, opts.label_key)
@@ -100,14 +103,21 @@ def run_probe(opts: ProbeConfig) -> dict[str, Any]:
     if match.dropped:
         notes.append(f"{match.dropped} of {match.matched + match.dropped} genes are not in the model's vocabulary "
                      "and were dropped")
+    counts = match.apply(cells.counts)
+    notes += coverage_notes(match, counts)
+    longest = int(np.diff(counts.indptr).max(initial=0))
+    if (opts.embed_seq_len or 0) > longest:
+        notes.append(f"--embed-seq-len {opts.embed_seq_len} is more than the longest cell ({longest} genes): every "
+                     "cell shows all its genes")
     y = labels[keep].astype(str)
     facts = {"n_cells": len(keep), "n_classes": len(np.unique(y)), "genes_matched": match.matched,
              "genes_dropped": match.dropped}
     dataset = opts.dataset_name or cells.name
     tracker = _start_tracking(opts, pretrained, dataset, cells, facts)
     try:
-        report = _probe(opts, pretrained, cells, match.apply(cells.counts), keep, y, dataset, facts, notes)
+        report = _probe(opts, pretrained, cells, counts, keep, y, dataset, facts, notes)
         report["probe_run_id"] = tracker.run_id
+        report["command"] = command
         _finish_tracking(tracker, report, Path(opts.out))
     except BaseException:
         tracker.end("FAILED")
@@ -115,6 +125,22 @@ def run_probe(opts: ProbeConfig) -> dict[str, Any]:
     tracker.end()
     print(format_report(report), flush=True)
     return report
+
+
+def _check_outputs(opts: ProbeConfig, command: dict[str, Any]) -> None:
+    """Refuse to replace another probe's results: an --out whose probe.json another checkpoint or
+    other settings wrote (the figures would mix two encoders'), or an existing --export file that
+    this same probe did not write. The same command run again replaces its own."""
+    previous = Path(opts.out) / "probe.json"
+    earlier = json.loads(previous.read_text()).get("command") if previous.is_file() else None
+    if previous.is_file() and earlier != command:
+        differ = ("written before probes recorded their settings" if earlier is None else "other " + ", ".join(
+            sorted(k for k in set(earlier) | set(command) if earlier.get(k) != command.get(k))))
+        raise FileExistsError(f"--out {opts.out} holds the results of another probe ({differ}): choose a new --out, "
+                              "or --overwrite to replace them")
+    if opts.export and Path(opts.export).exists() and earlier != command:
+        raise FileExistsError(f"--export {opts.export} exists and this probe did not write it: choose a new path, or "
+                              "--overwrite to replace it")
 
 
 def _probe(opts: ProbeConfig, pretrained: Pretrained, cells: Cells, counts: Any, keep: np.ndarray, y: np.ndarray,

@@ -3,12 +3,17 @@ probe's confusion matrix, and grouped bars for the Table II comparison."""
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from scgraph.plots import plt  # the module that selects the Agg backend
+
+#: matplotlib's warning for a character its font lacks (its code point is group 1).
+_GLYPH = re.compile(r"Glyph (\d+) \(.*\) missing from font")
 
 
 def _colours(n: int) -> list:
@@ -17,9 +22,19 @@ def _colours(n: int) -> list:
 
 
 def _save(fig, path: str | Path) -> Path:
+    """Save and close; characters the font lacks (labels in other scripts) are one warning naming the
+    figure, not matplotlib's warning per glyph and per draw."""
     path = Path(path)
-    fig.savefig(path, bbox_inches="tight")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
+    missing = sorted({chr(int(m.group(1))) for w in caught if (m := _GLYPH.search(str(w.message)))})
+    for w in caught:
+        if not _GLYPH.search(str(w.message)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if missing:
+        warnings.warn(f"{path}: the font has no glyph for {' '.join(missing)}: shown as boxes", stacklevel=3)
     return path
 
 

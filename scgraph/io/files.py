@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 #: Temporary files (a shard, a manifest, any file being replaced) end so; they never hold anything
@@ -46,11 +47,21 @@ def file_sha256(path: str | Path) -> str:
 
 def check_directory(flag: str, path: str | Path) -> None:
     """Refuse, naming ``flag``, a folder a command will write into when it, or a folder above it,
-    already exists as a file: checked before any work, where ``mkdir`` would only fail at the end."""
+    already exists as a file, or when it cannot be written (a read-only file system, no permission:
+    a file is created and removed in it, or in the nearest folder above it that exists): checked
+    before any work, where ``mkdir`` or the first write would only fail at the end."""
     path = Path(path).absolute()
     for folder in (path, *path.parents):
         if folder.exists():
             if not folder.is_dir():
                 where = f"{flag} {path}" if folder == path else f"{flag} {path}: {folder}"
                 raise NotADirectoryError(f"{where} is a file, not a folder")
+            try:
+                handle, name = tempfile.mkstemp(dir=folder, prefix=".scgraph-write-check-")
+            except OSError as err:
+                raise named(type(err)(err.errno, err.strerror), path) from None
+            os.close(handle)
+            os.unlink(name)
             return
+
+

@@ -11,7 +11,6 @@ SOMA experiment); an .h5ad is read in backed mode so its matrix is never loaded 
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -139,11 +138,6 @@ def _fragments(uri: str) -> list[str] | None:
     return sorted(os.listdir(os.path.join(path, "__fragments")))
 
 
-def genes_digest(genes: Genes) -> str:
-    """A short hash of a source's var (ids and names, in order)."""
-    return hashlib.sha256(json.dumps([genes.feature_ids, genes.feature_names]).encode()).hexdigest()[:16]
-
-
 class SomaSource:
     """A SOMA experiment with the census schema: measurement "RNA", X layer "raw"."""
 
@@ -157,6 +151,7 @@ class SomaSource:
                 f"(layers: {', '.join(ms.X.keys()) or 'none'})"
             )
         self.name = name
+        self.counts_name = f"{name} (X layer 'raw')"  # where the counts are, for error messages
         self._obs = experiment.obs
         self._var = ms.var
         self._X = ms.X["raw"]
@@ -256,6 +251,7 @@ class H5adSource:
             if use_raw and "raw" not in self._file:
                 raise ValueError(f"{path} has no raw matrix (raw.X); use --h5ad-matrix X")
             group = self._file["raw"] if use_raw else self._file
+            self.counts_name = f"{path} ({'raw.X' if use_raw else 'X'})"  # where the counts are, for error messages
             for key, where in (("X", group), ("var", group), ("obs", self._file)):
                 if key not in where:
                     raise ValueError(f"--h5ad {path} has no {key!r} in {where.name}: not an AnnData file")
@@ -263,6 +259,8 @@ class H5adSource:
             self._X = sparse_dataset(x) if isinstance(x, h5py.Group) else x
             self._obs: pd.DataFrame = read_elem(self._file["obs"])
             self._var: pd.DataFrame = read_elem(group["var"])
+            if not isinstance(self._obs, pd.DataFrame) or not isinstance(self._var, pd.DataFrame):
+                self._obs, self._var = _legacy_frames(path, use_raw)
         except (OSError, KeyError) as err:  # damaged inside
             self._file.close()
             raise ValueError(f"--h5ad {path} is damaged and cannot be read ({err})") from None
@@ -305,6 +303,18 @@ class H5adSource:
     def read_obs(self, joinids: np.ndarray, obs_columns: Sequence[str]) -> ObsColumns:
         obs = self._obs.iloc[joinids]
         return {c: obs[c].astype(object).tolist() for c in obs_columns}
+
+
+def _legacy_frames(path: str, use_raw: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """obs and var of an .h5ad in anndata's legacy layout (before 0.7: compound datasets, which
+    ``read_elem`` returns as record arrays), through anndata's own reader of that layout."""
+    import anndata as ad
+
+    adata = ad.read_h5ad(path, backed="r")
+    try:
+        return adata.obs, (adata.raw.var if use_raw else adata.var)
+    finally:
+        adata.file.close()
 
 
 Source = SomaSource | H5adSource

@@ -17,12 +17,14 @@ from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from scgraph.cli import Command, run
 from scgraph.config import StudyConfig
+from scgraph.io.files import check_directory
 from scgraph.models.model import count_parameters
 from scgraph.synthetic.bounds import floors
 from scgraph.synthetic.generators import static_coefficients
@@ -107,7 +109,13 @@ def _save_json(cfg: StudyConfig, results: list[SettingResult], path: Path, secon
 REDUCED = dict(samples=10_000, epochs=100, lr=3e-3, batch_size=64)
 
 #: Fields that say where and how a study ran, not what it computed.
-RUN_FIELDS = ("workers", "out", "mlflow_uri", "experiment")
+RUN_FIELDS = ("workers", "out", "mlflow_uri", "experiment", "overwrite")
+
+
+def _same_settings(cfg: StudyConfig, payload: dict[str, Any]) -> bool:
+    """Whether ``results.json``'s ``payload`` was computed with ``cfg``'s settings (``RUN_FIELDS`` aside)."""
+    return {k: v for k, v in payload["config"].items() if k not in RUN_FIELDS} == {
+        k: v for k, v in cfg.params().items() if k not in RUN_FIELDS}
 
 
 def load_results(cfg: StudyConfig) -> tuple[list[SettingResult], float] | None:
@@ -117,8 +125,7 @@ def load_results(cfg: StudyConfig) -> tuple[list[SettingResult], float] | None:
     if not path.exists():
         return None
     payload = json.loads(path.read_text())
-    same = {k: v for k, v in cfg.params().items() if k not in RUN_FIELDS}
-    if payload.get("seconds") is None or {k: v for k, v in payload["config"].items() if k not in RUN_FIELDS} != same:
+    if payload.get("seconds") is None or not _same_settings(cfg, payload):
         return None
     return [SettingResult(s["beta"], s["sigma"], {b: [Curve(losses) for losses in cs] for b, cs in s["curves"].items()})
             for s in payload["settings"]], payload["seconds"]
@@ -144,7 +151,13 @@ def _completed(cfg: StudyConfig):
 
 def run_study(cfg: StudyConfig, *, progress: bool = True, log: bool = True) -> list[SettingResult]:
     """Run the grid; write table1.csv, table1.txt, the figures and results.json under ``cfg.out``;
-    print Table I; log everything to MLflow unless ``log`` is False."""
+    print Table I; log everything to MLflow unless ``log`` is False. Results of a study with other
+    settings in ``cfg.out`` are refused unless ``cfg.overwrite``."""
+    check_directory("--out", cfg.out)
+    previous = cfg.out / "results.json"
+    if previous.is_file() and not cfg.overwrite and not _same_settings(cfg, json.loads(previous.read_text())):
+        raise FileExistsError(f"--out {cfg.out} holds the results of a study with other settings: choose a new --out, "
+                              "or --overwrite to replace them")
     cfg.out.mkdir(parents=True, exist_ok=True)
     tracker = _start_tracking(cfg) if log else None
     start = time.perf_counter()

@@ -89,6 +89,9 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
         construct(_Schema, ds, strict=False)
     except ValueError as err:
         raise ValueError(f"DeepSpeed config {path}: {err}") from None
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        if ds.get(key) is not None and ds[key] <= 0:
+            raise ValueError(f"DeepSpeed config {path}: {key} must be > 0; got {ds[key]}")
     return ds
 
 

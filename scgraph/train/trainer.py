@@ -101,6 +101,12 @@ class Pretrainer:
         ds_raw = load_ds_config(cfg.deepspeed_config) if cfg.deepspeed_config else {
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size or run.train.batch_size}
         self.rank, self.world, self.device = init_distributed()
+        if run.tokenizer.seq_len > self.shards.vocab_size:  # no cell has more genes: the rest would be padding
+            if self.rank == 0:
+                print(f"scgraph: --seq-len {run.tokenizer.seq_len} is more than the {self.shards.vocab_size} genes of "
+                      f"{cfg.shards}: L = {self.shards.vocab_size}", flush=True)
+            run = dataclasses.replace(run, tokenizer=dataclasses.replace(run.tokenizer, seq_len=self.shards.vocab_size))
+            self.cfg = cfg = dataclasses.replace(cfg, run=run)
         self.ds = resolve_ds_config(ds_raw, run.train, self.world, micro_batch_size=cfg.micro_batch_size,
                                     on_cpu=self.device.type == "cpu")
         self.micro = self.ds["train_micro_batch_size_per_gpu"]
@@ -117,7 +123,8 @@ class Pretrainer:
         self.resume_tag = tag if cfg.resume else None
         if self.resume_tag:
             self._check_resumable(self.resume_tag)
-            self.checkpoints.check_compatible(self.resume_tag, run, cfg.shards, self.shards.identity)
+            self.resume_changes = self.checkpoints.check_compatible(self.resume_tag, run, cfg.shards,
+                                                                    self.shards.identity)
             saved_world = read_meta(self.checkpoints.dir, self.resume_tag).get("world_size", self.world)
             if saved_world != self.world and zero_stage(self.ds) > 0:
                 # ZeRO partitions are per rank: DeepSpeed's universal checkpoint loads on any number
@@ -165,7 +172,7 @@ class Pretrainer:
     def _check_resumable(self, tag: str) -> None:
         """Every rank checks the checkpoint before any rank loads it or touches MLflow, so a damaged
         one is refused by all ranks alike, naming the bad file and the previous complete tag."""
-        problem = self.checkpoints.problem(tag)
+        problem = self.checkpoints.problem(tag, checksums=self.rank == 0)  # (sizes on the others: hashing is slow)
         if not all_ranks_agree(problem is None, self.device):
             raise self.checkpoints.refuse(tag, problem or f"checkpoint {self.checkpoints.dir / tag} failed its check "
                                                           "on another rank")
@@ -180,6 +187,9 @@ class Pretrainer:
         if not cfg.val_shards:
             return None
         held = ShardSet.open(cfg.val_shards)
+        if held.identity == self.shards.identity:
+            raise ValueError(f"--val-shards {cfg.val_shards} holds the training cells of --shards {cfg.shards}: "
+                             "validate on held-out cells (another shard set, or --val-fraction)")
         if held.feature_ids != self.shards.feature_ids:
             raise ValueError(f"--val-shards {cfg.val_shards} is not in the vocabulary of --shards {cfg.shards}: "
                              f"write it with python -m sharding write --vocab-from {cfg.shards}")
@@ -264,13 +274,14 @@ class Pretrainer:
         self.losses = [tuple(x) for x in client.get("losses", [])]
         self.best = tuple(client.get("best", self.best))
         self._start_tracking(run_id=client.get("mlflow_run_id"))
-        self.tracker.tags({"resumed_from": self.resume_tag})
+        self.tracker.tags({"resumed_from": self.resume_tag} | ({"resumed_changes": "; ".join(self.resume_changes)}
+                                                              if self.resume_changes else {}))
         # steps between this checkpoint and the interruption were logged already (with the same
         # values: the run is deterministic from here): log only beyond them
         self.logged_until = self.tracker.last_step("train/loss")
         if self.rank == 0:
             print(f"scgraph: resumed {self.resume_tag} at step {self.step} (epoch {self.epoch}, "
-                  f"{self.consumed} batches into it)", flush=True)
+                  f"{self.consumed} batches into it)" + "".join(f"; {c}" for c in self.resume_changes), flush=True)
 
     def _tag(self) -> str:
         return f"step{self.step:08d}"
@@ -282,7 +293,8 @@ class Pretrainer:
                 "feature_names": self.shards.feature_names, "step": self.step,
                 "zero_stage": zero_stage(self.ds), "precision": precision(self.ds), "world_size": self.world,
                 "mlflow_run_id": self.tracker.run_id, "mlflow_uri": self.cfg.mlflow_uri,
-                "experiment": self.cfg.experiment, "gene_choice": self.choice and self.choice.to_record()}
+                "output": str(self.output.resolve()), "experiment": self.cfg.experiment,
+                "gene_choice": self.choice and self.choice.to_record()}
         client = {"step": self.step, "epoch": self.epoch, "consumed": self.consumed,
                   "layout": dataclasses.astuple(self._layout()),
                   "segments": [[*dataclasses.astuple(layout), batches] for layout, batches in self.segments],
@@ -366,7 +378,9 @@ class Pretrainer:
             self.memory.after_forward()
         value, *values = torch.stack([loss.detach(), *parts.values()]).tolist()  # one device sync
         if not math.isfinite(value):
-            raise FloatingPointError(f"the loss became {value} at step {self.step + 1} on rank {self.rank}")
+            raise ValueError(f"the loss became {value} at step {self.step + 1} (rank {self.rank}): training diverged; "
+                             f"lower --lr (now {self.cfg.run.train.lr:g}) or the objective weights, keep --grad-clip "
+                             "on, and start again (or --resume-from an earlier checkpoint)")
         engine.backward(loss)
         if measure and boundary:
             self.memory.after_backward(engine.module, engine.optimizer)

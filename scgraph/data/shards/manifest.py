@@ -21,6 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from scgraph import __version__
+from scgraph.config import parse_slice
 from scgraph.data.shards.codec import Cell, CorruptShardError, decode_cell, iter_shard
 from scgraph.data.shards.stats import GeneSummary
 from scgraph.data.vocab import GeneVocab
@@ -43,6 +44,28 @@ def content_identity(vocabulary: dict[str, list[str]], shards: list[dict[str, An
     """Short hash of what a model sees (vocabulary, shard contents): equal shard sets, equal ids."""
     blob = json.dumps([vocabulary["feature_id"], [(s["name"], s["sha256"]) for s in shards]]).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def vocabulary_digest(vocabulary: dict[str, list[str]]) -> str:
+    """The gene fingerprint of a vocabulary (ids and names, in order): recorded in the manifest, so
+    an edited gene list (names the identity does not hash) is caught; a source's ``genes_sha256``."""
+    blob = json.dumps([list(vocabulary["feature_id"]), list(vocabulary["feature_name"])]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def vocabulary_problem(manifest: dict[str, Any]) -> str | None:
+    """What shows that a manifest's gene list or shard list was edited after it was written, or
+    None: its gene fingerprint (in a manifest older than that, the source's, when the set kept the
+    source's genes) and its identity must still be those of what it lists."""
+    vocabulary = manifest["vocabulary"]
+    recorded = manifest.get("vocabulary_sha256")
+    if recorded is None and not (manifest.get("command") or {}).get("vocab_from"):
+        recorded = (manifest.get("fingerprint") or {}).get("genes_sha256")
+    if recorded is not None and vocabulary_digest(vocabulary) != recorded:
+        return "its gene list (vocabulary) is not the one it was written with (gene fingerprint mismatch)"
+    if manifest.get("identity") and manifest["identity"] != content_identity(vocabulary, manifest["shards"]):
+        return "its identity does not match its gene list and shards"
+    return None
 
 
 def _manifest_text(payload: dict[str, Any]) -> str:
@@ -88,6 +111,7 @@ def build_manifest(
         "plan": plan,
         "complete": complete,
         "identity": content_identity(vocabulary, listed) if complete else None,
+        "vocabulary_sha256": vocabulary_digest(vocabulary),
         "totals": {
             "cells": sum(s["cells"] for s in listed),
             "shards": len(listed),
@@ -166,6 +190,14 @@ class ShardSet:
         vocab = manifest["vocabulary"]
         if len(vocab.get("feature_id", [])) != len(vocab.get("feature_name", [])) or not vocab["feature_id"]:
             raise ValueError(f"{path}: corrupt manifest (vocabulary feature_id/feature_name lengths differ)")
+        problem = vocabulary_problem(manifest)
+        if problem:
+            raise ValueError(f"{path}: edited manifest: {problem}; restore it or write the shard set again")
+        plan = manifest.get("plan") or {}
+        if plan.get("slice") and parse_slice(plan["slice"])[1] > 1:
+            raise ValueError(f"{path}: part {plan['slice']} of a sliced write ({len(manifest['shards'])} of "
+                             f"{plan.get('shards', '?')} shards): join the parts first with python -m sharding "
+                             "merge OUT PART...")
         if sum(s["cells"] for s in manifest["shards"]) != manifest["totals"]["cells"]:
             raise ValueError(f"{path}: corrupt manifest (shard cell counts do not add up to totals.cells)")
         for shard in manifest["shards"]:
