@@ -12,7 +12,7 @@ from plain_loop import iterate_batches, train_plain
 from scgraph.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig
 from scgraph.data.batch import make_batch
 from scgraph.data.datasets import load_cbmc
-from scgraph.models import build_model
+from scgraph.models.model import build_model
 
 
 @pytest.fixture(scope="module")
