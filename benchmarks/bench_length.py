@@ -33,8 +33,9 @@ import torch
 from bench_speed import DTYPES, VARIANTS
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from scgraph.config import CENSUS_VOCAB_SIZE, PRESETS, ModelConfig
-from scgraph.models import build_model
+from scgraph.config import CENSUS_VOCAB_SIZE, ModelConfig
+from scgraph.models.config import PRESETS
+from scgraph.models.model import build_model
 from scgraph.plots import line_plot
 from scgraph.train.telemetry import full_length_batch, measure_training_step
 

@@ -39,7 +39,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from scgraph.config import CENSUS_VOCAB_SIZE, ModelConfig
 from scgraph.data.batch import Batch
-from scgraph.models import ADJACENCIES, build_model, mvp_loss
+from scgraph.models.model import ADJACENCIES, build_model, mvp_loss
 from scgraph.train.optim import param_groups
 from scgraph.train.telemetry import full_length_batch, measure_flops, measure_training_step
 

@@ -129,7 +129,7 @@ def engine_step(model: str, length: int, args: argparse.Namespace, device: torch
     """One training step of the real engine on ``--batch`` cells of ``length`` genes: peak memory
     (model states, fp32 master weights and AdamW state included) and time."""
     from scgraph.config import ModelConfig, TrainConfig
-    from scgraph.models import build_model
+    from scgraph.models.model import build_model
     from scgraph.train.dsconfig import load_ds_config, precision, resolve_ds_config
     from scgraph.train.objectives import pretraining_loss
     from scgraph.train.optim import deepspeed_engine

@@ -9,27 +9,37 @@ Defaults are the paper's (Table II for pretraining, section IV-B for the probe, 
 the synthetic study). Model presets fill only the fields left as ``None``: an explicit value wins.
 
 This module holds every run's configuration on purpose (one owner), which is why it is longer than
-the others; the model's parts it names (mixers, adjacencies, activations) are registries in
-``scgraph.models.model``, read here on first use so that importing this module needs no torch.
+the others. The model's names it validates against (mixers and their families, adjacencies,
+activations, kernels, presets) are ``scgraph.models.config``'s, which needs no torch: so importing
+this module and checking a model or training config need none either, and the model imports this
+module without a circle.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from scgraph.cli import option
 from scgraph.data import tokens
+from scgraph.models.config import (
+    ACTIVATIONS,
+    ADJACENCIES,
+    BACKBONES,
+    BLOCK_LAYOUTS,
+    CELL_EMBEDDINGS,
+    FEATURE_MAPS,
+    KERNELS,
+    MIXER_FAMILIES,
+    PRESETS,
+    VALUE_ENCODERS,
+)
 
 #: Size of the CELLxGENE Census gene vocabulary used by the paper (homo sapiens).
 CENSUS_VOCAB_SIZE = 60_664
 
-BLOCK_LAYOUTS = ("pre_norm", "post_norm", "post_act", "residual")
-VALUE_ENCODERS = ("linear", "mlp", "bins")
-CELL_EMBEDDINGS = ("mean", "cls")
 NORMALIZATIONS = ("log1p", "none")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 #: How training picks L of a cell's genes: uniformly, the top L by expression, at random with
@@ -79,48 +89,6 @@ def parse_objectives(spec: str) -> dict[str, float]:
     return weights
 
 
-@functools.cache
-def registry(name: str) -> tuple[str, ...]:
-    """The names in one of the model's registries (``MIXERS``, ``ADJACENCIES``, ``ACTIVATIONS``)."""
-    from scgraph.models import model
-
-    return tuple(getattr(model, name))
-
-
-def backbones() -> tuple[str, ...]:
-    """Every token mixer by name, in registry order (the Transformer first)."""
-    return registry("MIXERS")
-
-
-def short_name(backbone: str) -> str:
-    """How tables and figures name a backbone: TF, GNN, or the name itself."""
-    return {"transformer": "TF", "gnn": "GNN"}.get(backbone, backbone)
-
-
-def mixer_family(backbone: str) -> str:
-    """'attention' (weights computed from the cell) or 'graph' (a static gene-gene adjacency)."""
-    from scgraph.models.model import MIXERS
-
-    return MIXERS[backbone].family
-
-
-# What each preset sets when a field is left as None: a row shared by both mixer families, then
-# per-family rows. ``scbenchmark`` is the authors' released architecture (Transformer:
-# nn.TransformerEncoderLayer, post-norm, ReLU, feed-forward width d; GNN: no feed-forward,
-# Linear -> LayerNorm -> GELU -> residual, the symmetric-MLP adjacency). ``symmetric`` is the
-# controlled experiment: one pre-norm block for both, only the mixer differs.
-PRESETS: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {
-    "scbenchmark": (
-        dict(value_encoder="mlp", cell_embedding="cls", graph_out_proj=False),
-        {"attention": dict(mlp_ratio=1.0, block_layout="post_norm", activation="relu", adjacency="factorized"),
-         "graph": dict(mlp_ratio=0.0, block_layout="post_act", activation="gelu", adjacency="symmetric_mlp")}),
-    "symmetric": (
-        dict(mlp_ratio=4.0, block_layout="pre_norm", activation="gelu", value_encoder="linear",
-             cell_embedding="mean", adjacency="factorized", graph_out_proj=True),
-        {}),
-}
-
-
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
@@ -144,7 +112,7 @@ def _check_schedule(cfg: TrainConfig | StudyConfig) -> None:
 class ModelConfig:
     """The backbone: its mixer, shape and the preset's layouts."""
 
-    backbone: str = option("transformer", "token mixer", choices=backbones)
+    backbone: str = option("transformer", "token mixer", choices=BACKBONES)
     preset: str = option("scbenchmark", "architecture preset: scbenchmark = the authors' released layouts, "
                          "symmetric = one pre-norm block for both backbones", choices=tuple(PRESETS))
     vocab_size: int = option(CENSUS_VOCAB_SIZE, "genes in the vocabulary (pad and CLS are appended after them); "
@@ -162,23 +130,23 @@ class ModelConfig:
     # Filled by the preset when None.
     mlp_ratio: float | None = option(None, "feed-forward width / hidden (0: no feed-forward; default: the preset's)")
     block_layout: str | None = option(None, "block layout (default: the preset's)", choices=BLOCK_LAYOUTS)
-    activation: str | None = option(None, "activation (default: the preset's)", choices=lambda: registry("ACTIVATIONS"))
+    activation: str | None = option(None, "activation (default: the preset's)", choices=ACTIVATIONS)
     value_encoder: str | None = option(None, "value encoder (default: the preset's)", choices=VALUE_ENCODERS)
     cell_embedding: str | None = option(None, "cell embedding: the CLS output or the mean over genes (default: the "
                                         "preset's)", choices=CELL_EMBEDDINGS)
     adjacency: str | None = option(None, "GNN adjacency (default: the preset's)",
-                                   choices=lambda: registry("ADJACENCIES"))
+                                   choices=ADJACENCIES)
     graph_out_proj: bool | None = option(None, "output projection after the GNN mixer (default: the preset's)")
     feature_map: str = option("elu+1", "positive feature map of the linear GNN (gnn_linear)",
-                              choices=lambda: registry("FEATURE_MAPS"))
+                              choices=FEATURE_MAPS)
     cell_decoder: bool | None = option(None, "a gene decoder that reads the cell embedding (default: when an "
                                        "objective needs it)", cli=False)
 
     def __post_init__(self) -> None:
-        _choice("backbone", self.backbone, backbones())
+        _choice("backbone", self.backbone, BACKBONES)
         _choice("preset", self.preset, tuple(PRESETS))
         shared, per_family = PRESETS[self.preset]
-        for name, value in (shared | per_family.get(mixer_family(self.backbone), {})).items():
+        for name, value in (shared | per_family.get(self.family, {})).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         _positive("vocab_size", self.vocab_size)
@@ -202,11 +170,11 @@ class ModelConfig:
             _positive("value_clamp", self.value_clamp)
         _positive("n_bins", self.n_bins)
         _choice("block_layout", self.block_layout, BLOCK_LAYOUTS)
-        _choice("activation", self.activation, registry("ACTIVATIONS"))
+        _choice("activation", self.activation, ACTIVATIONS)
         _choice("value_encoder", self.value_encoder, VALUE_ENCODERS)
         _choice("cell_embedding", self.cell_embedding, CELL_EMBEDDINGS)
-        _choice("adjacency", self.adjacency, registry("ADJACENCIES"))
-        _choice("feature_map", self.feature_map, registry("FEATURE_MAPS"))
+        _choice("adjacency", self.adjacency, ADJACENCIES)
+        _choice("feature_map", self.feature_map, FEATURE_MAPS)
         if self.family == "graph" and self.dropout > 0 and (self.hidden // self.graph_heads) % self.score_width:
             raise ValueError(f"dropout in the GNN's attention runs on its sub-head kernel, which needs hidden / "
                              f"graph_heads ({self.hidden // self.graph_heads}) to be a multiple of the adjacency's "
@@ -215,7 +183,8 @@ class ModelConfig:
 
     @property
     def family(self) -> str:
-        return mixer_family(self.backbone)
+        """'attention' (weights computed from the cell) or 'graph' (a static gene-gene adjacency)."""
+        return MIXER_FAMILIES[self.backbone]
 
     @property
     def pad_id(self) -> int:
@@ -419,7 +388,7 @@ class PretrainConfig:
     graph_kernel: str = option("auto", "how the GNN computes softmax(U[g]V[g]^T) H W_v: auto (one fused SDPA call "
                                "where a kernel takes the widths, else scores_once), scores_once (blocked, exact, "
                                "nothing L x L kept), sdpa, or subheads (values as sub-heads of the adjacency's width, "
-                               "scores recomputed per sub-head)", choices=lambda: registry("KERNELS"))
+                               "scores recomputed per sub-head)", choices=KERNELS)
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward instead of keeping "
                                             "them (less memory, about a third more compute)")
     compile: bool = option(False, "torch.compile the model (minutes of compilation first)")

@@ -180,7 +180,7 @@ def moved_from_init(checkpoint) -> dict[str, float]:
     the run's seed, as the trainer builds it): ||w - w0|| / ||w0||, by parameter name."""
     import torch
 
-    from scgraph.models import build_model
+    from scgraph.models.model import build_model
     from scgraph.train.checkpointer import load_pretrained
 
     pretrained = load_pretrained(checkpoint)

@@ -20,7 +20,7 @@ from scgraph.data.shards.stats import BINS_PER_UNIT, GeneStats
 from scgraph.eval.embed import embed, embed_cells
 from scgraph.eval.probe import collapse_diagnostics
 from scgraph.io.counts import log1p_cp10k
-from scgraph.models import build_model
+from scgraph.models.model import build_model
 from scgraph.train.checkpointer import load_pretrained
 from scgraph.train.trainer import COMMAND as PRETRAIN
 from sharding.cli import main as sharding

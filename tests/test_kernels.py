@@ -8,8 +8,8 @@ import torch
 from conftest import dense_graph_mixer
 
 from scgraph.config import ModelConfig
-from scgraph.models import build_model
 from scgraph.models.kernels import BLOCK_ELEMENTS, ScoresOnceAttention, scores_once
+from scgraph.models.model import build_model
 from scgraph.train.telemetry import analytic_encoder_flops, full_length_batch, measure_flops
 
 G = 60

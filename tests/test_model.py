@@ -1,6 +1,11 @@
-"""The two backbones: symmetry, padding, the fused GNN mixer, gradients, the MVP loss."""
+"""The two backbones: symmetry, padding, the fused GNN mixer, gradients, the MVP loss; the model's
+names, which configs read without torch."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +13,11 @@ from conftest import dense_graph_mixer
 from torch import nn
 
 from scgraph.config import ModelConfig
-from scgraph.models import AttentionMixer, build_model, count_parameters, mvp_loss
+from scgraph.models import config as names
+from scgraph.models import model
+from scgraph.models.model import AttentionMixer, build_model, count_parameters, mvp_loss
+
+ROOT = Path(__file__).resolve().parents[1]
 
 G = 50
 
@@ -266,3 +275,42 @@ def test_a_bf16_model_takes_fp32_values_and_its_losses_stay_fp32(backbone):
     torch.testing.assert_close(low(genes, leaked, masked), pred)
     loss.backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in low.parameters())
+
+
+def test_each_registry_maps_exactly_the_names_configs_accept():
+    """A class registered without its name (or a name without its class) fails here, not at a user's
+    first run of it; the order is --help's and the comparison tables' (the Transformer first)."""
+    assert tuple(model.MIXERS) == names.BACKBONES
+    assert tuple(model.ADJACENCIES) == names.ADJACENCIES
+    assert tuple(model.ACTIVATIONS) == names.ACTIVATIONS
+    assert tuple(model.FEATURE_MAPS) == names.FEATURE_MAPS
+
+
+def python(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter that imports this checkout."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_configs_are_built_and_parsed_without_torch():
+    """A command line is checked (every backbone and preset resolved) before the seconds torch takes to import."""
+    done = python(
+        "import sys\n"
+        "from scgraph.cli import Command, parse\n"
+        "from scgraph.config import ModelConfig, PretrainConfig\n"
+        "from scgraph.models.config import BACKBONES, PRESETS\n"
+        "configs = [ModelConfig(backbone=b, preset=p) for b in BACKBONES for p in PRESETS]\n"
+        "argv = ['--shards', 'x', '--backbone', 'gnn_linear', '--activation', 'relu', '--graph-kernel', 'sdpa']\n"
+        "assert parse(Command(PretrainConfig, run=print, prog='pretrain'), argv).run.model.family == 'graph'\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("first", ["scgraph.models.model", "scgraph.config", "scgraph.models.config"])
+def test_the_model_and_its_config_import_in_either_order(first):
+    """No import circle: whichever module a program imports first, the model builds."""
+    done = python(f"import {first}\n"
+                  "from scgraph.config import ModelConfig\n"
+                  "from scgraph.models.model import build_model\n"
+                  "build_model(ModelConfig(backbone='gnn', vocab_size=10, hidden=8, layers=1, adjacency_rank=2))\n")
+    assert done.returncode == 0, done.stderr

@@ -22,17 +22,17 @@ from typing import Any
 import numpy as np
 
 from scgraph.cli import Command, run
-from scgraph.config import CompareConfig, backbones, short_name
+from scgraph.config import CompareConfig
 from scgraph.eval.evaluate import CONTROLS
 from scgraph.eval.figures import grouped_bar_chart
+from scgraph.models.config import BACKBONES, short_name
 from scgraph.plots import line_plot
 from scgraph.tracking import KIND, Tracker, check_store, client, git_commit, run_link, tracking_uri
 
 
 def _order(backbone: str) -> int:
     """Paper order: the Transformer row first, then the GNN(s) compared with it."""
-    names = backbones()
-    return names.index(backbone) if backbone in names else len(names)
+    return BACKBONES.index(backbone) if backbone in BACKBONES else len(BACKBONES)
 
 
 @dataclass

@@ -1,17 +1,3 @@
-"""The backbones: one Block, a token mixer per backbone (see model.py)."""
-
-from scgraph.models.model import (
-    ACTIVATIONS,
-    ADJACENCIES,
-    MIXERS,
-    AttentionMixer,
-    Block,
-    CellModel,
-    GraphMixer,
-    build_model,
-    count_parameters,
-    mvp_loss,
-)
-
-__all__ = ["ACTIVATIONS", "ADJACENCIES", "MIXERS", "AttentionMixer", "Block", "CellModel", "GraphMixer",
-           "build_model", "count_parameters", "mvp_loss"]
+"""The backbones: one Block, a token mixer per backbone (model.py), the GNN's attention kernels
+(kernels.py), and every name they take (config.py). Importing this package imports nothing else, so
+``scgraph.models.config`` is read without torch."""

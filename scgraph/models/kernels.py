@@ -29,7 +29,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("auto", "scores_once", "sdpa", "subheads")
 #: Elements of one score block (batch-heads x query rows x keys): 4 MiB of float32, big enough that
 #: per-block Python overhead vanishes, small enough to stay in cache (2^19..2^21 measured equal).
 BLOCK_ELEMENTS = 1 << 20
@@ -159,7 +158,8 @@ def choose_kernel(requested: str, device: torch.device, dtype: torch.dtype, w: i
 
 def static_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
                      kernel: str, dropout: float = 0.0) -> torch.Tensor:
-    """Attention with gene-indexed queries and keys by ``kernel`` (one of ``KERNELS`` but auto)."""
+    """Attention with gene-indexed queries and keys by ``kernel`` (one of ``scgraph.models.config.KERNELS``
+    but auto)."""
     if kernel == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep.reshape(q.shape[0], 1, 1, -1),
                                               dropout_p=dropout, scale=scale)

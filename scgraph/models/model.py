@@ -5,9 +5,10 @@ and the GNN differ only in the token mixer a ``Block`` is given; the preset (``M
 the rest. The GNN mixer is attention with static, gene-indexed queries and keys, so it runs on the
 same fused ``scaled_dot_product_attention`` kernels and never keeps an L x L tensor for backward.
 
-Registries (``MIXERS``, ``ADJACENCIES``, ``ACTIVATIONS``) are the one place each name is declared;
-``scgraph.config`` validates against them. A new token mixer is one class with ``family`` and the
-``(cfg, adjacency)`` constructor, and one line in ``MIXERS``.
+Registries (``MIXERS``, ``ADJACENCIES``, ``ACTIVATIONS``, ``FEATURE_MAPS``) map each name to its
+class; the names themselves, and each mixer's family, are ``scgraph.models.config``'s (no torch there,
+so configs are checked without it). A new token mixer is one class with the ``(cfg, adjacency)``
+constructor, one line in ``MIXERS``, and its name and family in ``MIXER_FAMILIES`` there.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 from scgraph.config import ModelConfig
 from scgraph.data.tokens import is_gene
-from scgraph.models.kernels import KERNELS, choose_kernel, static_attention
+from scgraph.models.kernels import choose_kernel, static_attention
 
 #: Activations of the feed-forward and of the post_act layout, by name.
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
@@ -86,8 +87,6 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.
 
 class AttentionMixer(nn.Module):
     """Multi-head self-attention (Eq. 9-10): weights depend on the cell."""
-
-    family = "attention"
 
     def __init__(self, cfg: ModelConfig, adjacency: nn.Module | None = None) -> None:
         super().__init__()
@@ -171,8 +170,6 @@ class GraphMixer(nn.Module):
     width d / graph_heads, by one of ``scgraph.models.kernels`` (``kernel``, fixed for the device
     and precision by :meth:`CellModel.choose_kernels`; the portable exact one until then).
     """
-
-    family = "graph"
 
     def __init__(self, cfg: ModelConfig, adjacency: nn.Module) -> None:
         super().__init__()
@@ -339,7 +336,7 @@ class CellModel(nn.Module):
     def _adjacencies(cfg: ModelConfig) -> Iterator[nn.Module | None]:
         """One per layer for a graph mixer (the same module in every layer when shared), each made
         just before its layer's mixer (so a seed gives the same weights as ever)."""
-        if MIXERS[cfg.backbone].family != "graph":
+        if cfg.family != "graph":
             yield from [None] * cfg.layers
             return
         shared = None
@@ -448,5 +445,5 @@ def build_model(cfg: ModelConfig) -> CellModel:
     return CellModel(cfg)
 
 
-__all__ = ["ACTIVATIONS", "ADJACENCIES", "FEATURE_MAPS", "KERNELS", "MIXERS", "AttentionMixer", "Block", "CellModel",
+__all__ = ["ACTIVATIONS", "ADJACENCIES", "FEATURE_MAPS", "MIXERS", "AttentionMixer", "Block", "CellModel",
            "GeneDecoder", "GraphMixer", "LinearGraphMixer", "build_model", "count_parameters", "mvp_loss"]
