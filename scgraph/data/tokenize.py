@@ -18,7 +18,7 @@ import scipy.sparse as sp
 
 from scgraph.config import TokenizerConfig
 from scgraph.data.shards.stats import GeneSummary
-from scgraph.io.counts import check_counts, log1p_normalized
+from scgraph.io.counts import check_counts
 
 
 @dataclass
@@ -35,18 +35,18 @@ class Tokens:
 def _values(matrix: sp.csr_matrix, cfg: TokenizerConfig, take: np.ndarray | None = None,
             rows: np.ndarray | None = None) -> np.ndarray:
     """Per-non-zero model input values: log1p after library-size normalisation (over ALL the
-    cell's genes), or the raw values. With ``take`` (positions into ``matrix.data``, in rows
-    ``rows``) only those, bit for bit what :func:`log1p_normalized` gives them: a cell longer than
-    L needs L of its ~2,000 values."""
-    if take is None:
-        return matrix.data.astype(np.float32) if cfg.normalization == "none" else \
-            log1p_normalized(matrix, cfg.target_sum)
-    data = matrix.data[take]
+    cell's genes), or the raw values; with ``take`` (positions into ``matrix.data``, in rows
+    ``rows``) only those: a cell longer than L needs L of its ~2,000. Bit for bit what
+    :func:`scgraph.io.counts.log1p_normalized` gives, with two temporaries instead of six (each
+    fresh MiB costs page faults: they were a third of the profile's time)."""
+    data = matrix.data if take is None else matrix.data[take]
     if cfg.normalization == "none":
         return data.astype(np.float32)
-    totals = np.asarray(matrix.sum(axis=1)).ravel()  # the same arithmetic as log1p_normalized
+    totals = np.asarray(matrix.sum(axis=1)).ravel()
     scale = np.divide(cfg.target_sum, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
-    return np.log1p(data.astype(np.float64) * scale[rows]).astype(np.float32)
+    out = np.repeat(scale, np.diff(matrix.indptr)) if take is None else scale[rows]
+    out *= data
+    return np.log1p(out, out=out).astype(np.float32)
 
 
 def _dense(flat: np.ndarray, counts: np.ndarray, fill: float | int) -> np.ndarray:
