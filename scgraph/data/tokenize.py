@@ -239,13 +239,15 @@ def _uniform_smallest(key: np.ndarray, counts: np.ndarray, length: int) -> np.nd
     all longer than ``length``): only keys below (length + 8 sqrt(length) + 8) / count, where a
     row's ``length`` smallest lie but for a chance of about 1e-12 (a row with too few keeps all)
     are candidates, so a ~2,000-gene row is narrowed to ~700 before the sort."""
-    starts = np.cumsum(counts) - counts
+    ends = np.cumsum(counts)
+    starts = ends - counts
     below = key < np.repeat((length + 8 * np.sqrt(length) + 8) / counts, counts)
-    n_below = np.add.reduceat(below, starts, dtype=np.int64)
-    short = n_below < length
-    below |= np.repeat(short, counts)
-    n_below = np.where(short, counts, n_below)
     at = np.flatnonzero(below)
+    n_below = np.diff(np.searchsorted(at, np.concatenate(([0], ends))))
+    short = n_below < length
+    if short.any():
+        at = np.flatnonzero(below | np.repeat(short, counts))
+        n_below = np.where(short, counts, n_below)
     first = np.cumsum(n_below) - n_below
     chosen = _smallest(_dense(key[at], n_below, np.inf), length)
     return at[first[:, None] + chosen] - starts[:, None]
