@@ -11,7 +11,7 @@ import scipy.sparse as sp
 from scgraph.config import TokenizerConfig
 from scgraph.data.masking import mask_values
 from scgraph.data.shards.stats import GeneSummary
-from scgraph.data.tokenize import GeneChoice, bin_values, tokenize
+from scgraph.data.tokenize import GeneChoice, _uniform_smallest, bin_values, profile, tokenize
 
 G = 20
 
@@ -197,3 +197,146 @@ def test_gene_choice_round_trips_through_a_checkpoint_record():
     np.testing.assert_array_equal(again.median, choice.median)
     np.testing.assert_array_equal(again.allowed, choice.allowed)
     assert again.median[2] == 15.0  # an unexpressed gene ranks as the median gene does
+
+
+# The batched selection against a plain per-cell reference: the same genes, values and order, bit
+# for bit, for the same rng state (resume and the tests above rely on exact batches).
+
+EDGE_CELLS = (
+    {},  # empty
+    {3: 2.0},  # shorter than L
+    {1: 1.0, 6: 4.0, 8: 1.0, 17: 2.0},  # exactly L
+    {0: 1.0, 2: 3.0, 4: 1.0, 5: 3.0, 7: 2.0, 9: 1.0, 11: 3.0, 13: 1.0, 19: 2.0},  # ties in count
+    {g: 1.0 for g in range(0, 20, 2)} | {g: 1.0 for g in (1, 3)},  # all tied
+    {g: float(g % 7 + 1) for g in range(15)},
+    {g: float(1 + g * 37 % 11) for g in range(2, 20)},
+)
+
+
+def normalised(counts, target_sum=1e4):
+    """(cells, G) the one normalisation's values (io.counts), dense."""
+    from scgraph.io.counts import log1p_normalized
+    return sp.csr_matrix((log1p_normalized(counts, target_sum), counts.indices, counts.indptr),
+                         shape=counts.shape).toarray()
+
+
+def reference_tokens(counts, cfg, rng=None, choice=None):
+    """Tokens the plain way: per cell, its candidate genes ordered by the selection's key (ties by
+    gene id), the first seq_len kept; values from the one normalisation over the whole cell."""
+    dense = counts.toarray()
+    values = dense.astype(np.float32) if cfg.normalization == "none" else normalised(counts, cfg.target_sum)
+    allowed = np.ones(G, dtype=bool) if choice is None or choice.allowed is None else choice.allowed
+    candidates = [np.flatnonzero((row != 0) & allowed) for row in dense]
+    longer = sum(len(c) for c in candidates if len(c) > cfg.seq_len)
+    draws = iter(rng.random(longer)) if cfg.selection in ("random", "weighted") and longer else iter(())
+    rows = []
+    for i, genes in enumerate(candidates):
+        if cfg.selection == "top":
+            key = [-values[i, g] for g in genes]
+        elif cfg.selection == "rank":
+            key = [-(dense[i, g] / choice.median[g]) for g in genes]
+        elif len(genes) <= cfg.seq_len:
+            key = list(range(len(genes)))  # stored order
+        else:
+            key = []
+            for g in genes:
+                u = next(draws)
+                if cfg.selection == "weighted":
+                    e = -np.log1p(-u) / max(values[i, g], np.float32(1e-12))
+                    u = e / (1.0 + e)
+                key.append(u)
+        order = sorted(range(len(genes)), key=lambda j: (key[j], genes[j]))[: cfg.seq_len]
+        rows.append((genes[order], values[i, genes[order]]))
+    n_genes = np.array([len(g) for g, _ in rows], dtype=np.int64)
+    offset = int(bool(cfg.cls_token))
+    width = n_genes.max(initial=0) + offset
+    out_genes = np.full((len(rows), width), G, dtype=np.int64)
+    out_values = np.zeros((len(rows), width), dtype=np.float32)
+    for i, (g, v) in enumerate(rows):
+        out_genes[i, offset:offset + len(g)], out_values[i, offset:offset + len(g)] = g, v
+    if cfg.n_bins is not None:
+        out_values[:, offset:] = bin_values(out_values[:, offset:], n_genes, cfg.n_bins)
+    if cfg.cls_token:
+        out_genes[:, 0] = G + 1
+    return out_genes, out_values, n_genes
+
+
+EDGE_CHOICE = GeneChoice(median=np.array([1.0, 2.0, 0.5, 2.0, 1.0] * 4), allowed=np.arange(G) % 3 != 1)
+
+
+@pytest.mark.parametrize("selection", ["random", "weighted", "top", "rank"])
+@pytest.mark.parametrize("seq_len", [1, 4, 11, 30])
+@pytest.mark.parametrize(("hvg", "cls_token", "n_bins", "normalization"), [
+    (False, False, None, "log1p"), (True, True, None, "log1p"), (False, True, 3, "log1p"), (True, False, None, "none"),
+])
+def test_batched_selection_equals_a_per_cell_reference_bit_for_bit(selection, seq_len, hvg, cls_token, n_bins,
+                                                                   normalization):
+    cfg = TokenizerConfig(seq_len=seq_len, selection=selection, cls_token=cls_token, n_bins=n_bins,
+                          normalization=normalization, hvg_genes=7 if hvg else None)
+    choice = EDGE_CHOICE if hvg else GeneChoice(median=EDGE_CHOICE.median)
+    counts = cells(*EDGE_CELLS)
+    for seed in range(3):
+        got, after = tokenize(counts, cfg, G, rng(seed), choice), rng(seed)
+        genes, values, n_genes = reference_tokens(counts, cfg, after, choice)
+        np.testing.assert_array_equal(got.genes, genes)
+        np.testing.assert_array_equal(got.values, values)  # bit for bit: assert_array_equal, no tolerance
+        np.testing.assert_array_equal(got.n_genes, n_genes)
+        assert got.values.dtype == np.float32 and got.genes.dtype == np.int64
+        used = rng(seed)
+        tokenize(counts, cfg, G, used, choice)
+        assert used.random() == after.random()  # the rng advanced exactly as the reference's
+
+
+def test_random_selection_of_long_cells_equals_the_reference_with_many_draws():
+    # ~2,000-gene cells: the batched path narrows each cell to candidates below a bound first
+    gen = np.random.default_rng(3)
+    dense = np.zeros((6, 3000), dtype=np.float32)
+    for i, k in enumerate([0, 40, 600, 1500, 2500, 3000]):
+        dense[i, gen.choice(3000, k, replace=False)] = gen.integers(1, 5, k)
+    counts = sp.csr_matrix(dense)
+    cfg = TokenizerConfig(seq_len=512, selection="random")
+    got = tokenize(counts, cfg, 3000, rng(5))
+    draws = iter(rng(5).random(600 + 1500 + 2500 + 3000))
+    for i, row in enumerate(dense):
+        genes = np.flatnonzero(row)
+        if len(genes) > 512:
+            key = np.array([next(draws) for _ in genes])
+            genes = genes[np.argsort(key, kind="stable")[:512]]
+        assert got.genes[i, : len(genes)].tolist() == genes.tolist()
+
+
+def test_a_cell_whose_keys_lie_above_the_candidate_bound_still_gets_its_smallest():
+    # bound for length 2 of 30 keys: (2 + 8 sqrt 2 + 8) / 30 = 0.71; these keys all lie above it
+    keys = np.concatenate([np.linspace(0.99, 0.72, 30), np.linspace(0.0, 0.5, 30)])
+    chosen = _uniform_smallest(keys, np.array([30, 30]), 2)
+    assert chosen.tolist() == [[29, 28], [0, 1]]
+
+
+def reference_profile(counts, unexpressed, rng):
+    """Profiles the plain way: each cell's genes and values (weight 1), then its row of draws, a
+    draw of a gene it expresses dropped, the rest weighted (vocabulary - expressed) / kept."""
+    values = normalised(counts)
+    drawn = rng.integers(0, G, (counts.shape[0], unexpressed))
+    width = np.diff(counts.indptr).max() + unexpressed
+    genes, vals, weight = np.full((counts.shape[0], width), G), np.zeros((counts.shape[0], width)), \
+        np.zeros((counts.shape[0], width))
+    for i in range(counts.shape[0]):
+        expressed = np.flatnonzero(values[i])
+        k = len(expressed)
+        genes[i, :k], vals[i, :k], weight[i, :k] = expressed, values[i, expressed], 1.0
+        hit = np.isin(drawn[i], expressed)
+        genes[i, k:k + unexpressed] = np.where(hit, G, drawn[i])
+        weight[i, k:k + unexpressed] = np.where(hit, 0.0, (G - k) / max(int((~hit).sum()), 1))
+    return genes, vals.astype(np.float32), weight.astype(np.float32)
+
+
+@pytest.mark.parametrize("unexpressed", [1, 3, 4])
+def test_profile_equals_a_per_cell_reference_bit_for_bit(unexpressed):
+    counts = cells(*EDGE_CELLS[:-1])  # at most 15 genes: 15 + 4 < 20 draws from the non-expressed
+    for seed in range(3):
+        got = profile(counts, TokenizerConfig(), G, unexpressed, rng(seed))
+        genes, values, weight = reference_profile(counts, unexpressed, rng(seed))
+        np.testing.assert_array_equal(got.genes, genes)
+        np.testing.assert_array_equal(got.values, values)
+        np.testing.assert_array_equal(got.weight, weight)
+        assert (got.weight[got.genes == G] == 0).all() and got.weight.dtype == np.float32

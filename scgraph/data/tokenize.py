@@ -1,7 +1,11 @@
 """Raw counts -> fixed-length (gene ids, values) tokens, vectorised over a batch of cells.
 
 Tokenization happens at load time so one shard set serves every model setting. A batch is a CSR
-matrix (cells x genes); the gene selection is done for all cells at once with one lexsort.
+matrix (cells x genes); the gene selection is done for all cells at once on a (cells x longest
+cell) key matrix: a partition keeps each cell's L best, so only L keys per cell are sorted (at the
+census's ~2,000 genes per cell, 3-6x faster than one lexsort of every non-zero, and the same
+tokens). The module is over 300 lines because selection, profiles and the corpus's gene choice
+share these helpers.
 """
 
 from __future__ import annotations
@@ -29,12 +33,46 @@ class Tokens:
     n_genes: np.ndarray
 
 
-def _values(matrix: sp.csr_matrix, cfg: TokenizerConfig) -> np.ndarray:
+def _values(matrix: sp.csr_matrix, cfg: TokenizerConfig, take: np.ndarray | None = None,
+            rows: np.ndarray | None = None) -> np.ndarray:
     """Per-non-zero model input values: log1p after library-size normalisation (over ALL the
-    cell's genes), or the raw values."""
+    cell's genes), or the raw values; with ``take`` (positions into ``matrix.data``, in rows
+    ``rows``) only those: a cell longer than L needs L of its ~2,000."""
     if cfg.normalization == "none":
-        return matrix.data.astype(np.float32)
-    return log1p_normalized(matrix, cfg.target_sum)
+        return (matrix.data if take is None else matrix.data[take]).astype(np.float32)
+    return log1p_normalized(matrix, cfg.target_sum, take, rows)
+
+
+def _dense(flat: np.ndarray, counts: np.ndarray, fill: float | int) -> np.ndarray:
+    """(rows, longest) the row-wise runs of ``flat`` (``counts[i]`` values for row i, in order),
+    left-aligned, ``fill`` after them."""
+    out = np.full((counts.size, int(counts.max(initial=0))), fill, dtype=flat.dtype)
+    out[np.arange(out.shape[1], dtype=counts.dtype) < counts[:, None]] = flat  # counts' type: a 6x faster compare
+    return out
+
+
+def _smallest(key: np.ndarray, length: int) -> np.ndarray:
+    """(m, min(length, w)) the columns of each row's ``length`` smallest keys of ``key`` (m, w),
+    ascending, ties by column (pads must be +inf): what a stable sort of each row keeps. A row much
+    longer than ``length`` is partitioned first, so only ``length`` keys are sorted."""
+    m, w = key.shape
+    cols = None
+    if w > 2 * length:
+        threshold = np.partition(key, length - 1, axis=1)[:, length - 1:length]
+        sel, tie = key < threshold, key == threshold
+        need = length - sel.sum(axis=1)
+        excess = tie.sum(axis=1) > need
+        if excess.any():  # more keys equal the threshold than places left: the first columns win
+            tie[excess] &= np.cumsum(tie[excess], axis=1) <= need[excess, None]
+        sel |= tie
+        cols = np.flatnonzero(sel).reshape(m, length) - (np.arange(m) * w)[:, None]
+        key = key[sel].reshape(m, length)
+    order = np.argsort(key, axis=1)
+    ranked = np.take_along_axis(key, order[:, :length + 1], axis=1)  # the kept, and the first left out
+    if ((ranked[:, 1:] == ranked[:, :-1]) & (ranked[:, 1:] != np.inf)).any():
+        order = np.argsort(key, axis=1, kind="stable")  # ties: the unstable sort's order is arbitrary
+    order = order[:, :length]
+    return order if cols is None else np.take_along_axis(cols, order, axis=1)
 
 
 def bin_values(values: np.ndarray, n_genes: np.ndarray, n_bins: int) -> np.ndarray:
@@ -138,51 +176,86 @@ def tokenize(
             (cfg.hvg_genes is not None and (choice is None or choice.allowed is None)):
         raise ValueError(f"{_needs(cfg)} needs the training corpus's gene statistics, which this model or data "
                          "does not carry (pretrain on a shard set with them: python -m sharding stats DIR)")
-    n = matrix.shape[0]
-    values = _values(matrix, cfg)
-    raw, indices, indptr = matrix.data, matrix.indices, matrix.indptr
+    n, length = matrix.shape[0], cfg.seq_len
+    indices, indptr, src = matrix.indices, matrix.indptr, None
     if choice is not None and choice.allowed is not None:  # only the variable genes are candidates
         keep_nz = choice.allowed[indices]
-        kept = np.bincount(np.repeat(np.arange(n), np.diff(indptr))[keep_nz], minlength=n)
-        raw, indices, values = raw[keep_nz], indices[keep_nz], values[keep_nz]
-        indptr = np.concatenate(([0], np.cumsum(kept)))
+        src = np.flatnonzero(keep_nz)  # candidate -> position in matrix.data
+        indices, indptr = indices[src], np.concatenate(([0], np.cumsum(keep_nz)))[indptr]
     counts = np.diff(indptr)
-    rows = np.repeat(np.arange(n), counts)
-    if cfg.selection in ("top", "rank"):  # highest key first, ties by gene id
-        key = values if cfg.selection == "top" else raw / choice.median[indices]
-        order = np.lexsort((indices, -key, rows))
+    n_genes = np.minimum(counts, length)
+    values = None  # of every candidate, where the selection needs them
+    if cfg.selection in ("top", "rank"):  # highest key first, ties by gene id (= by column: indices are sorted)
+        if cfg.selection == "top":
+            values = _values(matrix, cfg)
+            values = values if src is None else values[src]
+            key = -values
+        else:
+            raw = matrix.data if src is None else matrix.data[src]
+            key = -(raw / choice.median[indices])
+        cols = _smallest(_dense(key, counts, np.inf), length)
     else:
         if rng is None:
             raise ValueError(f"{cfg.selection} gene selection needs an rng (numpy Generator) for reproducibility")
-        # Only cells with more genes than seq_len need a random subset: shuffle within just those
-        # rows (row + a key in [0, 1) keeps each row's block in place), and leave the rest in stored order.
-        order = np.arange(values.size)
-        over = np.flatnonzero(np.repeat(counts > cfg.seq_len, counts))
+        cols = np.tile(np.arange(n_genes.max(initial=0)), (n, 1))  # stored order, unless longer than L
+        over = np.flatnonzero(counts > length)  # only cells with more genes than L need a random subset
         if over.size:
-            key = rng.random(over.size)
+            key = rng.random(int(counts[over].sum()))  # one draw per gene of those cells, in stored order
             if cfg.selection == "weighted":
                 # Efraimidis-Spirakis: the smallest Exp(1) / value first is a draw without replacement
                 # with probability proportional to the value; e / (1 + e) keeps the order inside [0, 1).
-                e = -np.log1p(-key) / np.maximum(values[over], 1e-12)
+                at = _runs(indptr[over], counts[over])
+                value = _values(matrix, cfg, _source(at, src), np.repeat(over, counts[over]))
+                e = -np.log1p(-key) / np.maximum(value, 1e-12)
                 key = e / (1.0 + e)
-            # keys are distinct (almost surely), so the unstable sort gives the same order, 1.6x faster
-            order[over] = over[np.argsort(rows[over] + key)]
-    rank = np.arange(values.size) - indptr[rows[order]]
-    keep = order[rank < cfg.seq_len]
-    kept_rows, slot = rows[keep], rank[rank < cfg.seq_len]
-
-    n_genes = np.minimum(counts, cfg.seq_len)
+                cols[over] = _smallest(_dense(key, counts[over], np.inf), length)
+            else:
+                cols[over] = _uniform_smallest(key, counts[over], length)
+    take = indptr[:-1, None] + cols  # (n, longest selection) positions of the chosen genes
+    chosen = np.arange(cols.shape[1], dtype=n_genes.dtype) < n_genes[:, None]
+    kept_rows, take = np.nonzero(chosen)[0], take[chosen]
     offset = int(bool(cfg.cls_token))
-    width = int(n_genes.max(initial=0)) + offset
+    width = cols.shape[1] + offset
     genes = np.full((n, width), pad_id(vocab_size), dtype=np.int64)
     vals = np.zeros((n, width), dtype=np.float32)
-    genes[kept_rows, slot + offset] = indices[keep]
-    vals[kept_rows, slot + offset] = values[keep]
+    genes[:, offset:][chosen] = indices[take]
+    vals[:, offset:][chosen] = values[take] if values is not None else \
+        _values(matrix, cfg, _source(take, src), kept_rows)
     if cfg.n_bins is not None:
         vals[:, offset:] = bin_values(vals[:, offset:], n_genes, cfg.n_bins)
     if cfg.cls_token:
         genes[:, 0] = cls_id(vocab_size)
     return Tokens(genes=genes, values=vals, n_genes=n_genes)
+
+
+def _uniform_smallest(key: np.ndarray, counts: np.ndarray, length: int) -> np.ndarray:
+    """:func:`_smallest` of rows of uniform [0, 1) keys given as runs (``counts[i]`` keys for row i,
+    all longer than ``length``): only keys below (length + 8 sqrt(length) + 8) / count, where a
+    row's ``length`` smallest lie but for a chance of about 1e-12 (a row with too few keeps all)
+    are candidates, so a ~2,000-gene row is narrowed to ~700 before the sort."""
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    below = key < np.repeat((length + 8 * np.sqrt(length) + 8) / counts, counts)
+    at = np.flatnonzero(below)
+    n_below = np.diff(np.searchsorted(at, np.concatenate(([0], ends))))
+    short = n_below < length
+    if short.any():
+        at = np.flatnonzero(below | np.repeat(short, counts))
+        n_below = np.where(short, counts, n_below)
+    first = np.cumsum(n_below) - n_below
+    chosen = _smallest(_dense(key[at], n_below, np.inf), length)
+    return at[first[:, None] + chosen] - starts[:, None]
+
+
+def _runs(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """starts[0], starts[0] + 1, ..., starts[0] + counts[0] - 1, starts[1], ...: the positions of
+    the rows whose entries start at ``starts``."""
+    return np.arange(int(counts.sum())) + np.repeat(starts - (np.cumsum(counts) - counts), counts)
+
+
+def _source(positions: np.ndarray, src: np.ndarray | None) -> np.ndarray:
+    """Candidate positions -> positions in the matrix's data (``src``: the candidates', None: all)."""
+    return positions if src is None else src[positions]
 
 
 @dataclass
@@ -213,24 +286,38 @@ def profile(matrix: sp.spmatrix, cfg: TokenizerConfig, vocab_size: int, unexpres
         dense = sp.csr_matrix((values, matrix.indices, matrix.indptr), shape=(n, vocab_size)).toarray()
         genes = np.broadcast_to(np.arange(vocab_size), (n, vocab_size)).copy()
         return Profile(genes, dense.astype(np.float32), np.ones((n, vocab_size), dtype=np.float32))
-    width = counts.max(initial=0) + unexpressed
-    genes = np.full((n, width), pad_id(vocab_size), dtype=np.int64)
-    vals = np.zeros((n, width), dtype=np.float32)
-    weight = np.zeros((n, width), dtype=np.float32)
-    rows = np.repeat(np.arange(n), counts)
-    slot = np.arange(values.size) - matrix.indptr[rows]
-    genes[rows, slot], vals[rows, slot], weight[rows, slot] = matrix.indices, values, 1.0
-    # draws that hit an expressed gene are dropped (rejection): keys row * V + gene are sorted
+    longest = int(counts.max(initial=0))
+    column = np.arange(longest + unexpressed, dtype=counts.dtype)  # counts' type: a 6x faster compare
+    expressed = column < counts[:, None]  # each row: its genes, then the draws
+    drawn_at = (column >= counts[:, None]) & (column < counts[:, None] + unexpressed)
+    genes = np.full(expressed.shape, pad_id(vocab_size), dtype=np.int64)
+    vals = np.zeros(expressed.shape, dtype=np.float32)
+    weight = np.zeros(expressed.shape, dtype=np.float32)
+    genes[expressed], vals[expressed], weight[expressed] = matrix.indices, values, 1.0
+    # draws that hit an expressed gene are dropped (rejection)
     drawn = rng.integers(0, vocab_size, (n, unexpressed))
-    keys = rows.astype(np.int64) * vocab_size + matrix.indices
-    drawn_keys = np.arange(n)[:, None] * vocab_size + drawn
-    hit = keys[np.minimum(np.searchsorted(keys, drawn_keys), max(keys.size - 1, 0))] == drawn_keys if keys.size else \
-        np.zeros_like(drawn, dtype=bool)
+    hit = _expresses(genes[:, :longest], drawn, vocab_size)
     kept = (~hit).sum(axis=1, keepdims=True)
-    at = counts[:, None] + np.arange(unexpressed)
-    genes[np.arange(n)[:, None], at] = np.where(hit, pad_id(vocab_size), drawn)
-    weight[np.arange(n)[:, None], at] = np.where(hit, 0.0, (vocab_size - counts[:, None]) / np.maximum(kept, 1))
+    genes[drawn_at] = np.where(hit, pad_id(vocab_size), drawn).ravel()
+    weight[drawn_at] = np.where(hit, 0.0, (vocab_size - counts[:, None]) / np.maximum(kept, 1)).ravel()
     return Profile(genes, vals, weight)
+
+
+def _expresses(genes: np.ndarray, drawn: np.ndarray, vocab_size: int) -> np.ndarray:
+    """(n, k) whether row i of ``genes`` (n, w), ids with pads = vocab_size, holds ``drawn[i, j]``:
+    a membership bitmap of about 1 MB (a few cells x the vocabulary) reused cell block by cell
+    block, set and cleared at the cell's genes: no sort, no search, no cells x vocabulary array."""
+    width = vocab_size + 1  # the pad's column too
+    block = max(1, (1 << 20) // width)
+    bitmap = np.zeros(block * width, dtype=bool)
+    hit = np.empty(drawn.shape, dtype=bool)
+    for start in range(0, genes.shape[0], block):
+        base = (np.arange(min(block, genes.shape[0] - start)) * width)[:, None]
+        at = base + genes[start:start + block]
+        bitmap[at] = True
+        hit[start:start + block] = bitmap[base + drawn[start:start + block]]
+        bitmap[at] = False
+    return hit
 
 
 def mean_profile(matrix: sp.spmatrix, cfg: TokenizerConfig, vocab_size: int) -> np.ndarray:
