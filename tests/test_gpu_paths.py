@@ -121,7 +121,7 @@ def test_a_forward_on_an_accelerator_reads_no_value_back():
     """The token-id and CLS checks run on host tensors only (on a GPU each read back stalls the queue):
     on the meta device, where any read back raises, a forward and the CLS pooling go through. The
     trainer checks each batch on the host before the transfer instead."""
-    cfg = ModelConfig(vocab_size=50, hidden=32, layers=1, heads=4)  # the Transformer, CLS embedding
+    cfg = ModelConfig(vocab_size=50, hidden=32, layers=1, heads=4, cell_embedding="cls")  # the Transformer
     with torch.device("meta"):
         model = build_model(cfg)
     genes = torch.cat([torch.full((2, 1), cfg.cls_id), torch.randint(0, 50, (2, 8))], dim=1)

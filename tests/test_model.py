@@ -177,8 +177,7 @@ def test_model_never_sees_masked_values():
 
 
 def test_cls_cell_embedding_reads_position_zero_and_requires_the_token():
-    model = build_model(small_config("gnn", "scbenchmark")).eval()
-    assert model.cfg.cell_embedding == "cls"
+    model = build_model(small_config("gnn", "scbenchmark", cell_embedding="cls")).eval()
     genes, values = random_cells(2, 8, [8, 5])
     with pytest.raises(ValueError, match="no CLS token"):
         model.cell_embedding(genes, values)

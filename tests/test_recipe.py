@@ -136,7 +136,7 @@ def test_each_objective_on_a_hand_checked_case():
     assert weighted_mse(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 0.0, 0.0]),
                         torch.tensor([1.0, 2.0, 0.0])).item() == pytest.approx(8 / 3)
     torch.manual_seed(0)
-    model = build_model(RunConfig(model=ModelConfig(vocab_size=6, hidden=4, layers=1, heads=1),
+    model = build_model(RunConfig(model=ModelConfig(vocab_size=6, hidden=4, layers=1, heads=1, cell_embedding="cls"),
                                   train=TrainConfig(objectives="mvp,gepc,recon")).model)
     dec = model.decoder
     with torch.no_grad():  # the decoder reads <c, q_g> + b_g exactly
@@ -147,7 +147,7 @@ def test_each_objective_on_a_hand_checked_case():
     cell = torch.tensor([[1.0, 0.0, 0.0, 2.0]])
     assert dec(cell, torch.tensor([[3, 1]])).tolist() == [[pytest.approx(1.2 + 2 * 1.5 + 3),
                                                             pytest.approx(0.4 + 2 * 0.7 + 1)]]
-    genes = torch.tensor([[7, 0, 2, 4], [7, 1, 3, 6]])  # CLS first (the scbenchmark preset), one pad
+    genes = torch.tensor([[7, 0, 2, 4], [7, 1, 3, 6]])  # CLS first (the authors' readout), one pad
     batch = Batch(genes, torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 4.0, 5.0, 0.0]]),
                   torch.tensor([[False, True, False, False], [False, False, True, False]]),
                   torch.tensor([[0, 2, 4, 5], [1, 3, 0, 6]]),

@@ -78,18 +78,18 @@ def test_training_moves_the_encoder_and_leaves_the_value_head_to_weight_decay(tr
 def test_the_loss_falls_and_the_telemetry_counts_the_flops_of_the_default_recipe_by_hand(trained):
     """The FLOPs per cell the run logs are those of what trains, counted here by hand (matrix
     products, multiply-add = 2): the Transformer encoder of the scbenchmark preset on L = 64 genes
-    and the CLS token, the value head (forward only: recon does not read it), and the gene decoder
-    scoring all 500 genes (the profile covers the whole vocabulary when it is smaller than
-    --recon-genes). Backward costs each product twice, but the value encoder's first layer (its
+    (the cell embedding is their mean: no CLS token), the value head (forward only: recon does not
+    read it), and the gene decoder scoring all 500 genes (the profile covers the whole vocabulary
+    when it is smaller than --recon-genes). Backward costs each product twice, but the value encoder's first layer (its
     input, the data, takes no gradient) once."""
     _, run, *_ = trained
     metrics = run.data.metrics
-    n, d, genes, layers = 64 + 1, 32, 500, 2
+    n, d, genes, layers = 64, 32, 500, 2
     value_encoder = 2 * n * d + 2 * n * d * d  # Linear(1, d), ReLU, Linear(d, d)
     layer = 2 * n * d * 3 * d + 2 * n * n * d + 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * d  # qkv, QK^T, PV, out,
     encoder = value_encoder + layers * layer  # feed-forward of width d
     head = 2 * n * d
-    decoder = 2 * d * d + 2 * d * genes  # projection of the CLS state, one score per gene
+    decoder = 2 * d * d + 2 * d * genes  # projection of the cell embedding, one score per gene
     forward = encoder + head + decoder
     backward = 2 * encoder - 2 * n * d + 2 * decoder
     for name, count in (("encoder", encoder), ("train_forward", forward), ("train", forward + backward)):
@@ -103,7 +103,7 @@ def test_the_loss_falls_and_the_telemetry_counts_the_flops_of_the_default_recipe
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"model": ModelConfig(backbone="gnn", preset="scbenchmark"), "tokenizer": TokenizerConfig(cls_token=False)},
+    ({"model": ModelConfig(backbone="gnn", cell_embedding="cls"), "tokenizer": TokenizerConfig(cls_token=False)},
      "cell_embedding is 'cls' but tokenizer.cls_token is off"),
     ({"model": ModelConfig(value_encoder="bins", cell_embedding="mean", preset="symmetric")},
      "value_encoder is 'bins' but tokenizer.n_bins is not set"),

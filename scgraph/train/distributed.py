@@ -120,7 +120,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     node each rank takes the cores SLURM gave its task (``--cpus-per-task``), else an equal share of
     the cores this process may run on (its affinity mask, which cgroups and ``taskset`` narrow), and
     the node's first rank builds DeepSpeed's C++ op while the others wait (``build_shm_op``)."""
-    if "RANK" not in os.environ:
+    alone = "RANK" not in os.environ
+    if alone:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     device = rank_device(os.environ, torch.cuda.device_count())
@@ -141,7 +142,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         if not cuda:
-            dist.init_process_group("gloo")  # DeepSpeed adopts this group, and builds nothing more
+            # DeepSpeed adopts this group, and builds nothing more. A process alone needs no port: a
+            # free one found earlier may be taken by another process before a TCP store binds it
+            store = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if alone else {}
+            dist.init_process_group("gloo", **store)
             failure = None
             if local_rank == 0 and shm_op_needs_build():
                 try:
