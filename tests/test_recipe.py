@@ -214,3 +214,13 @@ def test_an_empty_validation_split_is_a_one_line_error(four_shards, tmp_path, ca
                           "--batch-size", "8", "--seq-len", "8", "--max-steps", "1", "--no-system-metrics"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "holding out a fraction of it for validation needs at least 2" in err, err
+
+
+def test_two_runs_in_one_process_both_train(four_shards, tmp_path, capsys):
+    """A notebook (or a test session) may pretrain twice in one process: the first run's teardown
+    releases DeepSpeed's references to its process group, or the second meets them."""
+    for i in range(2):
+        code = run(PRETRAIN, ["--shards", str(four_shards / "shards"), "--output", str(tmp_path / f"run{i}"),
+                              "--mlflow-uri", f"sqlite:///{tmp_path}/m.db", "--hidden", "16", "--layers", "1",
+                              "--batch-size", "8", "--seq-len", "8", "--max-steps", "2", "--no-system-metrics"])
+        assert code == 0, capsys.readouterr().err

@@ -176,8 +176,15 @@ def all_ranks_agree(ok: bool, device: torch.device) -> bool:
 def leave(clean: bool) -> None:
     """Leave the group. After a clean run every rank waits for the others first: without the
     barrier about one run in seven aborted at exit ("terminate called without an active
-    exception") after training correctly."""
+    exception") after training correctly. Through DeepSpeed when it joined the group: it keeps
+    references to the group's handles, and a second run in the same process (a notebook, a test)
+    would otherwise meet them ("Group ... is not registered")."""
     if dist.is_initialized():
         if clean:
             dist.barrier()
-        dist.destroy_process_group()
+        import deepspeed.comm
+
+        if deepspeed.comm.is_initialized():
+            deepspeed.comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
