@@ -4,6 +4,7 @@ validation loss."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -216,11 +217,15 @@ def test_an_empty_validation_split_is_a_one_line_error(four_shards, tmp_path, ca
     assert code == 2 and "holding out a fraction of it for validation needs at least 2" in err, err
 
 
-def test_two_runs_in_one_process_both_train(four_shards, tmp_path, capsys):
+def test_two_runs_in_one_process_both_train_and_leave_no_launcher_variables(four_shards, tmp_path, capsys):
     """A notebook (or a test session) may pretrain twice in one process: the first run's teardown
-    releases DeepSpeed's references to its process group, or the second meets them."""
+    releases DeepSpeed's references to its process group, or the second meets them; and the
+    launcher variables a run alone set for itself are gone after it (a later launch from the same
+    process would inherit a stale rank and port)."""
+    assert "RANK" not in os.environ
     for i in range(2):
         code = run(PRETRAIN, ["--shards", str(four_shards / "shards"), "--output", str(tmp_path / f"run{i}"),
                               "--mlflow-uri", f"sqlite:///{tmp_path}/m.db", "--hidden", "16", "--layers", "1",
                               "--batch-size", "8", "--seq-len", "8", "--max-steps", "2", "--no-system-metrics"])
         assert code == 0, capsys.readouterr().err
+        assert not {"RANK", "WORLD_SIZE", "MASTER_PORT"} & set(os.environ)

@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+#: The launcher variables a process training alone set for itself (``init_distributed``).
+_ALONE_ENV: dict[str, str] = {}
+
 
 def free_port() -> int:
     """A free TCP port on this host, for a rendezvous (MASTER_PORT / --master_port)."""
@@ -121,9 +124,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
     the cores this process may run on (its affinity mask, which cgroups and ``taskset`` narrow), and
     the node's first rank builds DeepSpeed's C++ op while the others wait (``build_shm_op``)."""
     alone = "RANK" not in os.environ
-    if alone:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+    if alone:  # (taken back by ``leave``: a later launch from this process must not inherit them)
+        _ALONE_ENV.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        os.environ.update(_ALONE_ENV)
     device = rank_device(os.environ, torch.cuda.device_count())
     cuda = device.type == "cuda"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -188,3 +192,7 @@ def leave(clean: bool) -> None:
             deepspeed.comm.destroy_process_group()
         else:
             dist.destroy_process_group()
+    for name, value in list(_ALONE_ENV.items()):  # what a process alone set for itself
+        if os.environ.get(name) == value:
+            del os.environ[name]
+        del _ALONE_ENV[name]
