@@ -287,14 +287,19 @@ def test_explicit_accumulation_that_disagrees_with_the_world_size_is_refused():
 
 
 def test_run_that_fails_midway_is_marked_failed_and_exits_nonzero(shards, tmp_path):
+    from scgraph.data.loader import epoch_runs
+    from scgraph.data.shards import ShardSet
+
     broken = tmp_path / "broken"
     shutil.copytree(shards, broken)
-    for shard in sorted(broken.glob("*.tar")):  # cut every shard in half: setup reads fine, training fails
-        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    # cut every shard but the epoch's first in half: setup (which counts FLOPs on the first micro-batch) reads
+    # fine, and training fails once it reaches the second shard (1,000 cells in: step 63 of 16-cell steps)
+    first = epoch_runs(ShardSet.open(str(broken)).shard_cells, 0, 0)[0][0]
+    for index, shard in enumerate(sorted(broken.glob("*.tar"))):
+        if index != first:
+            shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     store = f"sqlite:///{tmp_path}/m.db"
-    # unverified, with the paper recipe (the cell recipe samples cells for its decoder's start) and a small
-    # shuffle buffer, setup reads only the first micro-batch (its FLOPs are counted); the damage is met in training
-    proc = launch(["--backbone", "gnn", "--max-steps", "50", "--recipe", "paper", "--no-verify-shards",
+    proc = launch(["--backbone", "gnn", "--max-steps", "200", "--recipe", "paper", "--no-verify-shards",
                    "--shuffle-buffer", "16",
                    *common(str(broken), store, "broken", tmp_path / "out", "cpu_zero2.json")], ranks=1)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -451,7 +451,7 @@ def test_build_soma_refuses_non_count_data_and_existing_output(tmp_path, capsys,
 def test_every_option_of_every_command_is_explained():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"write", "merge", "verify", "build-soma"}
+    assert set(commands) == {"write", "merge", "verify", "stats", "build-soma"}
     for name, sub in commands.items():
         assert sub.description, name
         for action in sub._actions:
