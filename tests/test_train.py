@@ -124,5 +124,6 @@ def test_bad_train_config_is_a_clear_value_error(kwargs, message):
 
 
 def test_run_config_resolves_the_cls_token_from_the_cell_embedding():
-    assert RunConfig().tokenizer.cls_token is True  # scbenchmark: CLS cell embedding
+    assert RunConfig().tokenizer.cls_token is False  # both presets read the mean of the gene states
+    assert RunConfig(model=ModelConfig(cell_embedding="cls")).tokenizer.cls_token is True  # the authors' readout
     assert RunConfig(model=ModelConfig(preset="symmetric")).tokenizer.cls_token is False
