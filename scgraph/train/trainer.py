@@ -5,6 +5,10 @@ calls ``save_checkpoint``) -> ``cleanup``. A checkpoint restores everything: mod
 scheduler (DeepSpeed), step, epoch and the number of batches consumed in it (the loader skips
 exactly those), and the MLflow run, so an interrupted run continues as if it never stopped.
 Runs under the ``deepspeed`` launcher, ``torchrun``, or plain ``python`` (world size 1).
+
+Longer than the project's 450 lines because the one loop owns the run's whole lifecycle (resume
+checks, validation, telemetry and tracking hooks); the checkpoint's record is the next part to
+move out, into the checkpointer that already owns its files.
 """
 
 from __future__ import annotations
