@@ -248,15 +248,6 @@ class ShardSet:
             return None
         return GeneSummary.from_record(record, self.vocab_size, os.path.join(self.directory, MANIFEST_NAME))
 
-    def require_gene_stats(self, why: str) -> GeneSummary:
-        """The gene statistics, or a one-line error saying how to add them to an older set."""
-        stats = self.gene_stats
-        if stats is None:
-            raise ValueError(f"{self.directory}: {why} needs the per-gene statistics of the shard set, which its "
-                             f"manifest lacks (written by an older version): add them with python -m sharding stats "
-                             f"{self.directory}")
-        return stats
-
     def split(self, fraction: float, seed: int) -> tuple[ShardSet, ShardSet]:
         """(the rest, held out): ``fraction`` of the shards (at least one, never all), chosen by a
         permutation seeded with ``seed``, so the same arguments always hold out the same cells."""
