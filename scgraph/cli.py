@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import os
 import sys
 import types
 import typing
@@ -54,10 +55,32 @@ def explain(err: BaseException) -> str | None:
     return None
 
 
+def _rank() -> int:
+    """This process's rank in a multi-process launch (0 alone or when unset)."""
+    rank = os.environ.get("RANK", "0")
+    return int(rank) if rank.isdigit() else 0
+
+
+def report(err: BaseException, *, every_rank: bool = True) -> bool:
+    """Print the one line of :func:`explain` for a failure the user can fix; False for a bug.
+
+    Every rank of a launch parses the same command line, so those errors are printed by rank 0
+    alone (``every_rank=False``); a failure while running may be one rank's own, so each rank says
+    it, ranks above 0 naming themselves.
+    """
+    message = explain(err)
+    if message is None:
+        return False
+    rank = _rank()
+    if rank == 0 or every_rank:
+        print(f"error: {f'rank {rank}: ' if rank else ''}{message}", file=sys.stderr, flush=True)
+    return True
+
+
 def option(default: Any = MISSING, help: str = "", *, flag: str | None = None, aliases: Sequence[str] = (),
            choices: Sequence[str] | Callable[[], Sequence[str]] | None = None, metavar: str | None = None,
            cli: bool = True, flatten: bool = False, group: str | None = None, positional: bool = False,
-           default_factory: Callable[[], Any] | Any = MISSING) -> Any:
+           required: bool = False, default_factory: Callable[[], Any] | Any = MISSING) -> Any:
     """A config field with what its command-line option needs.
 
     ``flag``: the option's name (default ``--field-name``); ``choices``: allowed values, or a
@@ -65,10 +88,11 @@ def option(default: Any = MISSING, help: str = "", *, flag: str | None = None, a
     ``cli=False``: settable in a config file only; ``flatten``: a nested config whose fields are
     this command's own (flags and config-file keys at this level); ``group``: a mutually exclusive,
     required group of options (exactly one must be given); ``positional``: an argument without a
-    flag (one or more values for a tuple field).
+    flag (one or more values for a tuple field); ``required``: a flag the command line must give
+    unless ``--config FILE`` does (the field keeps a default so the dataclass can be built in code).
     """
     meta = {"help": help, "flag": flag, "aliases": tuple(aliases), "choices": choices, "metavar": metavar,
-            "cli": cli, "flatten": flatten, "group": group, "positional": positional}
+            "cli": cli, "flatten": flatten, "group": group, "positional": positional, "required": required}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -216,7 +240,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``error: <what> (see PROG --help)`` and exit status 2."""
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n" if _rank() == 0 else None)
 
 
 @dataclass
@@ -240,8 +264,9 @@ class Command:
         return " ".join((self.config.__doc__ or "").split())
 
 
-def add_options(parser: argparse.ArgumentParser, command: Command) -> None:
-    """Every CLI field of the command's config as an option, grouped by nested config."""
+def add_options(parser: argparse.ArgumentParser, command: Command, *, from_file: bool = False) -> None:
+    """Every CLI field of the command's config as an option, grouped by nested config; ``from_file``:
+    a ``--config FILE`` was given, so it may supply the ``required`` ones."""
     cls = command.config
     groups: dict[tuple[str, ...], Any] = {(): parser}
     for path, section in _sections(cls):
@@ -281,7 +306,7 @@ def add_options(parser: argparse.ArgumentParser, command: Command) -> None:
                 exclusive[meta["group"]] = parser.add_argument_group(meta["group"]).add_mutually_exclusive_group(
                     required=True)
             target = exclusive[meta["group"]]
-        elif default is MISSING:
+        elif default is MISSING or (meta.get("required") and not from_file):
             kwargs["required"] = True
         target.add_argument(leaf.flag, *meta.get("aliases", ()), **kwargs)
     if command.config_file:
@@ -291,9 +316,10 @@ def add_options(parser: argparse.ArgumentParser, command: Command) -> None:
         parser.add_argument(flag, help=argparse.SUPPRESS, default=argparse.SUPPRESS)
 
 
-def build_parser(command: Command, parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+def build_parser(command: Command, parser: argparse.ArgumentParser | None = None, *,
+                 from_file: bool = False) -> argparse.ArgumentParser:
     parser = parser or Parser(prog=command.prog, description=command.description, epilog=command.epilog)
-    add_options(parser, command)
+    add_options(parser, command, from_file=from_file)
     return parser
 
 
@@ -404,7 +430,9 @@ def construct(cls: type, values: dict[str, Any], shown: tuple[str, ...] = (), *,
 
 def parse(command: Command, argv: Sequence[str] | None = None) -> Any:
     """The validated config of one command line (argparse errors exit 2 in one line)."""
-    args = vars(build_parser(command).parse_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from_file = command.config_file and any(a == "--config" or a.startswith("--config=") for a in argv)
+    args = vars(build_parser(command, from_file=from_file).parse_args(argv))
     for flag in command.ignored:
         args.pop(flag.lstrip("-").replace("-", "_"), None)
     config_file = args.pop("config", None)
@@ -420,16 +448,18 @@ def run(command: Command, argv: Sequence[str] | None = None) -> int:
     user can fix (:func:`explain`) is one line on stderr and exit status 2; only a bug shows a
     traceback. The exit status is what ``run`` returns when that is an int, else 0."""
     try:
-        try:
-            cfg = parse(command, argv)
-        except SystemExit as stop:  # --help (0), or argparse's one-line error (2)
-            return stop.code if isinstance(stop.code, int) else 2
+        cfg = parse(command, argv)
+    except SystemExit as stop:  # --help (0), or argparse's one-line error (2), printed by rank 0
+        return stop.code if isinstance(stop.code, int) else 2
+    except (ValueError, OSError) as err:
+        if not report(err, every_rank=False):
+            raise
+        return 2
+    try:
         status = command.run(cfg)
     except (ValueError, OSError) as err:
-        message = explain(err)
-        if message is None:
+        if not report(err):
             raise
-        print(f"error: {message}", file=sys.stderr, flush=True)
         return 2
     return status if isinstance(status, int) else 0
 

@@ -357,7 +357,7 @@ class PretrainConfig:
     (--recipe paper). Run with `deepspeed`, `torchrun` or plain `python` (one process)."""
 
     run: RunConfig = option(help="model, tokenizer, training", flatten=True, default_factory=RunConfig)
-    shards: str = option("", "shard directory written by `python -m sharding write` (required)")
+    shards: str = option("", "shard directory written by `python -m sharding write`", required=True)
     output: str = option("runs/pretrain", "run directory: checkpoints, figures")
     deepspeed_config: str | None = option(None, "DeepSpeed JSON (ds_configs/); default: plain data parallel in "
                                           "fp32", flag="--deepspeed_config", aliases=("--deepspeed-config",))

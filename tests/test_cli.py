@@ -99,3 +99,34 @@ def test_help_of_every_option_ends_with_its_default():
     text = build_parser(command(PretrainConfig)).format_help()
     assert "--seq-len SEQ_LEN" in text and "genes per cell L (default: 512)" in text
     assert "--deepspeed_config DEEPSPEED_CONFIG, --deepspeed-config" in text
+
+
+def test_a_required_flag_is_shown_so_and_a_config_file_may_give_it(tmp_path, capsys):
+    pretrain = command(PretrainConfig)
+    usage = build_parser(pretrain).format_usage()
+    assert " --shards SHARDS " in usage and "[--shards" not in usage
+    assert run(pretrain, []) == 2
+    assert "the following arguments are required: --shards" in capsys.readouterr().err
+    path = tmp_path / "run.yaml"
+    path.write_text("shards: /data\n")
+    assert parse(pretrain, ["--config", str(path)]).shards == "/data"
+    path.write_text("model:\n  hidden: 64\n")
+    with pytest.raises(ValueError, match="--shards is required"):
+        parse(pretrain, ["--config", str(path)])
+
+
+def test_errors_every_rank_meets_alike_are_printed_by_rank_0_alone(monkeypatch, capsys):
+    """Every rank of a launch parses the same command line; a failure while running may be one rank's."""
+    def unreadable(cfg):
+        raise ValueError("shard 3 is unreadable")
+
+    probe, failing = (Command(ProbeConfig, work, prog="probe.py") for work in (lambda cfg: None, unreadable))
+    bad_flag, bad_value = (["--checkpoint", "c", "--data", "d", "--repeats", value] for value in ("many", "0"))
+    monkeypatch.setenv("RANK", "1")
+    assert run(probe, bad_flag) == 2 and run(probe, bad_value) == 2
+    assert capsys.readouterr().err == ""
+    assert run(failing, ["--checkpoint", "c", "--data", "d"]) == 2
+    assert capsys.readouterr().err == "error: rank 1: shard 3 is unreadable\n"
+    monkeypatch.setenv("RANK", "0")
+    assert run(probe, bad_value) == 2 and run(failing, ["--checkpoint", "c", "--data", "d"]) == 2
+    assert capsys.readouterr().err == "error: --repeats must be >= 1; got 0\nerror: shard 3 is unreadable\n"

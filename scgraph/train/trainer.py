@@ -18,7 +18,6 @@ import itertools
 import json
 import math
 import signal
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from scgraph.cli import Command, explain, run
+from scgraph.cli import Command, report, run
 from scgraph.config import PretrainConfig
 from scgraph.data.batch import Batch
 from scgraph.data.loader import Layout, Segment, ShardLoader, build_loader
@@ -531,9 +530,7 @@ def run_pretraining(cfg: PretrainConfig) -> int:
         trainer.train()
     except BaseException as err:  # mark the MLflow run FAILED, say why in one line, exit non-zero
         trainer.cleanup(failed=True)
-        message = explain(err)
-        if message is not None:
-            print(f"error: {message}", file=sys.stderr, flush=True)
+        if report(err):
             return 2
         raise
     state = optimizer_state_bytes(trainer.engine.optimizer)
