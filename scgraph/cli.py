@@ -401,25 +401,22 @@ def _keys(cls: type) -> set[str]:
     return keys
 
 
-def construct(cls: type, values: dict[str, Any], shown: tuple[str, ...] = (), *, strict: bool = True) -> Any:
+def construct(cls: type, values: dict[str, Any], shown: tuple[str, ...] = ()) -> Any:
     """``cls`` from nested values, every leaf coerced to its type (ConfigFieldError names the
-    field); the dataclasses' own validation then runs as they are built. ``strict=False`` ignores
-    keys the class does not declare (a schema of the part of a foreign file that we read)."""
+    field); the dataclasses' own validation then runs as they are built."""
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - set(fields))
-    if unknown and strict:
+    if unknown:
         raise ConfigFieldError(f"unknown {'.'.join(shown) or cls.__name__} field(s) {', '.join(unknown)}")
     kwargs = {}
     for name, value in values.items():
-        if name not in fields:
-            continue
         kind = hints[name]
         if _is_config(kind):
             inner = shown if fields[name].metadata.get("flatten") else (*shown, name)
             if not isinstance(value, (dict, kind, type(None))):
                 raise ConfigFieldError(f"{'.'.join(inner) or name} must be a section of settings; got {value!r}")
-            kwargs[name] = value if isinstance(value, kind) else construct(kind, value or {}, inner, strict=strict)
+            kwargs[name] = value if isinstance(value, kind) else construct(kind, value or {}, inner)
         else:
             try:
                 kwargs[name] = coerce(value, kind, ".".join((*shown, name)))

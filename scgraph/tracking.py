@@ -160,6 +160,24 @@ def local_artifacts(uri: str, run_artifact_uri: str) -> Path | None:
     return root / run_artifact_uri.removeprefix(_PROXIED)
 
 
+def run_artifact(uri: str, mlflow_uri: str | None = None) -> Path:
+    """The local folder of a ``runs:/<run_id>/<path>`` artifact (downloaded if the store is remote)."""
+    from mlflow.exceptions import MlflowException
+
+    run_id, _, inner = uri.removeprefix("runs:/").partition("/")
+    store = check_store(mlflow_uri, existing=True)
+    try:
+        run = client(store).get_run(run_id)
+    except MlflowException:
+        raise ValueError(f"{uri}: no run {run_id} in the MLflow store {store}") from None
+    local = local_artifacts(store, run.info.artifact_uri)
+    if local is not None:
+        return local / inner
+    import mlflow.artifacts
+
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=inner, tracking_uri=store))
+
+
 class Tracker:
     """One MLflow run of one kind. ``active`` is False on non-zero ranks, where every call is a no-op."""
 

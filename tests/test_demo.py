@@ -28,7 +28,7 @@ def test_held_out_cells_never_reach_pretraining_and_share_its_vocabulary(tiny_de
     for backbone in DEMO_BACKBONES:  # each trained the demo's steps on these shards
         final = json.loads((tiny_demo.pretrain_output(backbone) / "final_checkpoint.json").read_text())
         assert final["step"] == TINY_DEMO["steps"], backbone
-        assert load_pretrained(tiny_demo.pretrain_output(backbone)).meta["shards_identity"] == pretrain.identity
+        assert load_pretrained(tiny_demo.pretrain_output(backbone)).record.shards_identity == pretrain.identity
 
 
 @pytest.mark.slow

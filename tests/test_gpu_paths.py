@@ -149,6 +149,21 @@ def test_each_rank_takes_a_device_it_sees(env, visible, device):
             rank_device(env, visible)
 
 
+@pytest.mark.parametrize(("section", "said"), [
+    ({"zero_optimization": {"stage": 5}}, "zero_optimization.stage: Input should be 0, 1, 2, 3"),
+    ({"zero_optimization": {"stage": 2, "overlap_comm": "x"}}, "zero_optimization.overlap_comm: Input should be"),
+    ({"zero_optimization": {"stage": 2, "overlap_com": True}}, "zero_optimization.overlap_com: Extra inputs"),
+    ({"bf16": {"enabled": "maybe"}}, "bf16.enabled: Input should be a valid boolean"),
+    ({"fp16": []}, "fp16 must be an object; got []"),
+    ({"gradient_clipping": "1"}, "gradient_clipping must be a number >= 0; got '1'"),
+])
+def test_deepspeed_sections_are_checked_by_deepspeeds_own_models_naming_the_file(section, said, tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4} | section))
+    with pytest.raises(ValueError, match=f"^DeepSpeed config {path}: " + re.escape(said)):
+        load_ds_config(path)
+
+
 @pytest.mark.parametrize(("name", "peak"), [
     ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA H100 80GB HBM3", 989.0),
     ("NVIDIA H200", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA GH200 480GB", 989.0), ("Tesla T4", None),

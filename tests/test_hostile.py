@@ -162,6 +162,30 @@ def test_a_checkpoint_whose_bytes_changed_is_refused_by_resume_the_probe_and_emb
     assert load_pretrained(old).run.model.hidden == 8
 
 
+def test_the_checkpoint_record_round_trips_and_reads_what_older_versions_wrote(trained, tmp_path):
+    import shutil
+
+    from scgraph.train.checkpointer import FILES, CheckpointRecord, load_pretrained
+
+    original, _ = trained
+    record = CheckpointRecord.read(original / "checkpoints", "step00000004")
+    assert (record.step, record.world_size, record.run.tokenizer.seq_len) == (4, 1, 40)
+    assert record.output == str(original.resolve()) and len(record.feature_ids) == 40
+    record.write(tmp_path)
+    assert CheckpointRecord.read(tmp_path.parent, tmp_path.name) == record
+    old = tmp_path / "old"  # an export of an older version: fewer fields, one we no longer know, no file list
+    shutil.copytree(original / "model", old)
+    written = json.loads((old / "scgraph.json").read_text())
+    assert written["exported_from"] == str(original / "checkpoints" / "step00000004")
+    for gone in ("gene_choice", "experiment", "zero_stage", "exported_from"):
+        del written[gone]
+    (old / "scgraph.json").write_text(json.dumps(written | {"retired_field": 1}))
+    (old / FILES).unlink()
+    loaded = load_pretrained(old).record
+    assert (loaded.gene_choice, loaded.experiment, loaded.zero_stage) == (None, None, 0)
+    assert loaded.vocab.feature_ids == record.feature_ids and loaded.choice is None
+
+
 def test_a_copied_run_folder_does_not_resume_into_the_originals_mlflow_run(trained, tmp_path):
     import shutil
 
@@ -410,7 +434,7 @@ def test_messages_name_the_file_and_the_matrix_or_key_at_fault(small_shards, tmp
     err = one_line_error(capsys, run(PRETRAIN, ["--shards", str(small_shards), "--output", str(tmp_path / "o"),
                                                 "--deepspeed-config", str(ds), "--mlflow-uri",
                                                 f"sqlite:///{tmp_path}/m.db"]))
-    assert err == f"error: DeepSpeed config {ds}: train_micro_batch_size_per_gpu must be > 0; got -4\n"
+    assert err == f"error: DeepSpeed config {ds}: train_micro_batch_size_per_gpu must be an integer > 0; got -4\n"
     adata = generated_anndata(generated_counts(20, 10, 3))
     adata.raw = adata.copy()
     adata.raw.X.data[:] = np.log1p(adata.raw.X.data)

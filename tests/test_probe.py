@@ -65,10 +65,11 @@ def test_linear_probe_learns_cell_types_from_real_expression(cbmc_data):
 
 
 @pytest.mark.parametrize(("X", "y", "message"), [
-    (np.zeros(10), np.zeros(10), r"X must be 2-D \(cells x features\); got shape \(10,\)"),
-    (np.zeros((10, 3)), np.zeros(9), "y has 9 labels but X has 10 rows"),
-    (np.full((4, 2), np.nan), np.array([0, 1, 0, 1]), "X contains NaN"),
-    (np.zeros((4, 2)), np.array(["T"] * 4), "y has a single class \\('T'\\)"),
+    (np.zeros(10), np.zeros(10), "Expected 2D array, got 1D array"),
+    (np.zeros((10, 3)), np.zeros(9), r"inconsistent numbers of samples: \[10, 9\]"),
+    (np.full((4, 2), np.nan), np.array([0, 1, 0, 1]), "Input X contains NaN"),
+    (np.zeros((4, 2)), np.array(["T"] * 4), "y has 1 class \\('T'\\)"),
+    (np.zeros((4, 2)), np.array([0.5, 1.5, 0.2, 0.1]), "Unknown label type: continuous"),
 ])
 def test_linear_probe_refuses_bad_input_naming_the_argument(X, y, message):
     with pytest.raises(ValueError, match=message):
@@ -76,13 +77,24 @@ def test_linear_probe_refuses_bad_input_naming_the_argument(X, y, message):
 
 
 def test_linear_probe_must_be_fitted_and_sees_the_same_features():
-    with pytest.raises(ValueError, match="not fitted yet"):
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
         LinearProbe().predict(np.zeros((2, 3)))
     probe = LinearProbe(epochs=1).fit(np.eye(4), np.array([0, 1, 0, 1]))
-    with pytest.raises(ValueError, match="X has 5 features but the probe was fitted on 4"):
+    with pytest.raises(ValueError, match="X has 5 features, but LinearProbe is expecting 4 features"):
         probe.predict(np.zeros((2, 5)))
     with pytest.raises(ValueError, match="lr must be > 0"):
-        LinearProbe(lr=0)
+        LinearProbe(lr=0).fit(np.eye(4), np.array([0, 1, 0, 1]))
+
+
+def test_linear_probe_is_a_scikit_learn_classifier():
+    """Every check scikit-learn runs on its own classifiers (clone, params, fit/predict/score, input
+    validation, pickling, pipelines), at the paper's settings."""
+    from sklearn.utils.estimator_checks import check_estimator
+
+    failed = [r for r in check_estimator(LinearProbe(), on_fail=None) if r["status"] == "failed"]
+    assert failed == []
 
 
 def test_cells_of_a_class_of_one_and_unlabelled_cells_are_left_out_and_said(cbmc_data):
@@ -132,7 +144,7 @@ def test_probe_run_is_in_mlflow_linked_to_its_pretraining_run_with_figures(tiny_
     for backbone, report in probes.items():
         run = client.get_run(report["probe_run_id"])
         pretrained = load_pretrained(report["checkpoint"])
-        assert run.data.tags["pretraining_run_id"] == pretrained.meta["mlflow_run_id"] == report["pretraining_run_id"]
+        assert run.data.tags["pretraining_run_id"] == pretrained.record.mlflow_run_id == report["pretraining_run_id"]
         pretraining = client.get_run(report["pretraining_run_id"])
         assert pretraining.info.experiment_id == run.info.experiment_id  # the checkpoint's experiment
         assert run.data.tags["scgraph.kind"] == "probe" and run.data.tags["backbone"] == backbone

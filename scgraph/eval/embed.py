@@ -121,19 +121,17 @@ def embed(adata: ad.AnnData, checkpoint: str, *, key: str = "X_scgraph", selecti
     (or the var names), or by ``feature_name`` for gene symbols; genes it never saw are dropped.
     ``selection`` / ``seq_len``: which genes each cell shows the encoder (see the module doc).
     """
-    from scgraph.data.vocab import GeneVocab
     from scgraph.eval.cells import cells_of, coverage_notes, match_genes
     from scgraph.train.checkpointer import load_pretrained
 
     cells = cells_of(adata, "adata")  # (the data's problems first: they are cheaper to find)
     pretrained = load_pretrained(checkpoint, mlflow_uri)
-    mapping = match_genes(cells, GeneVocab(pretrained.meta["feature_ids"], pretrained.meta["feature_names"]),
-                          match_genes_by)
+    mapping = match_genes(cells, pretrained.record.vocab, match_genes_by)
     counts = mapping.apply(cells.counts)
     for note in coverage_notes(mapping, counts):
         warnings.warn(f"scgraph.embed: {note}", stacklevel=2)
     adata.obsm[key] = embed_cells(pretrained.model, pretrained.run, counts, selection=selection,
-                                  seq_len=seq_len, choice=pretrained.gene_choice, batch_size=batch_size,
+                                  seq_len=seq_len, choice=pretrained.record.choice, batch_size=batch_size,
                                   progress=progress,
                                   desc=f"embed ({pretrained.run.model.backbone})")
     adata.uns[key] = {"checkpoint": str(checkpoint), "backbone": pretrained.run.model.backbone,

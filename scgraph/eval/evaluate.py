@@ -20,7 +20,6 @@ import scipy.sparse as sp
 
 from scgraph.cli import Command, run
 from scgraph.config import ProbeConfig
-from scgraph.data.vocab import GeneVocab
 from scgraph.eval.cells import Cells, coverage_notes, match_genes, read_cells
 from scgraph.eval.embed import BagOfGenes, embed_cells, genes_shown, random_encoder, resolved_selection
 from scgraph.eval.figures import confusion_plot, tsne_plot
@@ -36,7 +35,7 @@ from scgraph.eval.probe import (
 from scgraph.io.counts import log1p_cp10k
 from scgraph.io.files import check_directory
 from scgraph.tracking import Tracker, check_store, flatten, git_commit
-from scgraph.train.checkpointer import Pretrained, load_pretrained, read_meta, resolve_checkpoint
+from scgraph.train.checkpointer import CheckpointRecord, Pretrained, load_pretrained, resolve_checkpoint
 
 #: The controls, as named in probe.json, MLflow metrics and the printed table.
 CONTROLS = {"random_encoder": "random-init encoder, same shape",
@@ -93,13 +92,12 @@ def run_probe(opts: ProbeConfig) -> dict[str, Any]:
         "checkpoint": str((folder / tag).resolve())}
     if not opts.overwrite:
         _check_outputs(opts, command)
-    check_store(opts.mlflow_uri or read_meta(folder, tag).get("mlflow_uri"))  # the store the run will log to
+    check_store(opts.mlflow_uri or CheckpointRecord.read(folder, tag).mlflow_uri)  # the store the run will log to
     cells = read_cells(opts.data, opts.organism)
     labels = cells.labels(opts.label_key)
     keep, notes = labelled_cells(labels, opts.label_key)
     pretrained = load_pretrained(opts.checkpoint, opts.mlflow_uri)
-    match = match_genes(cells, GeneVocab(pretrained.meta["feature_ids"], pretrained.meta["feature_names"]),
-                        opts.match_genes_by)
+    match = match_genes(cells, pretrained.record.vocab, opts.match_genes_by)
     if match.dropped:
         notes.append(f"{match.dropped} of {match.matched + match.dropped} genes are not in the model's vocabulary "
                      "and were dropped")
@@ -148,7 +146,7 @@ def _probe(opts: ProbeConfig, pretrained: Pretrained, cells: Cells, counts: Any,
     """Embed, score the encoder and its controls, draw the figures, export: probe.json's content."""
     run, backbone = pretrained.run, pretrained.run.model.backbone
     progress = not opts.quiet
-    protocol = dict(selection=opts.embed_selection, seq_len=opts.embed_seq_len, choice=pretrained.gene_choice,
+    protocol = dict(selection=opts.embed_selection, seq_len=opts.embed_seq_len, choice=pretrained.record.choice,
                     batch_size=opts.embed_batch_size, seed=opts.seed, progress=progress)
     embeddings = embed_cells(pretrained.model, run, counts, desc=f"embed ({backbone})", **protocol)
     baseline = embed_cells(random_encoder(run, opts.seed), run, counts[keep], desc="embed (random encoder)",
@@ -186,7 +184,7 @@ def _probe(opts: ProbeConfig, pretrained: Pretrained, cells: Cells, counts: Any,
         "backbone": backbone, "preset": run.model.preset,
         "model": {"hidden": run.model.hidden, "layers": run.model.layers, "seq_len": run.tokenizer.seq_len},
         "dataset": dataset, "label_key": opts.label_key,
-        "checkpoint": str(pretrained.path.resolve()), "pretraining_run_id": pretrained.meta.get("mlflow_run_id"),
+        "checkpoint": str(pretrained.path.resolve()), "pretraining_run_id": pretrained.record.mlflow_run_id,
         "notes": notes}
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -205,15 +203,15 @@ def _start_tracking(opts: ProbeConfig, pretrained: Pretrained, dataset: str, cel
                     facts: dict[str, int]) -> Tracker:
     """The probe's run, in the pretraining run's store and experiment unless told otherwise: there
     it is the pretraining run's child (nested under it in the UI)."""
-    meta, run = pretrained.meta, pretrained.run
-    source = meta.get("mlflow_run_id")
-    uri, experiment = opts.mlflow_uri or meta.get("mlflow_uri"), opts.experiment or meta.get("experiment") or "scgraph"
+    record, run = pretrained.record, pretrained.run
+    source = record.mlflow_run_id
+    uri, experiment = opts.mlflow_uri or record.mlflow_uri, opts.experiment or record.experiment or "scgraph"
     params = flatten("", {"run": run.to_dict()}) | facts | {
         f"probe.{k}": v for k, v in asdict(opts).items() if k not in ("quiet", "mlflow_uri", "experiment")}
     tags = {"backbone": run.model.backbone, "preset": run.model.preset, "dataset": dataset,
             "pretraining_run_id": str(source), "checkpoint": str(pretrained.path.resolve()), "git_commit": git_commit()}
     tracker = Tracker()
-    same_experiment = source is not None and experiment == meta.get("experiment")
+    same_experiment = source is not None and experiment == record.experiment
     description = (f"Linear probe, kNN and clustering scores of the frozen {run.model.backbone} encoder of "
                    f"pretraining run {source} on {dataset} ({facts['n_cells']:,} cells, {facts['n_classes']} classes, "
                    f"{opts.repeats} repeat(s)), beside a random-init encoder of the same shape, PCA-50 and logistic "

@@ -16,8 +16,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score, recall_score
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
 
@@ -25,26 +28,6 @@ class Classifier(Protocol):
     def fit(self, X: Any, y: np.ndarray) -> Any: ...
 
     def predict(self, X: Any) -> np.ndarray: ...
-
-
-def _check_features(X: Any, name: str = "X") -> np.ndarray:
-    X = np.asarray(X, dtype=np.float32)
-    if X.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (cells x features); got shape {X.shape}")
-    if X.shape[0] == 0:
-        raise ValueError(f"{name} has no rows (cells)")
-    if not np.isfinite(X).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return X
-
-
-def _check_labels(y: Any, n: int, name: str = "y") -> np.ndarray:
-    y = np.asarray(y)
-    if y.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (one label per cell); got shape {y.shape}")
-    if len(y) != n:
-        raise ValueError(f"{name} has {len(y)} labels but X has {n} rows")
-    return y
 
 
 @contextlib.contextmanager
@@ -59,11 +42,14 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-class LinearProbe:
-    """One linear layer on frozen features, trained with softmax cross-entropy.
+class LinearProbe(ClassifierMixin, BaseEstimator):
+    """One linear layer on frozen features, trained with softmax cross-entropy: a scikit-learn
+    classifier (``fit``/``predict``/``score``, ``clone``, pipelines, ``cross_val_score``).
 
     Defaults are the paper's: 50 epochs, batch 64, Adam with lr 0.005. ``seed`` fixes the layer's
-    initialisation and the batch order, so a probe is reproducible.
+    initialisation and the batch order, so a probe is reproducible. Written on torch rather than
+    taken from scikit-learn because the paper's probe is this optimiser and schedule, not a solver
+    run to convergence (that is the logistic-regression control beside it).
 
     ``standardize`` z-scores each feature with the training cells' mean and std first (as MAE's
     linear probe puts a BatchNorm without affine parameters before its classifier). The model is
@@ -75,19 +61,18 @@ class LinearProbe:
 
     def __init__(self, epochs: int = 50, batch_size: int = 64, lr: float = 0.005, seed: int = 0,
                  standardize: bool = True) -> None:
-        for name, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0; got {value!r}")
         self.epochs, self.batch_size, self.lr, self.seed = epochs, batch_size, lr, seed
         self.standardize = standardize
 
     def fit(self, X: Any, y: Any) -> LinearProbe:
-        X = _check_features(X)
-        y = _check_labels(y, X.shape[0])
+        for name in ("epochs", "batch_size", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise ValueError(f"y has a single class ({self.classes_.tolist()[0]!r}): a classifier needs at least 2")
-        self.n_features_in_ = X.shape[1]
+            raise ValueError(f"y has 1 class ({self.classes_.tolist()[0]!r}): a classifier needs at least 2")
         self.mean_, self.scale_ = np.zeros(X.shape[1], np.float32), np.ones(X.shape[1], np.float32)
         if self.standardize:
             std = X.std(axis=0)
@@ -109,25 +94,21 @@ class LinearProbe:
         self.layer_ = layer.eval()
         return self
 
-    def decision_function(self, X: Any) -> np.ndarray:
-        """(cells, classes) logits."""
-        if not hasattr(self, "layer_"):
-            raise ValueError("this LinearProbe is not fitted yet: call fit(X, y) first")
-        X = _check_features(X)
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} features but the probe was fitted on {self.n_features_in_}")
+    def _logits(self, X: Any) -> np.ndarray:
+        check_is_fitted(self, "layer_")
+        X = validate_data(self, X, dtype=np.float32, reset=False)
         with torch.inference_mode():
             return self.layer_(torch.from_numpy((X - self.mean_) / self.scale_)).numpy()
 
-    def predict(self, X: Any) -> np.ndarray:
-        scores = self.decision_function(X)
-        return self.classes_[scores.argmax(axis=1)]
+    def decision_function(self, X: Any) -> np.ndarray:
+        """(cells, classes) logits; with two classes, as scikit-learn's binary classifiers, (cells,)
+        the second class's logit minus the first's."""
+        logits = self._logits(X)
+        return logits[:, 1] - logits[:, 0] if len(self.classes_) == 2 else logits
 
-    def score(self, X: Any, y: Any) -> float:
-        """Accuracy, as scikit-learn classifiers score."""
-        X = _check_features(X)
-        y = _check_labels(y, X.shape[0])
-        return float((self.predict(X) == y).mean())
+    def predict(self, X: Any) -> np.ndarray:
+        logits = self._logits(X)
+        return self.classes_[logits.argmax(axis=1)]
 
 
 def stratified_split(y: np.ndarray, test_fraction: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -33,9 +33,10 @@ import torch.distributed as dist
 
 from scgraph.config import RunConfig
 from scgraph.data.tokenize import GeneChoice
+from scgraph.data.vocab import GeneVocab
 from scgraph.io.files import file_sha256, write_atomic
 from scgraph.models.model import CellModel, build_model
-from scgraph.tracking import flatten
+from scgraph.tracking import flatten, run_artifact
 
 CHECKPOINTS = "checkpoints"
 SCGRAPH_META = "scgraph.json"
@@ -85,12 +86,51 @@ def files_problem(folder: Path, checksums: bool = True) -> str | None:
     return None
 
 
-def read_meta(folder: Path, tag: str) -> dict[str, Any]:
-    """The scgraph side of a checkpoint: run config, shard identity, gene vocabulary."""
-    path = Path(folder) / tag / SCGRAPH_META
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {Path(folder) / tag} has no {SCGRAPH_META}: not an scgraph checkpoint")
-    return json.loads(path.read_text())
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """What a checkpoint's ``scgraph.json`` says beside DeepSpeed's files: the run's resolved
+    config, its gene vocabulary and how training chose each cell's genes (enough to load and feed
+    the encoder without the shards), the shard set it trained on, how it was saved, and the run
+    folder and MLflow run that own it. Files written by older versions lack some fields: None."""
+
+    run: RunConfig
+    feature_ids: list[str]
+    feature_names: list[str]
+    shards: str | None = None
+    shards_identity: str | None = None
+    step: int | None = None
+    zero_stage: int = 0
+    precision: str | None = None
+    world_size: int | None = None
+    mlflow_run_id: str | None = None
+    mlflow_uri: str | None = None
+    output: str | None = None
+    experiment: str | None = None
+    gene_choice: dict[str, Any] | None = None  # GeneChoice.to_record()
+    exported_from: str | None = None  # set in an exported encoder: the checkpoint it came from
+
+    @classmethod
+    def read(cls, folder: Path, tag: str) -> CheckpointRecord:
+        path = Path(folder) / tag / SCGRAPH_META
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {Path(folder) / tag} has no {SCGRAPH_META}: not an scgraph "
+                                    "checkpoint")
+        data = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known} | {"run": RunConfig.from_dict(data["run"])})
+
+    def write(self, folder: Path) -> None:
+        write_atomic(Path(folder) / SCGRAPH_META, json.dumps(dataclasses.asdict(self) | {"run": self.run.to_dict()}))
+
+    @property
+    def vocab(self) -> GeneVocab:
+        return GeneVocab(self.feature_ids, self.feature_names)
+
+    @property
+    def choice(self) -> GeneChoice | None:
+        """What the training tokenizer knew of its corpus (normalised-rank divisors, variable
+        genes), so inference selects each cell's genes as training did."""
+        return GeneChoice.from_record(self.gene_choice, self.run.model.vocab_size)
 
 
 class Checkpointer:
@@ -106,8 +146,8 @@ class Checkpointer:
         """Refuse to resume ``tag`` with another model, other data or other settings, or into a copy
         of another run's folder, saying what differs; returns the changes a resume may make
         (``RESUMABLE_CHANGES``) as ``'train.max_steps 6 -> 8'``, for the run's record."""
-        meta = read_meta(self.dir, tag)
-        saved = meta["run"]["model"]
+        record = CheckpointRecord.read(self.dir, tag)
+        saved = dataclasses.asdict(record.run.model)
         current = dataclasses.asdict(run.model)
         if saved["vocab_size"] != current["vocab_size"]:
             raise ValueError(f"the checkpoint's vocabulary has {saved['vocab_size']} genes but the shard set "
@@ -116,12 +156,12 @@ class Checkpointer:
         if changed:
             raise ValueError("the model config differs from the checkpoint's in " + ", ".join(
                 f"{k} ({saved.get(k)!r} -> {current[k]!r})" for k in changed))
-        if meta["shards_identity"] != shards_identity:
-            raise ValueError(f"the checkpoint was trained on shard set {meta['shards_identity']}, "
+        if record.shards_identity != shards_identity:
+            raise ValueError(f"the checkpoint was trained on shard set {record.shards_identity}, "
                              f"not {shards_identity} ({shards_path})")
-        self._check_owner(meta)
-        saved, current = flatten("", {k: v for k, v in meta["run"].items() if k != "model"}), flatten("", {
-            k: v for k, v in run.to_dict().items() if k != "model"})
+        self._check_owner(record)
+        saved, current = (flatten("", {k: v for k, v in r.to_dict().items() if k != "model"})
+                          for r in (record.run, run))
         changed = [k for k in sorted(saved) if k in current and saved[k] != current[k]]
         refused = [k for k in changed if k not in RESUMABLE_CHANGES]
         if refused:
@@ -131,22 +171,22 @@ class Checkpointer:
                                "start a new run in a new --output")
         return [f"{k} {saved[k]} -> {current[k]}" for k in changed]
 
-    def _check_owner(self, meta: dict[str, Any]) -> None:
+    def _check_owner(self, record: CheckpointRecord) -> None:
         """Refuse to resume a copy of another run folder that still holds that run: the copy would
         write into the original's MLflow run (its metrics, its model artifact, its status). A moved
         folder (the original is gone) resumes."""
-        recorded, run_id, here = meta.get("output"), meta.get("mlflow_run_id"), self.dir.parent.resolve()
+        recorded, run_id, here = record.output, record.mlflow_run_id, self.dir.parent.resolve()
         if recorded is None or run_id is None or Path(recorded) == here:
             return
         original, owner = Checkpointer(Path(recorded)), None
         with contextlib.suppress(OSError, ValueError):  # nothing readable there: the folder was moved
-            owner = read_meta(original.dir, original.latest() or "").get("mlflow_run_id")
+            owner = CheckpointRecord.read(original.dir, original.latest() or "").mlflow_run_id
         if owner == run_id:
             raise ValueError(f"--output {here} is a copy of the run folder {recorded}, which owns MLflow run "
                                  f"{run_id}: resuming the copy would write into that run; resume {recorded} itself, "
                                  "or start a new run in a new --output")
 
-    def save(self, engine: Any, tag: str, meta: dict[str, Any], client_state: dict[str, Any], rank: int) -> None:
+    def save(self, engine: Any, tag: str, record: CheckpointRecord, client_state: dict[str, Any], rank: int) -> None:
         """scgraph.json goes first: DeepSpeed moves its ``latest`` pointer only after writing its own
         files, so a kill at any moment leaves ``latest`` on a resumable checkpoint. The file list
         (names, sizes, sha256) goes last: a checkpoint that has it was written whole, and a file
@@ -154,7 +194,7 @@ class Checkpointer:
         folder = self.dir / tag
         if rank == 0:
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / SCGRAPH_META).write_text(json.dumps(meta))
+            record.write(folder)
         dist.barrier()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state)
         dist.barrier()
@@ -218,20 +258,15 @@ class Checkpointer:
 
 @dataclass
 class Pretrained:
+    """A frozen encoder (fp32, CPU, eval mode), the record of the checkpoint it came from, and where."""
+
     model: CellModel
-    run: RunConfig
-    meta: dict[str, Any]
+    record: CheckpointRecord
     path: Path
 
     @property
-    def feature_ids(self) -> list[str]:
-        return self.meta["feature_ids"]
-
-    @property
-    def gene_choice(self) -> GeneChoice | None:
-        """What the training tokenizer knew of its corpus (normalised-rank divisors, variable
-        genes), so inference selects each cell's genes as training did."""
-        return GeneChoice.from_record(self.meta.get("gene_choice"), self.run.model.vocab_size)
+    def run(self) -> RunConfig:
+        return self.record.run
 
 
 def resolve_checkpoint(path: str | Path, mlflow_uri: str | None = None) -> tuple[Path, str]:
@@ -249,31 +284,11 @@ def resolve_checkpoint(path: str | Path, mlflow_uri: str | None = None) -> tuple
     for folder in (path / CHECKPOINTS, path):
         tag = latest_tag(folder)
         if tag:
-            read_meta(folder, tag)
+            CheckpointRecord.read(folder, tag)
             return folder, tag
     raise FileNotFoundError(f"{path} holds no model: expected a pretraining --output directory, its "
                             f"{CHECKPOINTS}/ directory, a checkpoint directory with {SCGRAPH_META}, or an encoder "
                             f"exported as runs:/RUN_ID/{MODEL_DIR}")
-
-
-def run_artifact(uri: str, mlflow_uri: str | None = None) -> Path:
-    """The local folder of a ``runs:/<run_id>/<path>`` artifact (downloaded if the store is remote)."""
-    from mlflow.exceptions import MlflowException
-
-    from scgraph.tracking import check_store, client, local_artifacts
-
-    run_id, _, inner = uri.removeprefix("runs:/").partition("/")
-    store = check_store(mlflow_uri, existing=True)
-    try:
-        run = client(store).get_run(run_id)
-    except MlflowException:
-        raise ValueError(f"{uri}: no run {run_id} in the MLflow store {store}") from None
-    local = local_artifacts(store, run.info.artifact_uri)
-    if local is not None:
-        return local / inner
-    import mlflow.artifacts
-
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=inner, tracking_uri=store))
 
 
 def export_encoder(pretrained: Pretrained, folder: Path) -> Path:
@@ -281,7 +296,7 @@ def export_encoder(pretrained: Pretrained, folder: Path) -> Path:
     user keeps, and what ``load_pretrained`` reads without DeepSpeed."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(pretrained.model.state_dict(), folder / ENCODER)
-    write_atomic(folder / SCGRAPH_META, json.dumps(pretrained.meta | {"exported_from": str(pretrained.path)}))
+    dataclasses.replace(pretrained.record, exported_from=str(pretrained.path)).write(folder)
     write_file_list(folder)
     return folder
 
@@ -294,12 +309,11 @@ def load_pretrained(path: str | Path, mlflow_uri: str | None = None) -> Pretrain
     problem = files_problem(folder / tag) if (folder / tag / FILES).is_file() else None  # (older exports: no list)
     if problem:
         raise ValueError(f"checkpoint {folder / tag} cannot be read ({problem}); choose another checkpoint directory")
-    meta = read_meta(folder, tag)
-    run = RunConfig.from_dict(meta["run"])
+    record = CheckpointRecord.read(folder, tag)
     try:
         if (folder / tag / ENCODER).is_file():
             state = torch.load(folder / tag / ENCODER, map_location="cpu", weights_only=True)
-        elif meta.get("zero_stage", 0) >= 1:
+        elif record.zero_stage >= 1:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -311,6 +325,6 @@ def load_pretrained(path: str | Path, mlflow_uri: str | None = None) -> Pretrain
         problem = Checkpointer(folder.parent).problem(tag) if folder.name == CHECKPOINTS else None
         raise ValueError(f"checkpoint {folder / tag} cannot be read ({problem or f'{type(err).__name__}: {err}'}); "
                          "choose another checkpoint directory") from None
-    model = build_model(run.model)
+    model = build_model(record.run.model)
     model.load_state_dict({k: v.float() for k, v in state.items()})
-    return Pretrained(model=model.eval(), run=run, meta=meta, path=folder / tag)
+    return Pretrained(model=model.eval(), record=record, path=folder / tag)

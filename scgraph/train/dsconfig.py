@@ -10,45 +10,10 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scgraph.cli import construct
 from scgraph.config import TrainConfig
-
-
-@dataclass
-class _Switch:
-    """A DeepSpeed section that is on or off."""
-
-    enabled: bool = False
-
-
-@dataclass
-class _Zero:
-    """ZeRO's stage: 0 (plain data parallel) to 3 (parameters partitioned too)."""
-
-    stage: int = 0
-
-    def __post_init__(self) -> None:
-        if self.stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3; got {self.stage}")
-
-
-@dataclass
-class _Schema:
-    """The keys of a DeepSpeed JSON that scgraph reads or derives; any other key passes through to
-    DeepSpeed unchecked."""
-
-    train_micro_batch_size_per_gpu: int | None = None
-    gradient_accumulation_steps: int | None = None
-    train_batch_size: int | None = None
-    gradient_clipping: float | None = None
-    zero_optimization: _Zero = field(default_factory=_Zero)
-    bf16: _Switch = field(default_factory=_Switch)
-    fp16: _Switch = field(default_factory=_Switch)
-
 
 #: Keys scgraph fills in itself, so a HuggingFace-style "auto" there just means "derive it".
 _DERIVED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
@@ -63,7 +28,7 @@ def _autos(value: Any, path: str = "") -> list[str]:
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
-    """The JSON at ``path``, validated against the keys scgraph uses (one line naming a bad one).
+    """The JSON at ``path``, its keys that scgraph uses validated (one line naming a bad one).
     "auto" where scgraph derives the value (batch sizes, clipping, the optimizer's lr and weight
     decay) means just that; anywhere else DeepSpeed cannot read it, so it is refused."""
     path = Path(path)
@@ -85,14 +50,38 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
     if autos:
         raise ValueError(f"DeepSpeed config {path}: {', '.join(autos)} is 'auto', a HuggingFace Trainer placeholder "
                          "that DeepSpeed itself cannot read: give a value")
-    try:
-        construct(_Schema, ds, strict=False)
-    except ValueError as err:
-        raise ValueError(f"DeepSpeed config {path}: {err}") from None
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
-        if ds.get(key) is not None and ds[key] <= 0:
-            raise ValueError(f"DeepSpeed config {path}: {key} must be > 0; got {ds[key]}")
+        value = ds.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"DeepSpeed config {path}: {key} must be an integer > 0; got {value!r}")
+    clip = ds.get("gradient_clipping")
+    if clip is not None and (not isinstance(clip, (int, float)) or isinstance(clip, bool) or clip < 0):
+        raise ValueError(f"DeepSpeed config {path}: gradient_clipping must be a number >= 0; got {clip!r}")
+    _check_sections(ds, path)
     return ds
+
+
+def _check_sections(ds: dict[str, Any], path: Path) -> None:
+    """The sections scgraph reads (ZeRO, bf16, fp16) through DeepSpeed's own models of them, so a
+    wrong stage, type or unknown key is refused before any work, in one line naming the file,
+    with DeepSpeed's reason. (DeepSpeed's whole-config check needs the process group; these do not.)"""
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    for key, model in (("zero_optimization", DeepSpeedZeroConfig), ("bf16", DeepSpeedBF16Config),
+                       ("fp16", DeepSpeedFP16Config)):
+        section = ds.get(key)
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            raise ValueError(f"DeepSpeed config {path}: {key} must be an object; got {section!r}")
+        try:
+            model(**section)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join([key, *map(str, first["loc"])])
+            raise ValueError(f"DeepSpeed config {path}: {where}: {first['msg']}; got {first['input']!r}") from None
 
 
 def zero_stage(ds: dict[str, Any]) -> int:

@@ -39,7 +39,14 @@ from scgraph.io.files import check_directory
 from scgraph.models.model import CellModel, build_model, check_token_ids, count_parameters
 from scgraph.plots import line_plot
 from scgraph.tracking import Tracker, check_store, flatten, git_commit
-from scgraph.train.checkpointer import MODEL_DIR, UNIVERSAL, Checkpointer, export_encoder, load_pretrained, read_meta
+from scgraph.train.checkpointer import (
+    MODEL_DIR,
+    UNIVERSAL,
+    Checkpointer,
+    CheckpointRecord,
+    export_encoder,
+    load_pretrained,
+)
 from scgraph.train.distributed import all_ranks_agree, init_distributed, leave, mean_over_ranks
 from scgraph.train.dsconfig import load_ds_config, precision, resolve_ds_config, zero_stage
 from scgraph.train.objectives import pretraining_loss
@@ -128,7 +135,7 @@ class Pretrainer:
             self._check_resumable(self.resume_tag)
             self.resume_changes = self.checkpoints.check_compatible(self.resume_tag, run, cfg.shards,
                                                                     self.shards.identity)
-            saved_world = read_meta(self.checkpoints.dir, self.resume_tag).get("world_size", self.world)
+            saved_world = CheckpointRecord.read(self.checkpoints.dir, self.resume_tag).world_size or self.world
             if saved_world != self.world and zero_stage(self.ds) > 0:
                 # ZeRO partitions are per rank: DeepSpeed's universal checkpoint loads on any number
                 if self.rank == 0:
@@ -291,18 +298,17 @@ class Pretrainer:
 
     def save_checkpoint(self) -> None:
         tag = self._tag()
-        meta = {"run": self.cfg.run.to_dict(), "shards": str(Path(self.cfg.shards).resolve()),
-                "shards_identity": self.shards.identity, "feature_ids": self.shards.feature_ids,
-                "feature_names": self.shards.feature_names, "step": self.step,
-                "zero_stage": zero_stage(self.ds), "precision": precision(self.ds), "world_size": self.world,
-                "mlflow_run_id": self.tracker.run_id, "mlflow_uri": self.cfg.mlflow_uri,
-                "output": str(self.output.resolve()), "experiment": self.cfg.experiment,
-                "gene_choice": self.choice and self.choice.to_record()}
+        record = CheckpointRecord(
+            run=self.cfg.run, feature_ids=self.shards.feature_ids, feature_names=self.shards.feature_names,
+            shards=str(Path(self.cfg.shards).resolve()), shards_identity=self.shards.identity, step=self.step,
+            zero_stage=zero_stage(self.ds), precision=precision(self.ds), world_size=self.world,
+            mlflow_run_id=self.tracker.run_id, mlflow_uri=self.cfg.mlflow_uri, output=str(self.output.resolve()),
+            experiment=self.cfg.experiment, gene_choice=self.choice and self.choice.to_record())
         client = {"step": self.step, "epoch": self.epoch, "consumed": self.consumed,
                   "layout": dataclasses.astuple(self._layout()),
                   "segments": [[*dataclasses.astuple(layout), batches] for layout, batches in self.segments],
                   "losses": self.losses, "mlflow_run_id": self.tracker.run_id, "best": list(self.best)}
-        self.checkpoints.save(self.engine, tag, meta, client, self.rank)
+        self.checkpoints.save(self.engine, tag, record, client, self.rank)
         self.last_tag = tag
 
     # -- tracking ----------------------------------------------------------------------------
@@ -498,6 +504,9 @@ class Pretrainer:
         reference.write_text(json.dumps({"checkpoint_dir": str(self.checkpoints.dir.resolve()),
                                          "tag": self.last_tag, "step": self.step}, indent=2))
         self.tracker.artifact(reference)
+        # from the checkpoint just written, not from memory: under bf16 the module holds bf16 copies and
+        # with ZeRO 1-3 the fp32 master weights are partitioned over the ranks' optimizers; DeepSpeed's
+        # zero_to_fp32 gathers them whole, and the load checks the checksums it was written with
         model = export_encoder(load_pretrained(self.checkpoints.dir / self.last_tag), self.output / MODEL_DIR)
         self.tracker.artifact(model)
         final = self.losses[-1][1] if self.losses else float("nan")
