@@ -5,8 +5,7 @@ line naming the field, and ``dataclasses.asdict`` gives the whole resolved confi
 field is declared with :func:`scgraph.cli.option` (its help text): the command lines, YAML config
 files and the argv one command writes for another are all generated from these classes.
 
-Defaults are the paper's (Table II for pretraining, section IV-B for the probe, section III-B for
-the synthetic study). Model presets fill only the fields left as ``None``: an explicit value wins.
+Defaults are the paper's (its pretraining settings, its linear probe and its synthetic study). Model presets fill only the fields left as ``None``: an explicit value wins.
 
 This module holds every run's configuration on purpose (one owner), which is why it is longer than
 the others. The model's names it validates against (mixers and their families, adjacencies,
@@ -52,7 +51,7 @@ SELECTIONS = ("random", "top", "weighted", "rank")
 EMBED_SELECTIONS = ("train", "top", "rank", "random", "all")
 MATCH_KEYS = ("feature_id", "feature_name")
 #: Pretraining objectives: ``mvp`` predicts each masked gene's value from its own token's final state
-#: (the paper's Eq. 5); ``gepc`` predicts it from the cell embedding and the gene alone (scGPT's GEPC);
+#: (the paper's masked value prediction); ``gepc`` predicts it from the cell embedding and the gene alone (scGPT's GEPC);
 #: ``recon`` reconstructs the cell's whole expression profile, zeros included, from the cell embedding.
 OBJECTIVES = ("mvp", "gepc", "recon")
 
@@ -601,7 +600,7 @@ class StudyConfig:
                               "heads (with one, it weights every sender's value with one sign and stalls far above "
                               "its floor; see benchmarks/RESULTS.md)")
     block_layout: str = option("residual", "layout of the shared Block (residual: no normalisation, so the GNN is "
-                               "the bare static aggregation of the paper's Eq. 12; see scgraph/synthetic/models.py)",
+                               "the bare static aggregation of the values; see scgraph/synthetic/models.py)",
                                choices=BLOCK_LAYOUTS)
     position_embedding: bool = option(True, "a learned absolute-position embedding in both models")
     init: str = option("pytorch", "initialisation of the Linear layers: pytorch (PyTorch's default, as the paper's "

@@ -1,4 +1,4 @@
-"""The paper's linear probe (section IV-B) as a scikit-learn-style estimator, its repeated
+"""The paper's linear probe as a scikit-learn classifier, its repeated
 evaluation, and the expression-only control.
 
 The encoder is frozen, so the probe sees only fixed cell embeddings: one linear layer trained as a

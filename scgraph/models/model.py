@@ -63,7 +63,7 @@ class ValueEncoder(nn.Module):
 
 
 class InputEmbedding(nn.Module):
-    """h0 = E_gene[g] + W_val(x) (Eq. 6); a masked value is replaced by a learned mask vector."""
+    """h0 = E_gene[g] + W_val(x); a masked value is replaced by a learned mask vector."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -86,7 +86,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.
 
 
 class AttentionMixer(nn.Module):
-    """Multi-head self-attention (Eq. 9-10): weights depend on the cell."""
+    """Multi-head self-attention: weights depend on the cell."""
 
     def __init__(self, cfg: ModelConfig, adjacency: nn.Module | None = None) -> None:
         super().__init__()
@@ -113,7 +113,7 @@ def _distinct_rows(genes: torch.Tensor, *tables: nn.Embedding) -> tuple[torch.Te
 
 
 class FactorizedAdjacency(nn.Module):
-    """A = U V^T over the whole vocabulary; a batch reads only its genes' rows (Eq. 11-12)."""
+    """A = U V^T over the whole vocabulary; a batch reads only its genes' rows."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -316,7 +316,7 @@ class GeneDecoder(nn.Module):
 
 
 class CellModel(nn.Module):
-    """Encoder (embedding + Blocks) with the masked-value-prediction head W_out (Eq. 5-8) and, for
+    """Encoder (embedding + Blocks) with the masked-value-prediction head W_out and, for
     objectives that read the cell embedding, a :class:`GeneDecoder`."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -419,7 +419,7 @@ class CellModel(nn.Module):
 
 
 def mvp_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over masked positions only (Eq. 5), in float32 whatever the model's
+    """Mean squared error over masked positions only, in float32 whatever the model's
     precision; 0 for a batch with nothing masked."""
     weight = masked.float()
     return ((pred.float() - target.float()) ** 2 * weight).sum() / weight.sum().clamp(min=1.0)

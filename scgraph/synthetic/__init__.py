@@ -1,4 +1,4 @@
-"""The synthetic relative-position study (paper section III-B, Table I, Figure 3).
+"""The synthetic relative-position study (the paper's Table I and Figure 3).
 
 generators: the value-generator family and datasets; models: the two one-layer models built from
 the census Block and mixers; train: one task (dataset + model + training); report: Table I and

@@ -7,7 +7,7 @@ predictor is linear. Least squares on a large fresh sample gives four floors:
 - ``order_and_values``: one linear predictor per (order, masked position), the Bayes error. Its
   weights on the values depend on where each sender sits, as attention's can: the Transformer's floor.
 - ``static_adjacency``: what a static adjacency with absolute positions and a linear read-out can
-  express (the paper's Eq. 12): the receiver's own position, plus for every sender a term in its
+  express: the receiver's own position, plus for every sender a term in its
   value and a term in its position, each weighted by the (receiver, sender) token pair only, never
   by where the two sit relative to each other: the GNN's floor.
 - ``token_weights``: the mean given the whole order, plus token-pair weights on the values: a GNN

@@ -1,8 +1,8 @@
-"""The synthetic generator family of SPEC §2: four tokens, every order, values with a tunable
+"""The synthetic generator family: four tokens, every order, values with a tunable
 relative-position effect.
 
-The paper's Eq. 15-16 were lost in extraction, so the family holds every reconstruction its text
-allows that was tried: a token term alpha p + e, a static influence w of the other values, and a
+The paper's text does not fix its generator's formula, so the family holds every reading of that
+text that was tried: a token term alpha p + e, a static influence w of the other values, and a
 relative-position influence scaled by beta. ``static_decay`` (the two preceding values weighted
 2.2 beta and 0.5 beta) is the default because its error floors are the closest to the paper's Table I
 (``scgraph.synthetic.calibration``; benchmarks/RESULTS.md has the table). All generators share one interface:

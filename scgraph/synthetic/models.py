@@ -50,7 +50,7 @@ def synthetic_model_config(cfg: StudyConfig, backbone: str) -> ModelConfig:
 
     The study's defaults follow the paper's "single layer between linear input and output layers":
     no feed-forward and no normalisation (``residual``), so the GNN's output is the bare static
-    aggregation of Eq. 12: each sender's value and position enter through one weight that depends
+    aggregation: each sender's value and position enter through one weight that depends
     on the token pair only. Any LayerNorm divides the aggregate by a norm computed from all of it,
     which lets the GNN form products of a sender's value with positions (tried here on
     ``static_predecessor`` at beta = 0.5, sigma = 0.1, 10,000 samples, 100 epochs: post-norm GNN

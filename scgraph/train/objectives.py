@@ -1,6 +1,6 @@
 """The pretraining loss: the configured objectives, each weighted, from one forward pass.
 
-``mvp`` is the paper's masked value prediction (Eq. 5): each masked gene's value from its own
+``mvp`` is the paper's masked value prediction: each masked gene's value from its own
 token's final state. It trains per-gene states; nothing in it asks the pooled cell embedding to
 describe the cell, and on held-out cells a probe of that embedding did worse after MVP pretraining
 than before it. The two cell-level objectives read the cell embedding (CLS or mean) of the masked
