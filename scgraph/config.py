@@ -5,7 +5,8 @@ line naming the field, and ``dataclasses.asdict`` gives the whole resolved confi
 field is declared with :func:`scgraph.cli.option` (its help text): the command lines, YAML config
 files and the argv one command writes for another are all generated from these classes.
 
-Defaults are the paper's (its pretraining settings, its linear probe and its synthetic study). Model presets fill only the fields left as ``None``: an explicit value wins.
+Defaults are the paper's (its pretraining settings, its linear probe and its synthetic study).
+Model presets fill only the fields left as ``None``: an explicit value wins.
 
 This module holds every run's configuration on purpose (one owner), which is why it is longer than
 the others. The model's names it validates against (mixers and their families, adjacencies,
@@ -50,8 +51,9 @@ SELECTIONS = ("random", "top", "weighted", "rank")
 #: L, or all of each cell's genes. The training tokenizer's ``hvg_genes`` restriction always holds.
 EMBED_SELECTIONS = ("train", "top", "rank", "random", "all")
 MATCH_KEYS = ("feature_id", "feature_name")
-#: Pretraining objectives: ``mvp`` predicts each masked gene's value from its own token's final state
-#: (the paper's masked value prediction); ``gepc`` predicts it from the cell embedding and the gene alone (scGPT's GEPC);
+#: Pretraining objectives: ``mvp`` (the paper's masked value prediction) predicts each masked gene's
+#: value from its own token's final state; ``gepc`` predicts it from the cell embedding and the gene
+#: alone (scGPT's GEPC);
 #: ``recon`` reconstructs the cell's whole expression profile, zeros included, from the cell embedding.
 OBJECTIVES = ("mvp", "gepc", "recon")
 
