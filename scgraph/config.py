@@ -230,6 +230,9 @@ class TokenizerConfig:
                             "the value, or the top L by normalised rank (the value over the gene's corpus median)",
                             choices=SELECTIONS)
     cls_token: bool | None = option(None, "prepend a CLS token (default: when the cell embedding is the CLS output)")
+    gene_dropout: float = option(0.0, "in training, hide each expressed gene of a cell that has more than L with this "
+                                 "probability before the L are chosen, so a small corpus does not show the same L "
+                                 "genes of a cell every epoch; inference hides none", metavar="P")
     hvg_genes: int | None = option(None, "only the N most variable genes of the corpus (from the shard set's gene "
                                    "statistics) may be a cell's tokens, in training and at inference (default: every "
                                    "gene)", metavar="N")
@@ -243,6 +246,8 @@ class TokenizerConfig:
         if self.n_bins is not None and self.n_bins < 2:
             raise ValueError(f"n_bins must be >= 2 (or None for no binning); got {self.n_bins}")
         _choice("selection", self.selection, SELECTIONS)
+        if not 0.0 <= self.gene_dropout < 1.0:
+            raise ValueError(f"gene_dropout must be in [0, 1); got {self.gene_dropout}")
 
     @property
     def length(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -130,6 +131,7 @@ def test_more_gene_columns_than_vocabulary_is_refused():
     ({"n_bins": 1}, "n_bins must be >= 2"),
     ({"selection": "best"}, "selection must be one of random, top"),
     ({"normalization": "zscore"}, "normalization must be one of"),
+    ({"gene_dropout": 1.0}, r"gene_dropout must be in \[0, 1\); got 1.0"),
 ])
 def test_bad_tokenizer_config_is_a_clear_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -227,6 +229,10 @@ def reference_tokens(counts, cfg, rng=None, choice=None):
     values = dense.astype(np.float32) if cfg.normalization == "none" else normalised(counts, cfg.target_sum)
     allowed = np.ones(G, dtype=bool) if choice is None or choice.allowed is None else choice.allowed
     candidates = [np.flatnonzero((row != 0) & allowed) for row in dense]
+    if cfg.gene_dropout:  # one draw per candidate; only cells with more than L lose the hidden ones
+        draws, ends = rng.random(sum(map(len, candidates))), np.cumsum([len(c) for c in candidates])
+        candidates = [c[draws[end - len(c):end] >= cfg.gene_dropout] if len(c) > cfg.seq_len else c
+                      for c, end in zip(candidates, ends)]
     longer = sum(len(c) for c in candidates if len(c) > cfg.seq_len)
     draws = iter(rng.random(longer)) if cfg.selection in ("random", "weighted") and longer else iter(())
     rows = []
@@ -285,6 +291,37 @@ def test_batched_selection_equals_a_per_cell_reference_bit_for_bit(selection, se
         used = rng(seed)
         tokenize(counts, cfg, G, used, choice)
         assert used.random() == after.random()  # the rng advanced exactly as the reference's
+
+
+@pytest.mark.parametrize("selection", ["random", "weighted", "top", "rank"])
+@pytest.mark.parametrize("hvg", [False, True])
+def test_gene_dropout_hides_genes_of_cells_longer_than_l_as_the_reference_does(selection, hvg):
+    cfg = TokenizerConfig(seq_len=4, selection=selection, gene_dropout=0.4, hvg_genes=7 if hvg else None)
+    choice = EDGE_CHOICE if hvg else GeneChoice(median=EDGE_CHOICE.median)
+    counts = cells(*EDGE_CELLS)
+    plain = tokenize(counts, dataclasses.replace(cfg, gene_dropout=0.0), G, rng(), choice)
+    shown = set()
+    for seed in range(3):
+        got = tokenize(counts, cfg, G, rng(seed), choice)
+        genes, values, n_genes = reference_tokens(counts, cfg, rng(seed), choice)
+        np.testing.assert_array_equal(got.genes, genes)
+        np.testing.assert_array_equal(got.values, values)
+        np.testing.assert_array_equal(got.n_genes, n_genes)
+        shown.add(got.genes.tobytes())
+        short = plain.n_genes < cfg.seq_len  # every candidate shown anyway: nothing hidden
+        np.testing.assert_array_equal(got.genes[short, :4], plain.genes[short, :4])
+    if selection in ("top", "rank"):
+        assert len(shown) > 1  # a deterministic selection now varies from draw to draw
+    with pytest.raises(ValueError, match="gene dropout needs an rng"):
+        tokenize(counts, cfg, G, None, choice)
+
+
+def test_inference_hides_no_gene_of_a_model_trained_with_gene_dropout():
+    from scgraph.eval.embed import inference_tokenizer
+
+    counts = cells(*EDGE_CELLS)
+    for selection in ("train", "top", "random", "all"):
+        assert inference_tokenizer(TokenizerConfig(gene_dropout=0.3), selection, None, counts).gene_dropout == 0.0
 
 
 def test_random_selection_of_long_cells_equals_the_reference_with_many_draws():

@@ -158,7 +158,8 @@ def tokenize(
     by expression (ties by gene id), ``weighted`` (random, proportional to the value) or ``rank``
     (top by the value divided by the gene's median over the corpus, Geneformer's normalised rank:
     a gene every cell expresses highly no longer crowds out a rare marker); with ``cfg.hvg_genes``
-    only the corpus's most variable genes are candidates. ``choice`` carries what the corpus
+    only the corpus's most variable genes are candidates, and with ``cfg.gene_dropout`` p each
+    candidate of a cell with more than L is hidden with probability p first (seeded by ``rng``). ``choice`` carries what the corpus
     statistics say (see :class:`GeneChoice`).
 
     The batch is as long as its longest cell's selection (at most ``seq_len``): padding a batch of
@@ -179,9 +180,13 @@ def tokenize(
     n, length = matrix.shape[0], cfg.seq_len
     indices, indptr, src = matrix.indices, matrix.indptr, None
     if choice is not None and choice.allowed is not None:  # only the variable genes are candidates
-        keep_nz = choice.allowed[indices]
-        src = np.flatnonzero(keep_nz)  # candidate -> position in matrix.data
-        indices, indptr = indices[src], np.concatenate(([0], np.cumsum(keep_nz)))[indptr]
+        indices, indptr, src = _candidates(choice.allowed[indices], indices, indptr, src)
+    if cfg.gene_dropout:  # hide genes of the cells that have more candidates than L
+        if rng is None:
+            raise ValueError("gene dropout needs an rng (numpy Generator) for reproducibility")
+        counts = np.diff(indptr)
+        hidden = rng.random(indices.size) < cfg.gene_dropout
+        indices, indptr, src = _candidates(~(hidden & np.repeat(counts > length, counts)), indices, indptr, src)
     counts = np.diff(indptr)
     n_genes = np.minimum(counts, length)
     values = None  # of every candidate, where the selection needs them
@@ -226,6 +231,14 @@ def tokenize(
     if cfg.cls_token:
         genes[:, 0] = cls_id(vocab_size)
     return Tokens(genes=genes, values=vals, n_genes=n_genes)
+
+
+def _candidates(keep: np.ndarray, indices: np.ndarray, indptr: np.ndarray, src: np.ndarray | None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indices, indptr, src) of the candidates ``keep`` leaves; ``src`` maps a candidate to its
+    position in the matrix's ``data`` (None: the identity)."""
+    at = np.flatnonzero(keep)
+    return indices[at], np.concatenate(([0], np.cumsum(keep)))[indptr], at if src is None else src[at]
 
 
 def _uniform_smallest(key: np.ndarray, counts: np.ndarray, length: int) -> np.ndarray:

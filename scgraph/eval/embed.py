@@ -41,14 +41,14 @@ def genes_shown(tok: TokenizerConfig, selection: str, seq_len: int | None) -> in
 def inference_tokenizer(tok: TokenizerConfig, selection: str, seq_len: int | None, counts: sp.csr_matrix
                         ) -> TokenizerConfig:
     """The training tokenizer with the inference protocol's gene choice: ``top`` or ``random``
-    ``seq_len`` genes (default: the training L), or ``all`` of each cell's genes."""
+    ``seq_len`` genes (default: the training L), or ``all`` of each cell's genes; no gene dropout."""
     if selection not in EMBED_SELECTIONS:
         raise ValueError(f"embed selection must be one of {', '.join(EMBED_SELECTIONS)}; got {selection!r}")
     longest = max(1, int(np.diff(counts.indptr).max(initial=0)))  # a longer L would only add padding
     if selection == "all":
-        return dataclasses.replace(tok, seq_len=longest, selection="top")
+        return dataclasses.replace(tok, seq_len=longest, selection="top", gene_dropout=0.0)
     return dataclasses.replace(tok, seq_len=min(genes_shown(tok, selection, seq_len), longest),
-                               selection=resolved_selection(tok, selection))
+                               selection=resolved_selection(tok, selection), gene_dropout=0.0)
 
 
 def embed_cells(model: CellModel | BagOfGenes, run: RunConfig, counts: sp.csr_matrix, *, selection: str = "train",
