@@ -159,8 +159,8 @@ def tokenize(
     (top by the value divided by the gene's median over the corpus, Geneformer's normalised rank:
     a gene every cell expresses highly no longer crowds out a rare marker); with ``cfg.hvg_genes``
     only the corpus's most variable genes are candidates, and with ``cfg.gene_dropout`` p each
-    candidate of a cell with more than L is hidden with probability p first (seeded by ``rng``). ``choice`` carries what the corpus
-    statistics say (see :class:`GeneChoice`).
+    candidate of a cell with more than L is hidden with probability p first (seeded by ``rng``).
+    ``choice`` carries what the corpus statistics say (see :class:`GeneChoice`).
 
     The batch is as long as its longest cell's selection (at most ``seq_len``): padding a batch of
     short cells to a long L would only waste the step. Values are normalised over ALL the cell's
