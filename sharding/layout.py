@@ -21,6 +21,7 @@ import tiledbsoma.io
 
 from scgraph.config import BuildSomaConfig
 from scgraph.io.counts import check_counts
+from scgraph.io.sources import read_anndata
 
 #: Census obs columns filled from the .h5ad when it has them, else with this placeholder.
 CENSUS_OBS_DEFAULTS: dict[str, object] = {
@@ -137,7 +138,7 @@ def build_census_layout_from_h5ad(
     """The ``build-soma`` command. Loads the file whole: it stands in for a census, so it is small."""
     if not os.path.isfile(h5ad):
         raise FileNotFoundError(f"--h5ad {h5ad}: no such file")
-    adata = ad.read_h5ad(h5ad)
+    adata = read_anndata(h5ad)
     dataset_id = os.path.splitext(os.path.basename(h5ad))[0]
     return build_census_layout(
         adata, out, label_key=label_key, organism=organism, dataset_id=dataset_id, use_raw=use_raw

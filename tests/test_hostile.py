@@ -242,7 +242,13 @@ def test_resume_refuses_changed_settings_and_records_a_longer_run(trained):
 # --- labelled cells for the probe and scgraph.embed ------------------------------------------------
 
 
-def test_duplicate_gene_ids_and_non_counts_are_refused_naming_the_file_and_matrix(trained, tmp_path, capsys):
+def anndata_warnings(recwarn) -> list[str]:
+    """What anndata itself warned (its file-age and duplicate-name warnings on stderr, beside our one line)."""
+    return [str(w.message) for w in recwarn if "/anndata/" in w.filename]
+
+
+def test_duplicate_gene_ids_and_non_counts_are_refused_naming_the_file_and_matrix(trained, tmp_path, capsys,
+                                                                                  recwarn):
     import anndata as ad
     import numpy as np
 
@@ -258,6 +264,7 @@ def test_duplicate_gene_ids_and_non_counts_are_refused_naming_the_file_and_matri
     err = one_line_error(capsys, probe(["--checkpoint", str(trained[0]), "--data", str(path), "--label-key", "label",
                                         "--out", str(tmp_path / "probe"), "--quiet"]))
     assert err == f"error: --data {path} (X): gene feature ids must be unique; 'GENE00000' appears 2 times\n"
+    assert anndata_warnings(recwarn) == []
     with pytest.raises(ValueError, match=r"^adata \(X\): gene feature ids must be unique; 'GENE00000' appears 2 times"):
         embed(ad.read_h5ad(path), str(tmp_path / "no-model"))
     normalised = generated_anndata(generated_counts(60, 20, 5))
@@ -339,7 +346,7 @@ def test_validation_on_the_training_cells_and_a_diverging_loss_are_one_line(smal
     assert " at step " in line and "training diverged; lower --lr (now 20000)" in line
 
 
-def test_an_h5ad_in_anndatas_legacy_layout_is_sharded(tmp_path):
+def test_an_h5ad_in_anndatas_legacy_layout_is_sharded(tmp_path, recwarn):
     import h5py
     import numpy as np
 
@@ -357,6 +364,7 @@ def test_an_h5ad_in_anndatas_legacy_layout_is_sharded(tmp_path):
     assert shards.feature_ids == ["g0", "g1", "g2", "g3"]
     joinids, read, obs = shards.read_all()
     assert (read != counts).nnz == 0 and [o["label"] for o in obs] == ["t0", "t1"] * 3
+    assert anndata_warnings(recwarn) == []  # "written with a very old version of AnnData" said nothing useful
 
 
 # --- outputs: another command's results are not replaced; an unwritable one fails before the work ----

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 from scgraph.data.shards import MANIFEST_NAME, ShardSet
 from scgraph.data.vocab import GeneMap, GeneVocab
 from scgraph.io.counts import check_counts
-from scgraph.io.sources import SourceSpec, open_source
+from scgraph.io.sources import SourceSpec, open_source, read_anndata
 
 
 @dataclass
@@ -72,7 +72,7 @@ def _cells(counts: sp.csr_matrix, obs: pd.DataFrame, feature_ids: list[str], fea
 
 def _read_h5ad(path: str) -> Cells:
     try:
-        adata = ad.read_h5ad(path)
+        adata = read_anndata(path)
     except (OSError, KeyError) as err:
         raise ValueError(f"--data {path} is not a readable .h5ad file ({err})") from None
     return cells_of(adata, _dataset_name(path), where=f"--data {path}")

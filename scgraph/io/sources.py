@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -257,8 +258,9 @@ class H5adSource:
                     raise ValueError(f"--h5ad {path} has no {key!r} in {where.name}: not an AnnData file")
             x = group["X"]
             self._X = sparse_dataset(x) if isinstance(x, h5py.Group) else x
-            self._obs: pd.DataFrame = read_elem(self._file["obs"])
-            self._var: pd.DataFrame = read_elem(group["var"])
+            with quiet_anndata():
+                self._obs: pd.DataFrame = read_elem(self._file["obs"])
+                self._var: pd.DataFrame = read_elem(group["var"])
             if not isinstance(self._obs, pd.DataFrame) or not isinstance(self._var, pd.DataFrame):
                 self._obs, self._var = _legacy_frames(path, use_raw)
         except (OSError, KeyError) as err:  # damaged inside
@@ -305,12 +307,32 @@ class H5adSource:
         return {c: obs[c].astype(object).tolist() for c in obs_columns}
 
 
+@contextmanager
+def quiet_anndata() -> Iterator[None]:
+    """Without anndata's warnings about a file's age (a file it reads is used as it is) or its
+    duplicate gene names: what matters in the file (duplicate genes, counts that are not counts) is
+    checked by this project, in one line that names the file and the field."""
+    import anndata as ad
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ad.OldFormatWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning, module="anndata")
+        warnings.filterwarnings("ignore", message="Variable names are not unique")
+        yield
+
+
+def read_anndata(path: str, backed: str | None = None) -> Any:
+    """``anndata.read_h5ad`` under :func:`quiet_anndata`."""
+    import anndata as ad
+
+    with quiet_anndata():
+        return ad.read_h5ad(path, backed=backed)
+
+
 def _legacy_frames(path: str, use_raw: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     """obs and var of an .h5ad in anndata's legacy layout (before 0.7: compound datasets, which
     ``read_elem`` returns as record arrays), through anndata's own reader of that layout."""
-    import anndata as ad
-
-    adata = ad.read_h5ad(path, backed="r")
+    adata = read_anndata(path, backed="r")
     try:
         return adata.obs, (adata.raw.var if use_raw else adata.var)
     finally:
