@@ -76,7 +76,7 @@ def write_set(folder: str, n_cells: int, genes_per_cell: int, seed: int = 0, cel
     import pandas as pd
     import scipy.sparse as sp
 
-    from scgraph.config import WriteOptions
+    from scgraph.data.shards.config import WriteOptions
     from scgraph.io.sources import SourceSpec
     from sharding.writer import write_shards
 
@@ -146,8 +146,8 @@ def demo_data_wait(folder: str) -> float:
     import mlflow
     import pandas as pd
 
-    from scgraph.config import WriteOptions
     from scgraph.data.datasets import load_cbmc
+    from scgraph.data.shards.config import WriteOptions
     from scgraph.io.sources import SourceSpec
     from sharding.writer import write_shards
 

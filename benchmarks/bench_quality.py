@@ -31,21 +31,15 @@ import numpy as np
 import pandas as pd
 
 from scgraph.cli import to_argv
-from scgraph.config import (
-    SELECTIONS,
-    DemoConfig,
-    ModelConfig,
-    PretrainConfig,
-    ProbeConfig,
-    RunConfig,
-    TokenizerConfig,
-    TrainConfig,
-)
+from scgraph.config import SELECTIONS, ModelConfig, RunConfig, TokenizerConfig, TrainConfig
 from scgraph.data.datasets import LabelledCounts, load_cbmc, load_pbmc68k_reduced, load_zeisel
 from scgraph.data.shards import ShardSet
+from scgraph.demo import DemoConfig
+from scgraph.eval.config import ProbeConfig
 from scgraph.eval.evaluate import CONTROLS, what_moved
 from scgraph.eval.evaluate import main as probe_main
 from scgraph.plots import line_plot
+from scgraph.train.config import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 #: loader, held-out cells. Zeisel is at census density (2,341 expressed genes per cell, median).

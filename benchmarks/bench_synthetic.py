@@ -23,8 +23,8 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
-from scgraph.config import StudyConfig
 from scgraph.synthetic.calibration import PAPER_ROW_AVERAGES
+from scgraph.synthetic.config import StudyConfig
 from scgraph.synthetic.report import SettingResult, ratio_average
 from scgraph.synthetic.study import REDUCED, load_results, run_study, write_report
 

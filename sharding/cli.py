@@ -1,5 +1,5 @@
 """``python -m sharding {write,merge,verify,stats,build-soma}``: each command's options are its config in
-``scgraph.config``; the command lines come from them (``scgraph.cli``).
+``scgraph.data.shards.config``; the command lines come from them (``scgraph.cli``).
 
 Errors a user can fix (bad filter, missing column, empty query, non-count data, a foreign output
 directory, a damaged shard) end the command with one line on stderr and exit status 2 (1 for a
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from scgraph.cli import Command, run_subcommands, subcommand_parser
-from scgraph.config import BuildSomaConfig, MergeConfig, ShardWriteConfig, StatsConfig, VerifyConfig
+from scgraph.data.shards.config import BuildSomaConfig, MergeConfig, ShardWriteConfig, StatsConfig, VerifyConfig
 from sharding.layout import build_soma_command
 from sharding.merge import merge_command
 from sharding.verify import verify_command

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 import tiledbsoma as soma
 import tiledbsoma.io
 
-from scgraph.config import BuildSomaConfig
+from scgraph.data.shards.config import BuildSomaConfig
 from scgraph.io.counts import check_counts
 from scgraph.io.sources import read_anndata
 

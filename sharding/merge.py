@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from scgraph.config import MergeConfig, parse_slice
 from scgraph.data.shards import MANIFEST_NAME, build_manifest, differences, read_manifest, write_manifest
+from scgraph.data.shards.config import MergeConfig, parse_slice
 from scgraph.data.shards.stats import STATS_FILE, GeneStats, record_gene_stats
 from scgraph.io.files import check_directory
 

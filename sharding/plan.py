@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from scgraph.config import parse_slice
+from scgraph.data.shards.config import parse_slice
 from scgraph.data.vocab import GeneMap
 from scgraph.io.sources import Source
 

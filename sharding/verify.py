@@ -16,8 +16,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from scgraph.config import VerifyConfig
 from scgraph.data.shards import MANIFEST_NAME, CorruptShardError, decode_cell, iter_shard, read_manifest
+from scgraph.data.shards.config import VerifyConfig
 from scgraph.data.shards.manifest import digest_problem, vocabulary_problem
 from scgraph.io.counts import value_defect
 

@@ -29,7 +29,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-from scgraph.config import ShardWriteConfig, StatsConfig, WriteOptions
 from scgraph.data.shards import (
     MANIFEST_NAME,
     ShardSet,
@@ -38,6 +37,7 @@ from scgraph.data.shards import (
     read_manifest,
     write_manifest,
 )
+from scgraph.data.shards.config import ShardWriteConfig, StatsConfig, WriteOptions
 from scgraph.data.shards.manifest import vocabulary_digest
 from scgraph.data.shards.stats import compute_gene_stats, record_gene_stats
 from scgraph.data.vocab import GeneMap, GeneVocab

@@ -94,8 +94,7 @@ def tiny_demo(tmp_path_factory):
     """The demo's own steps, run once: the real CBMC cells as a census-layout collection with a
     held-out split, shards of each split through the census path, and both backbones pretrained
     with the real deepspeed launcher into one MLflow store. Tests probe and compare on these."""
-    from scgraph.config import DemoConfig
-    from scgraph.demo import DEMO_BACKBONES, Demo
+    from scgraph.demo import DEMO_BACKBONES, Demo, DemoConfig
 
     demo = Demo(DemoConfig(out=str(tmp_path_factory.mktemp("demo")), experiment="tiny", **TINY_DEMO))
     demo.build_census()

@@ -7,22 +7,12 @@ import dataclasses
 import pytest
 
 from scgraph.cli import Command, build_parser, parse, run, to_argv
-from scgraph.config import (
-    BuildSomaConfig,
-    CompareConfig,
-    DemoConfig,
-    MergeConfig,
-    ModelConfig,
-    PretrainConfig,
-    ProbeConfig,
-    RunConfig,
-    ShardWriteConfig,
-    StudyConfig,
-    TokenizerConfig,
-    TrainConfig,
-    VerifyConfig,
-    WriteOptions,
-)
+from scgraph.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig
+from scgraph.data.shards.config import BuildSomaConfig, MergeConfig, ShardWriteConfig, VerifyConfig, WriteOptions
+from scgraph.demo import DemoConfig
+from scgraph.eval.config import CompareConfig, ProbeConfig
+from scgraph.synthetic.config import StudyConfig
+from scgraph.train.config import PretrainConfig
 
 CONFIGS = [
     PretrainConfig(run=RunConfig(model=ModelConfig(backbone="gnn", hidden=32, heads=4, adjacency_shared=True),

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from conftest import TINY_DEMO, iter_cells
 
-from scgraph.config import DemoConfig
 from scgraph.data.shards import ShardSet
-from scgraph.demo import DEMO_BACKBONES, Demo, StepFailed, held_out_cells
+from scgraph.demo import DEMO_BACKBONES, Demo, DemoConfig, StepFailed, held_out_cells
 from scgraph.train.checkpointer import load_pretrained
 
 

@@ -16,11 +16,12 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scgraph.config import ModelConfig, PretrainConfig, RunConfig, TokenizerConfig, TrainConfig
+from scgraph.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig
 from scgraph.data.batch import Batch
 from scgraph.eval.embed import embed_cells
 from scgraph.models.kernels import scores_once
 from scgraph.models.model import build_model, mvp_loss
+from scgraph.train.config import PretrainConfig
 from scgraph.train.distributed import init_distributed, leave, rank_device
 from scgraph.train.dsconfig import load_ds_config, precision, resolve_ds_config
 from scgraph.train.optim import deepspeed_engine

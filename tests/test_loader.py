@@ -11,10 +11,11 @@ import scipy.sparse as sp
 import torch
 from conftest import encode_npy, encode_sample, generated_anndata
 
-from scgraph.config import TokenizerConfig, WriteOptions
+from scgraph.config import TokenizerConfig
 from scgraph.data.batch import Batch
 from scgraph.data.loader import Layout, build_loader, epoch_runs, stream_part, without
 from scgraph.data.shards import ShardSet
+from scgraph.data.shards.config import WriteOptions
 from scgraph.io.sources import SourceSpec
 from sharding.writer import write_shards
 

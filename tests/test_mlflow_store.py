@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from scgraph.config import CompareConfig
 from scgraph.eval.compare import run_compare
+from scgraph.eval.config import CompareConfig
 from scgraph.tracking import KINDS, PREFIXES
 from scgraph.train.checkpointer import load_pretrained
 from scgraph.train.distributed import free_port

@@ -295,7 +295,8 @@ def test_configs_are_built_and_parsed_without_torch():
     done = python(
         "import sys\n"
         "from scgraph.cli import Command, parse\n"
-        "from scgraph.config import ModelConfig, PretrainConfig\n"
+        "from scgraph.config import ModelConfig\n"
+        "from scgraph.train.config import PretrainConfig\n"
         "from scgraph.models.config import BACKBONES, PRESETS\n"
         "configs = [ModelConfig(backbone=b, preset=p) for b in BACKBONES for p in PRESETS]\n"
         "argv = ['--shards', 'x', '--backbone', 'gnn_linear', '--activation', 'relu', '--graph-kernel', 'sdpa']\n"

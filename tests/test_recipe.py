@@ -13,10 +13,11 @@ import torch
 from conftest import generated_anndata, generated_counts
 
 from scgraph.cli import run
-from scgraph.config import RECIPES, ModelConfig, PretrainConfig, RunConfig, TokenizerConfig, TrainConfig
+from scgraph.config import RECIPES, ModelConfig, RunConfig, TokenizerConfig, TrainConfig
 from scgraph.data.batch import Batch
 from scgraph.data.tokenize import mean_profile, profile, tokenize
 from scgraph.models.model import build_model, mvp_loss
+from scgraph.train.config import PretrainConfig
 from scgraph.train.objectives import pretraining_loss, weighted_mse
 from scgraph.train.optim import lr_factor, param_groups, scheduler
 from scgraph.train.trainer import COMMAND as PRETRAIN

@@ -10,9 +10,9 @@ import torch
 from conftest import dense_graph_mixer, stored_artifacts
 
 from scgraph.cli import build_parser as command_parser
-from scgraph.config import StudyConfig
 from scgraph.models.model import AttentionMixer, Block, FactorizedAdjacency, GraphMixer
 from scgraph.synthetic.bounds import floors
+from scgraph.synthetic.config import StudyConfig
 from scgraph.synthetic.generators import (
     GENERATORS,
     ORDERS,

@@ -12,10 +12,11 @@ import scipy.sparse as sp
 import torch
 from conftest import moved_from_init
 
-from scgraph.config import ModelConfig, PretrainConfig, RunConfig, TokenizerConfig, TrainConfig
+from scgraph.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig
 from scgraph.data.batch import make_batch
 from scgraph.io.counts import log1p_cp10k
 from scgraph.train.checkpointer import load_pretrained
+from scgraph.train.config import PretrainConfig
 from scgraph.train.trainer import run_pretraining
 from sharding.cli import main as sharding
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from scgraph.cli import Command, run
-from scgraph.config import CompareConfig
+from scgraph.eval.config import CompareConfig
 from scgraph.eval.evaluate import CONTROLS
 from scgraph.eval.figures import grouped_bar_chart
 from scgraph.models.config import BACKBONES, short_name

@@ -19,8 +19,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from scgraph.cli import Command, run
-from scgraph.config import ProbeConfig
 from scgraph.eval.cells import Cells, coverage_notes, match_genes, read_cells
+from scgraph.eval.config import ProbeConfig
 from scgraph.eval.embed import BagOfGenes, embed_cells, genes_shown, random_encoder, resolved_selection
 from scgraph.eval.figures import confusion_plot, tsne_plot
 from scgraph.eval.probe import (

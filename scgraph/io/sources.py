@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scgraph.config import DEFAULT_OBS_COLUMNS, H5AD_MATRICES, PRIMARY_FILTER
+from scgraph.data.shards.config import DEFAULT_OBS_COLUMNS, H5AD_MATRICES, PRIMARY_FILTER
 from scgraph.io.files import file_sha256
 
 #: Where the cells come from.

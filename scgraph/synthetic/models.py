@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from scgraph.config import ModelConfig, StudyConfig
+from scgraph.config import ModelConfig
 from scgraph.models.model import CellModel
+from scgraph.synthetic.config import StudyConfig
 from scgraph.synthetic.generators import N_TOKENS
 
 

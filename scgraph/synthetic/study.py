@@ -23,10 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from scgraph.cli import Command, run
-from scgraph.config import StudyConfig
 from scgraph.io.files import check_directory
 from scgraph.models.model import count_parameters
 from scgraph.synthetic.bounds import floors
+from scgraph.synthetic.config import StudyConfig
 from scgraph.synthetic.generators import static_coefficients
 from scgraph.synthetic.models import build_synthetic_model
 from scgraph.synthetic.report import (

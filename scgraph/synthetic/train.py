@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from scgraph.config import StudyConfig
 from scgraph.models.config import short_name
 from scgraph.models.model import CellModel, mvp_loss
+from scgraph.synthetic.config import StudyConfig
 from scgraph.synthetic.generators import SyntheticData, make_dataset, static_coefficients
 from scgraph.synthetic.models import build_synthetic_model
 from scgraph.train.optim import lr_factor

@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 
 from scgraph.cli import Command, report, run
-from scgraph.config import PretrainConfig
 from scgraph.data.batch import Batch
 from scgraph.data.loader import Layout, Segment, ShardLoader, build_loader
 from scgraph.data.shards import ShardSet
@@ -47,6 +46,7 @@ from scgraph.train.checkpointer import (
     export_encoder,
     load_pretrained,
 )
+from scgraph.train.config import PretrainConfig
 from scgraph.train.distributed import all_ranks_agree, init_distributed, leave, mean_over_ranks
 from scgraph.train.dsconfig import load_ds_config, precision, resolve_ds_config, zero_stage
 from scgraph.train.objectives import pretraining_loss

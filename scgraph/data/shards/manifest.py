@@ -21,8 +21,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from scgraph import __version__
-from scgraph.config import parse_slice
 from scgraph.data.shards.codec import Cell, CorruptShardError, decode_cell, iter_shard
+from scgraph.data.shards.config import parse_slice
 from scgraph.data.shards.stats import GeneSummary
 from scgraph.data.vocab import GeneVocab
 from scgraph.io.files import file_sha256, write_atomic
