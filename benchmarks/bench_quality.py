@@ -17,6 +17,7 @@ quality.json and learning_curve.png to --out; the tables go into benchmarks/RESU
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -30,14 +31,13 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from scgraph.cli import to_argv
+from scgraph.cli import write_config_file
 from scgraph.config import SELECTIONS, ModelConfig, RunConfig, TokenizerConfig, TrainConfig
 from scgraph.data.datasets import LabelledCounts, load_cbmc, load_pbmc68k_reduced, load_zeisel
 from scgraph.data.shards import ShardSet
 from scgraph.demo import DemoConfig
 from scgraph.eval.config import ProbeConfig
-from scgraph.eval.evaluate import CONTROLS, what_moved
-from scgraph.eval.evaluate import main as probe_main
+from scgraph.eval.evaluate import CONTROLS, run_probe, what_moved
 from scgraph.plots import line_plot
 from scgraph.train.config import PretrainConfig
 
@@ -116,7 +116,8 @@ def pretrain(shards: Path, out: Path, store: str, backbone: str, recipe: str, st
     cfg = PretrainConfig(run=run, shards=str(shards), output=str(out), checkpoint_every=every, mlflow_uri=store,
                          experiment="bench-quality", run_name=out.name, system_metrics=False)
     started = time.time()
-    subprocess.run([sys.executable, "launchers/pretrain.py", *to_argv(cfg)], check=True, cwd=ROOT,
+    config = write_config_file(cfg, out.parent / "configs" / f"{out.name}.yaml")
+    subprocess.run([sys.executable, "launchers/pretrain.py", "--config", str(config)], check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL)
     print(f"  pretrained {out.name} in {time.time() - started:.0f} s (load {os.getloadavg()[0]:.1f})", flush=True)
     return out
@@ -133,14 +134,8 @@ def probe(checkpoint: Path, cells: Path, dataset: str, root: Path, store: str, s
         cfg = ProbeConfig(checkpoint=str(checkpoint), data=str(cells), dataset_name=dataset, out=str(out),
                           mlflow_uri=store, experiment="bench-quality-probes", seed=seed, embed_selection=selection,
                           embed_seq_len=seq_len, tsne_cells=500, quiet=True)
-        with open(os.devnull, "w") as quiet:
-            stdout, sys.stdout = sys.stdout, quiet
-            try:
-                code = probe_main(to_argv(cfg))
-            finally:
-                sys.stdout = stdout
-        if code:
-            raise SystemExit(f"probe of {checkpoint} failed ({code})")
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            run_probe(cfg)
     return json.loads(report.read_text())
 
 

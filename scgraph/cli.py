@@ -3,14 +3,16 @@
 A command's options are the fields of its config dataclass, each declared with :func:`option`
 (help text; optionally a flag name, choices, or ``cli=False`` for what only a config file sets).
 From the class this module builds the argparse parser (flags, types, choices, help ending in the
-default), reads a YAML config file against the same fields (unknown keys and wrong types named),
-layers defaults < file < flags, and turns a config back into the argv that reproduces it
-(:func:`to_argv`), which is how one command starts another (the demo runs every step so).
+default), reads a YAML config file (``--config FILE``, every command) against the same fields
+(unknown keys and wrong types named), layers defaults < file < flags, and writes a config as such
+a file (:func:`write_config_file`), which is how one command hands another its settings (the demo
+runs every step so, printing the command a user would type).
 
 Why a small layer over argparse rather than tyro, simple-parsing or jsonargparse: those generate
-nested ``--model.hidden`` flags (ours are flat: ``--hidden``, as the paper's users type them), print
-multi-line errors, and none writes a config back as a command line. Mapping a field to an argparse
-option is all that is needed, and it is short.
+nested ``--model.hidden`` flags (ours are flat: ``--hidden``, as the paper's users type them) and
+print multi-line errors; mapping a field to an argparse option is all that is needed, and it is
+short. jsonargparse would also read and write the YAML, but with its own nesting of flattened
+configs and its own messages; PyYAML and the dataclasses' fields do it here in a few lines.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any
+
+from scgraph.io.files import write_atomic
 
 #: What to do about an I/O failure, by errno.
 _IO_HINTS = {
@@ -247,7 +251,7 @@ class Parser(argparse.ArgumentParser):
 class Command:
     """One entry point: its config class (whose docstring is the description) and what runs it.
 
-    ``run`` returns an exit status (or None for 0). ``config_file`` adds ``--config FILE``;
+    ``run`` returns an exit status (or None for 0). Every command takes ``--config FILE``;
     ``ignored`` names options that launchers add and the program does not use (DeepSpeed's
     ``--local_rank``).
     """
@@ -255,7 +259,6 @@ class Command:
     config: type
     run: Callable[[Any], int | None]
     prog: str
-    config_file: bool = False
     epilog: str | None = None
     ignored: tuple[str, ...] = ()
 
@@ -266,7 +269,7 @@ class Command:
 
 def add_options(parser: argparse.ArgumentParser, command: Command, *, from_file: bool = False) -> None:
     """Every CLI field of the command's config as an option, grouped by nested config; ``from_file``:
-    a ``--config FILE`` was given, so it may supply the ``required`` ones."""
+    a ``--config FILE`` was given, so it may supply the required ones (checked when the config is built)."""
     cls = command.config
     groups: dict[tuple[str, ...], Any] = {(): parser}
     for path, section in _sections(cls):
@@ -295,23 +298,23 @@ def add_options(parser: argparse.ArgumentParser, command: Command, *, from_file:
         if meta.get("positional"):
             many = typing.get_origin(base) is tuple
             kwargs.pop("dest")
-            kwargs |= {"type": _argparse_type(leaf, item=many), "nargs": "+" if many else None,
-                       "metavar": meta.get("metavar") or leaf.path[-1].upper()}
-            if default is MISSING:
+            kwargs |= {"type": _argparse_type(leaf, item=many), "nargs": ("*" if many else "?") if from_file else
+                       ("+" if many else None), "metavar": meta.get("metavar") or leaf.path[-1].upper()}
+            if default is MISSING and not from_file:
                 kwargs.pop("default")
             target.add_argument(leaf.dest, **kwargs)
             continue
         if meta.get("group"):
             if meta["group"] not in exclusive:
                 exclusive[meta["group"]] = parser.add_argument_group(meta["group"]).add_mutually_exclusive_group(
-                    required=True)
+                    required=not from_file)
             target = exclusive[meta["group"]]
-        elif default is MISSING or (meta.get("required") and not from_file):
+        elif (default is MISSING or meta.get("required")) and not from_file:
             kwargs["required"] = True
         target.add_argument(leaf.flag, *meta.get("aliases", ()), **kwargs)
-    if command.config_file:
-        parser.add_argument("--config", type=Path, metavar="FILE", default=argparse.SUPPRESS,
-                            help="YAML file with any of these settings (nested configs as sections); flags win")
+    parser.add_argument("--config", type=Path, metavar="FILE", default=argparse.SUPPRESS,
+                        help="YAML file with any of these settings (nested configs as sections, as "
+                             "written beside each demo step); flags win")
     for flag in command.ignored:
         parser.add_argument(flag, help=argparse.SUPPRESS, default=argparse.SUPPRESS)
 
@@ -406,6 +409,11 @@ def construct(cls: type, values: dict[str, Any], shown: tuple[str, ...] = ()) ->
     field); the dataclasses' own validation then runs as they are built."""
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    missing = [name for name, f in fields.items() if name not in values and f.default is MISSING
+               and f.default_factory is MISSING]
+    if missing:
+        raise ConfigFieldError(f"{'.'.join((*shown, missing[0]))} is required: give --{missing[0].replace('_', '-')} "
+                               "or set it in the config file")
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigFieldError(f"unknown {'.'.join(shown) or cls.__name__} field(s) {', '.join(unknown)}")
@@ -428,7 +436,7 @@ def construct(cls: type, values: dict[str, Any], shown: tuple[str, ...] = ()) ->
 def parse(command: Command, argv: Sequence[str] | None = None) -> Any:
     """The validated config of one command line (argparse errors exit 2 in one line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    from_file = command.config_file and any(a == "--config" or a.startswith("--config=") for a in argv)
+    from_file = any(a == "--config" or a.startswith("--config=") for a in argv)
     args = vars(build_parser(command, from_file=from_file).parse_args(argv))
     for flag in command.ignored:
         args.pop(flag.lstrip("-").replace("-", "_"), None)
@@ -480,45 +488,31 @@ def subcommand_parser(commands: dict[str, Command], prog: str, description: str)
     return parser
 
 
-# --- writing a config back as a command line -----------------------------------------------------
+# --- writing a config as the file --config reads ----------------------------------------------------
 
 
-def _get(cfg: Any, path: tuple[str, ...]) -> Any:
-    for name in path:
-        cfg = getattr(cfg, name)
-    return cfg
-
-
-def _implied(cfg: Any, leaf: _Leaf) -> Any:
-    """What validation derives for ``leaf`` (a None-default field: a preset's layout, a recipe's
-    rate) when a command line leaves it unset and says every other field as in ``cfg``; MISSING
-    when that does not validate. One field at a time: fields derived from each other (a recipe's
-    objectives, the decoder they need) are each checked against the others' actual values."""
-    values = _nest({other.dest: _get(cfg, other.path) for other in _leaves(type(cfg))} | {leaf.dest: None})
-    try:
-        return _get(construct(type(cfg), values), leaf.path)
-    except ValueError:
-        return MISSING
-
-
-def to_argv(cfg: Any) -> list[str]:
-    """The flags that make :func:`parse` rebuild ``cfg``: every CLI field whose value differs from
-    its declared default, except values validation derives by itself (a preset's layouts). A
-    differing field that only a config file can set is an error."""
-    out: list[str] = []
-    for leaf in _leaves(type(cfg)):
-        value = _get(cfg, leaf.path)
-        if leaf.default is not MISSING and value == leaf.default:
+def config_values(cfg: Any) -> dict[str, Any]:
+    """``cfg``'s fields as ``--config FILE`` reads them: a flattened part's fields at its parent's
+    level, tuples as lists, paths as text. Every field is written, resolved (a preset's layouts, a recipe's rate):
+    the file says the whole run, and reading it back gives ``cfg``."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if not f.init:
             continue
-        if leaf.field.default is None and value is not None and _implied(cfg, leaf) == value:
-            continue
-        if not leaf.meta.get("cli", True):
-            raise ValueError(f"{leaf.dest} = {value!r} cannot be set on a command line; use a config file")
-        base, _ = _unwrap(leaf.kind)
-        if leaf.meta.get("positional"):
-            out += [str(v) for v in value] if isinstance(value, tuple) else [str(value)]
-        elif base is bool and value is not None:
-            out.append(leaf.flag if value else "--no-" + leaf.flag[2:])
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            inner = config_values(value)
+            out |= inner if f.metadata.get("flatten") else {f.name: inner}
         else:
-            out += [leaf.flag, "none" if value is None else _show(value)]
+            out[f.name] = list(value) if isinstance(value, tuple) else str(value) if isinstance(value, Path) else value
     return out
+
+
+def write_config_file(cfg: Any, path: Path) -> Path:
+    """``cfg`` as a YAML file that ``--config`` reads back as ``cfg``."""
+    import yaml
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, yaml.safe_dump(config_values(cfg), sort_keys=False))
+    return path

@@ -5,21 +5,21 @@
     -> pretrain the Transformer and the GNN (deepspeed, 2 CPU ranks) -> linear probe of each on the
     held-out cells -> Table II (launchers/compare.py) -> `mlflow ui`
 
-Every step is the project's own command line, generated from its config (``scgraph.cli.to_argv``)
-and run as a subprocess exactly as a user would type it (printed before it runs; its output goes
-to OUT/logs/). A step whose result is already there is
-reused, so a second run, or one after an interruption, redoes only what is missing: the census
-copy is built under a temporary name and renamed when complete, shard writing and pretraining
-resume by themselves, a finished pretraining run leaves final_checkpoint.json, and a probe leaves
-probe.json naming the checkpoint it probed.
+Every step is the project's own command, handed its settings as a config file written from its
+typed config (OUT/configs/<step>.yaml, every setting resolved) and run as a subprocess exactly as
+a user would type it: printed before it runs, its output in OUT/logs/, its progress bar on the
+terminal. A step whose result is already there is reused, so a second run, or one after an
+interruption, redoes only what is missing: the census copy is built under a temporary name and
+renamed when complete, shard writing and pretraining resume by themselves, a finished pretraining
+run leaves final_checkpoint.json, and a probe leaves probe.json naming the checkpoint it probed.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -29,14 +29,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
-from scgraph.cli import Command, option, run, to_argv
+from scgraph.cli import Command, option, run, write_config_file
 from scgraph.config import RECIPES, ModelConfig, RunConfig, TokenizerConfig, TrainConfig, check_choice
 from scgraph.data.datasets import load_cbmc
 from scgraph.data.shards import ShardSet
@@ -85,9 +85,10 @@ class DemoConfig:
             value = getattr(self, f.name)
             if isinstance(value, (int, float)) and f.name != "seed" and value <= 0:
                 raise ValueError(f"{f.name} must be > 0; got {value}")
+
+
 #: The backbones the demo compares, in Table II order.
 DEMO_BACKBONES = ("transformer", "gnn")
-_PROGRESS = re.compile(rb"(\d+)/(\d+) \[")
 
 
 def held_out_cells(n_cells: int, count: int, seed: int) -> np.ndarray:
@@ -120,14 +121,17 @@ class Demo:
             self.env["DS_ACCELERATOR"] = "cpu"
 
     # -- running commands --------------------------------------------------------------------
-    def command(self, name: str, cmd: list[str], *, progress_total: int | None = None) -> str:
-        """Run ``cmd`` from the repository root with its output in ``logs/<name>.log``; return its
-        stdout. ``progress_total``: follow the command's own tqdm bar (on stderr) with one here."""
+    def command(self, name: str, program: list[str], cfg: Any) -> str:
+        """Run ``program --config configs/<name>.yaml`` from the repository root, ``cfg`` written
+        there first: the command a user would type, printed before it runs. Its stdout goes to
+        ``logs/<name>.log`` and is returned; its stderr (progress bar, warnings) to the terminal as
+        it comes, and to the log."""
         self.logs.mkdir(parents=True, exist_ok=True)
         log_path = self.logs / f"{name}.log"
+        cmd = [*program, "--config", str(write_config_file(cfg, self.root / "configs" / f"{name}.yaml"))]
         print(f"  $ {shlex.join(cmd)}", flush=True)
-        bar = tqdm(total=progress_total, desc=f"  {name}", unit="step", leave=False) if progress_total else None
         stdout: list[bytes] = []
+        decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
         with open(log_path, "wb") as log:
             log.write(f"$ {shlex.join(cmd)}\n".encode())
             proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -135,15 +139,11 @@ class Demo:
             reader.start()
             for chunk in iter(lambda: proc.stderr.read1(1 << 16), b""):
                 log.write(chunk)
-                found = _PROGRESS.findall(chunk)
-                if bar is not None and found:
-                    bar.n = min(int(found[-1][0]), progress_total)
-                    bar.refresh()
+                sys.stderr.write(decode.decode(chunk))
+                sys.stderr.flush()
             returncode = proc.wait()
             reader.join()
             log.write(b"".join(stdout))
-        if bar is not None:
-            bar.close()
         text = b"".join(stdout).decode(errors="replace")
         if returncode != 0:
             tail = log_path.read_text(errors="replace")[-3000:]
@@ -165,8 +165,8 @@ class Demo:
         ad.AnnData(X=data.counts, obs=obs, var=pd.DataFrame(index=data.gene_ids)).write_h5ad(h5ad)
         partial = self.root / f"census{TMP_SUFFIX}"
         shutil.rmtree(partial, ignore_errors=True)
-        self.command("build_soma", [sys.executable, "-m", "sharding", "build-soma",
-                                    *to_argv(BuildSomaConfig(h5ad=str(h5ad), out=str(partial), label_key="label"))])
+        self.command("build_soma", [sys.executable, "-m", "sharding", "build-soma"],
+                     BuildSomaConfig(h5ad=str(h5ad), out=str(partial), label_key="label"))
         partial.rename(self.census)
         return True
 
@@ -180,7 +180,7 @@ class Demo:
         options = WriteOptions(obs_filter=f"split == '{split}'", cells_per_shard=1000,
                                vocab_from=None if vocab_from is None else str(vocab_from))
         write = ShardWriteConfig(census_uri=str(self.census), out=str(out), options=options, quiet=True)
-        self.command(name, [sys.executable, "-m", "sharding", "write", *to_argv(write)])
+        self.command(name, [sys.executable, "-m", "sharding", "write"], write)
         return True
 
     def pretrain_output(self, backbone: str) -> Path:
@@ -201,9 +201,9 @@ class Demo:
                                   deepspeed_config="ds_configs/cpu_zero2.json", micro_batch_size=s.micro_batch_size,
                                   checkpoint_every=100, resume=True, mlflow_uri=self.mlflow_uri,
                                   experiment=s.experiment, run_name=f"demo-{backbone}")
-        cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(s.ranks), "--master_port",
-               str(free_port()), "launchers/pretrain.py", *to_argv(pretrain)]
-        self.command(f"pretrain_{backbone}", cmd, progress_total=s.steps)
+        launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(s.ranks), "--master_port",
+                    str(free_port()), "launchers/pretrain.py"]
+        self.command(f"pretrain_{backbone}", launcher, pretrain)
         return True
 
     def probe(self, backbone: str) -> bool:
@@ -220,13 +220,13 @@ class Demo:
                             repeats=s.repeats, seed=s.seed, out=str(out),
                             export=str(out / f"cbmc_heldout_{backbone}.h5ad"), mlflow_uri=self.mlflow_uri,
                             experiment=s.experiment, quiet=True, overwrite=True)  # (reused above when it may be)
-        self.command(f"probe_{backbone}", [sys.executable, "launchers/probe.py", *to_argv(probe)])
+        self.command(f"probe_{backbone}", [sys.executable, "launchers/probe.py"], probe)
         return True
 
     def compare(self) -> str:
         compare = CompareConfig(experiment=self.settings.experiment, mlflow_uri=self.mlflow_uri,
                                 out=str(self.root / "compare"))
-        return self.command("compare", [sys.executable, "launchers/compare.py", *to_argv(compare)])
+        return self.command("compare", [sys.executable, "launchers/compare.py"], compare)
 
     # -- the whole pipeline ------------------------------------------------------------------
     def claim_folder(self) -> None:

@@ -1,4 +1,5 @@
-"""The one mechanism behind every command line: configs -> parsers, YAML + flags, and back to argv."""
+"""The one mechanism behind every command line: configs -> parsers, YAML + flags, and configs written
+as the YAML files --config reads."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from scgraph.cli import Command, build_parser, parse, run, to_argv
+from scgraph.cli import Command, build_parser, config_values, parse, run, write_config_file
 from scgraph.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig
 from scgraph.data.shards.config import BuildSomaConfig, MergeConfig, ShardWriteConfig, VerifyConfig, WriteOptions
 from scgraph.demo import DemoConfig
@@ -33,29 +34,36 @@ CONFIGS = [
 
 
 def command(config: type) -> Command:
-    return Command(config, lambda cfg: None, prog="test", config_file=True)
+    return Command(config, lambda cfg: None, prog="test")
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[type(c).__name__ for c in CONFIGS])
-def test_every_config_round_trips_through_its_command_line(cfg):
-    argv = to_argv(cfg)
-    assert parse(command(type(cfg)), argv) == cfg, argv
+def test_every_config_round_trips_through_its_config_file(cfg, tmp_path):
+    path = write_config_file(cfg, tmp_path / "step.yaml")
+    assert parse(command(type(cfg)), ["--config", str(path)]) == cfg, path.read_text()
 
 
-def test_argv_leaves_out_what_a_preset_implies():
-    cfg = PretrainConfig(run=RunConfig(model=ModelConfig(backbone="gnn")), shards="s")
-    assert to_argv(cfg) == ["--backbone", "gnn", "--shards", "s"]
-    explicit = dataclasses.replace(cfg, run=RunConfig(model=ModelConfig(backbone="gnn", block_layout="pre_norm")))
-    assert "--block-layout" in to_argv(explicit)
-
-
-def test_argv_of_fields_derived_from_each_other_says_the_cause_and_leaves_out_the_effect():
-    """Objectives without recon need no cell decoder: --objectives alone rebuilds both."""
+def test_a_config_file_says_the_whole_resolved_run_and_flags_still_win(tmp_path):
+    """What a preset or the objectives imply is written out (the file is the run's record), and
+    reads back the same; a flag given beside the file wins over it."""
     cfg = PretrainConfig(run=RunConfig(model=ModelConfig(backbone="gnn"), train=TrainConfig(objectives="mvp")),
                          shards="s")
-    assert cfg.run.model.cell_decoder is False
-    assert to_argv(cfg) == ["--backbone", "gnn", "--objectives", "mvp", "--shards", "s"]
-    assert parse(command(PretrainConfig), to_argv(cfg)) == cfg
+    values = config_values(cfg)
+    assert values["model"]["cell_decoder"] is False and values["model"]["block_layout"] == cfg.run.model.block_layout
+    assert values["shards"] == "s" and "run" not in values  # the run's sections sit at the top, as flags do
+    path = write_config_file(cfg, tmp_path / "run.yaml")
+    again = parse(command(PretrainConfig), ["--config", str(path), "--hidden", "64"])
+    assert again == dataclasses.replace(cfg, run=dataclasses.replace(
+        cfg.run, model=dataclasses.replace(cfg.run.model, hidden=64)))
+
+
+def test_positional_and_required_arguments_may_come_from_the_file(tmp_path):
+    merge = command(MergeConfig)
+    path = write_config_file(MergeConfig(out="/m", parts=("/p0", "/p1")), tmp_path / "merge.yaml")
+    assert parse(merge, ["--config", str(path)]).parts == ("/p0", "/p1")
+    path.write_text("out: /m\n")
+    with pytest.raises(ValueError, match="parts is required: give --parts or set it in the config file"):
+        parse(merge, ["--config", str(path)])
 
 
 def test_yaml_sections_and_flags_are_layered_and_typed(tmp_path):

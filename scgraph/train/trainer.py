@@ -550,7 +550,7 @@ def run_pretraining(cfg: PretrainConfig) -> int:
     return 0
 
 
-COMMAND = Command(PretrainConfig, run_pretraining, prog="pretrain.py", config_file=True, ignored=("--local_rank",),
+COMMAND = Command(PretrainConfig, run_pretraining, prog="pretrain.py", ignored=("--local_rank",),
                   epilog="Example: deepspeed --num_gpus 2 launchers/pretrain.py --backbone gnn --shards shards/ "
                          "--deepspeed_config ds_configs/cpu_zero2.json --max-steps 20 --output runs/gnn")
 
