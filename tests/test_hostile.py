@@ -165,6 +165,8 @@ def test_a_checkpoint_whose_bytes_changed_is_refused_by_resume_the_probe_and_emb
 def test_the_checkpoint_record_round_trips_and_reads_what_older_versions_wrote(trained, tmp_path):
     import shutil
 
+    import torch
+
     from scgraph.train.checkpointer import FILES, CheckpointRecord, load_pretrained
 
     original, _ = trained
@@ -184,6 +186,10 @@ def test_the_checkpoint_record_round_trips_and_reads_what_older_versions_wrote(t
     loaded = load_pretrained(old).record
     assert (loaded.gene_choice, loaded.experiment, loaded.zero_stage) == (None, None, 0)
     assert loaded.vocab.feature_ids == record.feature_ids and loaded.choice is None
+    # the encoder exported from memory (fp32, whole on the rank) holds the final checkpoint's weights
+    exported, final = (load_pretrained(p).model.state_dict() for p in (original / "model",
+                                                                       original / "checkpoints" / "step00000004"))
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
 
 
 def test_a_copied_run_folder_does_not_resume_into_the_originals_mlflow_run(trained, tmp_path):

@@ -291,12 +291,13 @@ def resolve_checkpoint(path: str | Path, mlflow_uri: str | None = None) -> tuple
                             f"exported as runs:/RUN_ID/{MODEL_DIR}")
 
 
-def export_encoder(pretrained: Pretrained, folder: Path) -> Path:
-    """The encoder as a self-contained folder (fp32 weights, run config, gene vocabulary): what a
-    user keeps, and what ``load_pretrained`` reads without DeepSpeed."""
+def export_encoder(state: dict[str, torch.Tensor], record: CheckpointRecord, source: Path, folder: Path) -> Path:
+    """The encoder as a self-contained folder (``state``'s fp32 weights, the run config, the gene
+    vocabulary; ``source`` the checkpoint they equal): what a user keeps, and what
+    ``load_pretrained`` reads without DeepSpeed."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(pretrained.model.state_dict(), folder / ENCODER)
-    dataclasses.replace(pretrained.record, exported_from=str(pretrained.path)).write(folder)
+    torch.save({k: v.detach().float().cpu() for k, v in state.items()}, folder / ENCODER)
+    dataclasses.replace(record, exported_from=str(source)).write(folder)
     write_file_list(folder)
     return folder
 

@@ -298,18 +298,21 @@ class Pretrainer:
 
     def save_checkpoint(self) -> None:
         tag = self._tag()
-        record = CheckpointRecord(
+        client = {"step": self.step, "epoch": self.epoch, "consumed": self.consumed,
+                  "layout": dataclasses.astuple(self._layout()),
+                  "segments": [[*dataclasses.astuple(layout), batches] for layout, batches in self.segments],
+                  "losses": self.losses, "mlflow_run_id": self.tracker.run_id, "best": list(self.best)}
+        self.checkpoints.save(self.engine, tag, self._record(), client, self.rank)
+        self.last_tag = tag
+
+    def _record(self) -> CheckpointRecord:
+        """What the checkpoint of this step says beside DeepSpeed's files."""
+        return CheckpointRecord(
             run=self.cfg.run, feature_ids=self.shards.feature_ids, feature_names=self.shards.feature_names,
             shards=str(Path(self.cfg.shards).resolve()), shards_identity=self.shards.identity, step=self.step,
             zero_stage=zero_stage(self.ds), precision=precision(self.ds), world_size=self.world,
             mlflow_run_id=self.tracker.run_id, mlflow_uri=self.cfg.mlflow_uri, output=str(self.output.resolve()),
             experiment=self.cfg.experiment, gene_choice=self.choice and self.choice.to_record())
-        client = {"step": self.step, "epoch": self.epoch, "consumed": self.consumed,
-                  "layout": dataclasses.astuple(self._layout()),
-                  "segments": [[*dataclasses.astuple(layout), batches] for layout, batches in self.segments],
-                  "losses": self.losses, "mlflow_run_id": self.tracker.run_id, "best": list(self.best)}
-        self.checkpoints.save(self.engine, tag, record, client, self.rank)
-        self.last_tag = tag
 
     # -- tracking ----------------------------------------------------------------------------
     def _start_tracking(self, run_id: str | None) -> None:
@@ -504,10 +507,12 @@ class Pretrainer:
         reference.write_text(json.dumps({"checkpoint_dir": str(self.checkpoints.dir.resolve()),
                                          "tag": self.last_tag, "step": self.step}, indent=2))
         self.tracker.artifact(reference)
-        # from the checkpoint just written, not from memory: under bf16 the module holds bf16 copies and
-        # with ZeRO 1-3 the fp32 master weights are partitioned over the ranks' optimizers; DeepSpeed's
-        # zero_to_fp32 gathers them whole, and the load checks the checksums it was written with
-        model = export_encoder(load_pretrained(self.checkpoints.dir / self.last_tag), self.output / MODEL_DIR)
+        source = self.checkpoints.dir / self.last_tag
+        if precision(self.ds) == "fp32" and zero_stage(self.ds) < 3 and not self.cfg.compile:
+            state = self.engine.module.state_dict()  # the fp32 weights, whole on every rank: from memory
+        else:  # bf16 copies in the module, or ZeRO-3 partitions: DeepSpeed's zero_to_fp32 gathers the fp32 masters
+            state = load_pretrained(source).model.state_dict()
+        model = export_encoder(state, self._record(), source, self.output / MODEL_DIR)
         self.tracker.artifact(model)
         final = self.losses[-1][1] if self.losses else float("nan")
         print(f"scgraph: {backbone} trained {self.step} steps on {self.world} rank(s), final loss {final:.4f}; "
