@@ -228,9 +228,10 @@ class TokenizerConfig:
                             "the value, or the top L by normalised rank (the value over the gene's corpus median)",
                             choices=SELECTIONS)
     cls_token: bool | None = option(None, "prepend a CLS token (default: when the cell embedding is the CLS output)")
-    gene_dropout: float = option(0.0, "in training, hide each expressed gene of a cell that has more than L with this "
-                                 "probability before the L are chosen, so a small corpus does not show the same L "
-                                 "genes of a cell every epoch; inference hides none", metavar="P")
+    gene_dropout: float = option(0.3, "in training, hide each expressed gene of a cell that has more than L with this "
+                                 "probability before the L are chosen, so a cell does not show the same L genes every "
+                                 "epoch (400 training cells were memorised without it); inference hides none; 0: off",
+                                 metavar="P")
     hvg_genes: int | None = option(None, "only the N most variable genes of the corpus (from the shard set's gene "
                                    "statistics) may be a cell's tokens, in training and at inference (default: every "
                                    "gene)", metavar="N")
@@ -348,7 +349,8 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         """The inverse of ``to_dict`` (a checkpoint's or an MLflow run's record)."""
-        train = dict(data["train"])
+        train, tokenizer = dict(data["train"]), dict(data["tokenizer"])
         train.setdefault("objectives", "mvp")  # recorded before objectives were configurable: MVP alone
-        return cls(model=ModelConfig(**data["model"]), tokenizer=TokenizerConfig(**data["tokenizer"]),
+        tokenizer.setdefault("gene_dropout", 0.0)  # recorded before gene dropout: none
+        return cls(model=ModelConfig(**data["model"]), tokenizer=TokenizerConfig(**tokenizer),
                    train=TrainConfig(**train))
