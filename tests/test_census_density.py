@@ -110,11 +110,11 @@ def test_training_records_its_gene_choice_and_embed_selects_as_training_did(zeis
     assert code == 0
     pretrained = load_pretrained(str(out))
     variance = ShardSet.open(str(folder / "one")).gene_stats.variance
-    assert set(np.flatnonzero(pretrained.gene_choice.allowed)) == set(np.argsort(-variance, kind="stable")[:500])
+    assert set(np.flatnonzero(pretrained.record.choice.allowed)) == set(np.argsort(-variance, kind="stable")[:500])
     embed(adata, str(out), progress=False)  # the default protocol: as in training
-    same = embed_cells(pretrained.model, pretrained.run, adata.X, selection="rank", choice=pretrained.gene_choice,
+    same = embed_cells(pretrained.model, pretrained.run, adata.X, selection="rank", choice=pretrained.record.choice,
                        progress=False)
-    top = embed_cells(pretrained.model, pretrained.run, adata.X, selection="top", choice=pretrained.gene_choice,
+    top = embed_cells(pretrained.model, pretrained.run, adata.X, selection="top", choice=pretrained.record.choice,
                       progress=False)
     np.testing.assert_allclose(adata.obsm["X_scgraph"], same, atol=1e-6)
     assert not np.allclose(same, top, atol=1e-3)  # (rank and top show different genes at this density)

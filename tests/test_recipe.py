@@ -105,11 +105,12 @@ def test_recipes_fill_only_what_is_left_unset_and_the_paper_recipe_is_one_flag_a
 
 def test_weighted_selection_draws_genes_in_proportion_to_their_values():
     counts = sp.csr_matrix(np.tile([[1.0, 3.0, 0.0, 4.0]], (4000, 1)))
-    tok = TokenizerConfig(seq_len=1, selection="weighted", normalization="none")
+    tok = TokenizerConfig(seq_len=1, selection="weighted", normalization="none", gene_dropout=0.0)
     chosen = tokenize(counts, tok, vocab_size=4, rng=np.random.default_rng(0)).genes[:, 0]
     share = np.bincount(chosen, minlength=4) / len(chosen)
     assert share == pytest.approx([1 / 8, 3 / 8, 0.0, 4 / 8], abs=0.025)
-    top = tokenize(counts[:1], TokenizerConfig(seq_len=1, selection="top", normalization="none"), 4).genes
+    top = tokenize(counts[:1], TokenizerConfig(seq_len=1, selection="top", normalization="none", gene_dropout=0.0),
+                   4).genes
     assert top.tolist() == [[3]]
 
 

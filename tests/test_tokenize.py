@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import numpy as np
@@ -25,13 +26,18 @@ def cells(*rows: dict[int, float]) -> sp.csr_matrix:
     return sp.csr_matrix(dense)
 
 
+#: A tokenizer without gene dropout: what these tests check is the selection itself (dropout, on by
+#: default in training, has its own tests below).
+selection_only = functools.partial(TokenizerConfig, gene_dropout=0.0)
+
+
 def rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
 def test_log1p_library_size_normalisation_uses_all_genes_of_the_cell():
     counts = cells({1: 2.0, 5: 6.0, 9: 2.0})
-    tokens = tokenize(counts, TokenizerConfig(seq_len=2, selection="top"), G)
+    tokens = tokenize(counts, selection_only(seq_len=2, selection="top"), G)
     # total 10 -> scale 1e4/10; the top-2 are gene 5 (6 counts) then gene 1 (tie with 9, lower id)
     assert tokens.genes.tolist() == [[5, 1]]
     np.testing.assert_allclose(tokens.values, [[np.log1p(6000.0), np.log1p(2000.0)]], rtol=1e-6)
@@ -39,7 +45,7 @@ def test_log1p_library_size_normalisation_uses_all_genes_of_the_cell():
 
 def test_no_normalisation_keeps_raw_counts():
     tokens = tokenize(cells({3: 7.0}, {1: 1.0, 2: 1.0, 4: 2.0}),
-                      TokenizerConfig(seq_len=3, normalization="none", selection="top"), G)
+                      selection_only(seq_len=3, normalization="none", selection="top"), G)
     assert tokens.genes.tolist() == [[3, G, G], [4, 1, 2]]
     assert tokens.values.tolist() == [[7.0, 0.0, 0.0], [2.0, 1.0, 1.0]]
 
@@ -69,13 +75,13 @@ def test_cell_with_no_genes_is_all_padding_plus_cls():
 
 def test_top_selection_keeps_the_most_expressed_genes():
     counts = cells({g: float(g + 1) for g in range(12)})
-    tokens = tokenize(counts, TokenizerConfig(seq_len=4, selection="top"), G)
+    tokens = tokenize(counts, selection_only(seq_len=4, selection="top"), G)
     assert tokens.genes.tolist() == [[11, 10, 9, 8]]
 
 
 def test_random_selection_is_seeded_and_samples_only_nonzero_genes():
     counts = cells({g: 1.0 for g in range(0, 20, 2)}, {g: 2.0 for g in range(1, 20, 2)})
-    cfg = TokenizerConfig(seq_len=4, selection="random")
+    cfg = selection_only(seq_len=4, selection="random")
     first = tokenize(counts, cfg, G, rng(7))
     assert np.array_equal(first.genes, tokenize(counts, cfg, G, rng(7)).genes)
     assert not np.array_equal(first.genes, tokenize(counts, cfg, G, rng(8)).genes)
@@ -88,7 +94,7 @@ def test_random_selection_is_seeded_and_samples_only_nonzero_genes():
 
 def test_binning_maps_each_cells_values_to_its_own_quantile_bins():
     counts = cells({g: float(g + 1) for g in range(10)}, {g: float(100 * (g + 1)) for g in range(10)})
-    tokens = tokenize(counts, TokenizerConfig(seq_len=10, n_bins=6, selection="top"), G)
+    tokens = tokenize(counts, selection_only(seq_len=10, n_bins=6, selection="top"), G)
     # both cells have the same ranks, so the same bins despite 100x depth
     assert tokens.values[0].tolist() == tokens.values[1].tolist()
     assert tokens.values.min() >= 1 and tokens.values.max() == 5
@@ -102,7 +108,7 @@ def test_binning_leaves_padding_at_zero():
 
 
 def test_cls_token_is_prepended_and_seq_len_counts_genes():
-    cfg = TokenizerConfig(seq_len=3, cls_token=True, selection="top")
+    cfg = selection_only(seq_len=3, cls_token=True, selection="top")
     tokens = tokenize(cells({g: 1.0 + g for g in range(6)}), cfg, G)
     assert tokens.genes.shape == (1, 4)
     assert tokens.genes[0].tolist() == [G + 1, 5, 4, 3]
@@ -158,19 +164,19 @@ def summary(median_counts=(), variance=()) -> GeneSummary:
 def test_normalised_rank_puts_a_rare_marker_above_a_housekeeping_gene_that_top_keeps():
     # gene 0: a housekeeping gene every cell expresses highly (median 1,000 CP10k); gene 1: a marker
     # whose few expressing cells hold it at a median of 10; gene 2: ordinary (median 100)
-    choice = GeneChoice.build(TokenizerConfig(), summary([1000.0, 10.0, 100.0]), "test")
+    choice = GeneChoice.build(selection_only(), summary([1000.0, 10.0, 100.0]), "test")
     counts = cells({0: 500.0, 1: 40.0, 2: 300.0})  # this cell: half the housekeeping median, 4x the marker's
-    top = tokenize(counts, TokenizerConfig(seq_len=1, selection="top"), G)
-    rank = tokenize(counts, TokenizerConfig(seq_len=2, selection="rank"), G, choice=choice)
+    top = tokenize(counts, selection_only(seq_len=1, selection="top"), G)
+    rank = tokenize(counts, selection_only(seq_len=2, selection="rank"), G, choice=choice)
     assert top.genes.tolist() == [[0]]
     assert rank.genes.tolist() == [[1, 2]]  # 40/10 = 4 > 300/100 = 3 > 500/1000 = 0.5
 
 
 def test_hvg_restriction_keeps_only_the_most_variable_genes_as_candidates():
-    choice = GeneChoice.build(TokenizerConfig(hvg_genes=2), summary(variance=[0.1, 3.0, 0.2, 2.0]), "test")
+    choice = GeneChoice.build(selection_only(hvg_genes=2), summary(variance=[0.1, 3.0, 0.2, 2.0]), "test")
     assert np.flatnonzero(choice.allowed).tolist() == [1, 3]
     counts = cells({0: 50.0, 1: 1.0, 2: 20.0, 3: 2.0}, {0: 5.0, 2: 5.0})
-    tokens = tokenize(counts, TokenizerConfig(seq_len=3, selection="top", hvg_genes=2), G, choice=choice)
+    tokens = tokenize(counts, selection_only(seq_len=3, selection="top", hvg_genes=2), G, choice=choice)
     assert tokens.genes.tolist() == [[3, 1], [G, G]]  # the second cell expresses no variable gene
     assert tokens.n_genes.tolist() == [2, 0]
     # values are still normalised over all the cell's genes (73 counts), not the candidates'
@@ -178,8 +184,8 @@ def test_hvg_restriction_keeps_only_the_most_variable_genes_as_candidates():
 
 
 @pytest.mark.parametrize(("tok", "message"), [
-    (TokenizerConfig(selection="rank"), "selection 'rank' needs the training corpus's gene statistics"),
-    (TokenizerConfig(hvg_genes=5), "hvg_genes 5 needs"),
+    (selection_only(selection="rank"), "selection 'rank' needs the training corpus's gene statistics"),
+    (selection_only(hvg_genes=5), "hvg_genes 5 needs"),
 ])
 def test_a_selection_that_needs_statistics_without_them_is_one_clear_error(tok, message):
     with pytest.raises(ValueError, match=message):
@@ -331,7 +337,7 @@ def test_random_selection_of_long_cells_equals_the_reference_with_many_draws():
     for i, k in enumerate([0, 40, 600, 1500, 2500, 3000]):
         dense[i, gen.choice(3000, k, replace=False)] = gen.integers(1, 5, k)
     counts = sp.csr_matrix(dense)
-    cfg = TokenizerConfig(seq_len=512, selection="random")
+    cfg = selection_only(seq_len=512, selection="random")
     got = tokenize(counts, cfg, 3000, rng(5))
     draws = iter(rng(5).random(600 + 1500 + 2500 + 3000))
     for i, row in enumerate(dense):
