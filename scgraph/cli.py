@@ -416,8 +416,11 @@ def construct(cls: type, values: dict[str, Any], shown: tuple[str, ...] = ()) ->
     missing = [name for name, f in fields.items() if name not in values and f.default is MISSING
                and f.default_factory is MISSING]
     if missing:
-        raise ConfigFieldError(f"{'.'.join((*shown, missing[0]))} is required: give --{missing[0].replace('_', '-')} "
-                               "or set it in the config file")
+        meta = fields[missing[0]].metadata
+        given = (meta.get("metavar") or missing[0].upper()) if meta.get("positional") else \
+            meta.get("flag") or "--" + missing[0].replace("_", "-")
+        raise ConfigFieldError(f"{'.'.join((*shown, missing[0]))} is required: give {given} or set "
+                               f"{missing[0]} in the config file")
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigFieldError(f"unknown {'.'.join(shown) or cls.__name__} field(s) {', '.join(unknown)}")

@@ -62,7 +62,7 @@ def test_positional_and_required_arguments_may_come_from_the_file(tmp_path):
     path = write_config_file(MergeConfig(out="/m", parts=("/p0", "/p1")), tmp_path / "merge.yaml")
     assert parse(merge, ["--config", str(path)]).parts == ("/p0", "/p1")
     path.write_text("out: /m\n")
-    with pytest.raises(ValueError, match="parts is required: give --parts or set it in the config file"):
+    with pytest.raises(ValueError, match="parts is required: give PART or set parts in the config file"):
         parse(merge, ["--config", str(path)])
 
 
