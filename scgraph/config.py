@@ -228,7 +228,7 @@ class TokenizerConfig:
                             "the value, or the top L by normalised rank (the value over the gene's corpus median)",
                             choices=SELECTIONS)
     cls_token: bool | None = option(None, "prepend a CLS token (default: when the cell embedding is the CLS output)")
-    gene_dropout: float = option(0.3, "in training, hide each expressed gene of a cell that has more than L with this "
+    gene_dropout: float = option(0.5, "in training, hide each expressed gene of a cell that has more than L with this "
                                  "probability before the L are chosen, so a cell does not show the same L genes every "
                                  "epoch (400 training cells were memorised without it); inference hides none; 0: off",
                                  metavar="P")
