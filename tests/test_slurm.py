@@ -33,7 +33,9 @@ pytestmark = pytest.mark.slow
 # 2,000 real CBMC cells in 8 shards of 250: 4 shards per array task.
 SELECT = ["--max-cells", "2000", "--cells-per-shard", "250", "--seed", "1"]
 STEPS, CHECKPOINT_EVERY = 40, 10
-PREEMPT_STEPS, PREEMPT_CHECKPOINT_EVERY = 24, 4
+#: Long enough that a start cannot finish between its first new checkpoint and the warning the test
+#: then sends (at 25 steps/s, 24 steps once did: the job ended before its second requeue).
+PREEMPT_STEPS, PREEMPT_CHECKPOINT_EVERY = 80, 4
 
 
 @pytest.fixture(scope="module")
