@@ -115,11 +115,12 @@ def test_stream_parts_cut_the_permuted_sequence_into_equal_runs():
     assert without([(3, 0, 10)], {3: np.array([0, 4, 5, 9])}) == [(3, 1, 4), (3, 6, 9)]
 
 
-def consumed(shards, layout: Layout, batches: int, segments=()) -> list[int]:
+def consumed(shards, layout: Layout, batches: int, segments=(), tok=TOK) -> list[int]:
     """The cells the first ``batches`` batches of every rank of ``layout`` hold."""
-    loaders = [build_loader(shards, TOK, batch_size=layout.batch_size, mask_ratio=0.15, seed=3, rank=r,
+    loaders = [build_loader(shards, tok, batch_size=layout.batch_size, mask_ratio=0.15, seed=3, rank=r,
                             world_size=layout.world_size, num_workers=0 if layout.streams == 1 else layout.streams,
-                            shuffle_buffer=64, segments=segments) for r in range(layout.world_size)]
+                            shuffle_buffer=64, segments=segments, group_by_length=layout.group)
+               for r in range(layout.world_size)]
     return [c for loader in loaders for b in itertools.islice(loader, batches) for c in cell_ids(b)]
 
 
@@ -139,12 +140,70 @@ def test_a_changed_layout_trains_the_rest_of_the_epoch_once(tagged):
     assert consumed(tagged, first, 9) == a
 
 
+@pytest.fixture(scope="module")
+def ragged(tmp_path_factory) -> ShardSet:
+    """Cell i expresses gene i (100 counts, so it is the cell's first token) and i % 12 of 12
+    shared genes (1 count each): 1-12 tokens per cell, all within RAGGED_TOK's L."""
+    extra = np.arange(N_CELLS) % 12
+    rows = [np.concatenate(([i], N_CELLS + np.arange(k))) for i, k in enumerate(extra)]
+    counts = sp.csr_matrix((np.concatenate([np.r_[100.0, np.ones(k)] for k in extra]), np.concatenate(rows),
+                            np.concatenate(([0], np.cumsum(extra + 1)))), shape=(N_CELLS, N_CELLS + 12))
+    folder = tmp_path_factory.mktemp("ragged")
+    generated_anndata(counts).write_h5ad(folder / "ragged.h5ad")
+    write_shards(SourceSpec("h5ad", str(folder / "ragged.h5ad")), str(folder / "shards"),
+                 WriteOptions(cells_per_shard=300, obs_columns=("label",)), progress=False)
+    return ShardSet.open(str(folder / "shards"))
+
+
+RAGGED_TOK = TokenizerConfig(seq_len=16)
+
+
+def ragged_load(shards, **kwargs) -> list[Batch]:
+    args = dict(batch_size=16, mask_ratio=0.15, seed=3, shuffle_buffer=64) | kwargs
+    return list(build_loader(shards, RAGGED_TOK, **args))
+
+
+def padded_tokens(batches: list[Batch]) -> int:
+    return sum(b.genes.numel() for b in batches)
+
+
+def test_grouping_by_length_pads_less_and_still_covers_every_cell_once(ragged):
+    plain = ragged_load(ragged)
+    per_rank = [ragged_load(ragged, rank=r, world_size=2, num_workers=2, group_by_length=4) for r in range(2)]
+    seen = Counter(c for batches in per_rank for b in batches for c in cell_ids(b))
+    assert sorted(seen) == list(range(N_CELLS)) and set(seen.values()) == {1}
+    grouped = ragged_load(ragged, group_by_length=8)
+    shown = sum(1 + i % 12 for i in range(N_CELLS))  # every token a cell shows: what no padding would cost
+    assert padded_tokens(plain) > 1.5 * shown and padded_tokens(grouped) < 1.25 * shown
+    # lengths still arrive in random order: not one ascending run per window
+    widths = [b.genes.shape[1] for b in grouped]
+    assert any(a > b for a, b in zip(widths[:8], widths[1:8]))
+    assert not same(grouped, ragged_load(ragged, group_by_length=8, seed=4))
+
+
+@pytest.mark.parametrize("num_workers, skip", [(0, 3), (0, 8), (2, 5), (2, 79)])
+def test_a_grouped_stream_resumes_inside_a_window_on_the_same_batches(ragged, num_workers, skip):
+    full = ragged_load(ragged, num_workers=num_workers, group_by_length=4)
+    resumed = ragged_load(ragged, num_workers=num_workers, group_by_length=4, skip_batches=skip)
+    assert len(full) == 80 and same(resumed, full[skip:])
+
+
+def test_a_grouped_layout_changed_inside_a_window_trains_the_rest_once(ragged):
+    first, second = Layout(2, 1, 16, group=4), Layout(1, 2, 16, group=3)
+    a = consumed(ragged, first, 9, tok=RAGGED_TOK)
+    b = consumed(ragged, second, 10**6, segments=((first, 9),), tok=RAGGED_TOK)
+    trained = Counter(a + b)
+    assert len(a) == 2 * 9 * 16 and set(trained.values()) == {1} and N_CELLS - len(trained) < 2 * 16
+
+
 def test_loader_reads_a_path_and_reports_too_small_sets(tagged):
     assert len(build_loader(tagged.directory, TOK, batch_size=640, mask_ratio=0.15, seed=0)) == 2
     with pytest.raises(ValueError, match="fewer than one batch per stream"):
         build_loader(tagged, TOK, batch_size=256, mask_ratio=0.15, seed=0, world_size=2, num_workers=3)
     with pytest.raises(ValueError, match="rank must be in"):
         build_loader(tagged, TOK, batch_size=16, mask_ratio=0.15, seed=0, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="group_by_length must be >= 1"):
+        build_loader(tagged, TOK, batch_size=16, mask_ratio=0.15, seed=0, group_by_length=0)
 
 
 def test_shard_arrays_refuse_gene_indices_outside_the_vocabulary(tmp_path):

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 from scgraph.config import TokenizerConfig
 from scgraph.data.masking import mask_values
 from scgraph.data.shards.stats import GeneSummary
-from scgraph.data.tokenize import GeneChoice, _uniform_smallest, bin_values, profile, tokenize
+from scgraph.data.tokenize import GeneChoice, _uniform_smallest, bin_values, profile, token_counts, tokenize
 
 G = 20
 
@@ -297,6 +297,16 @@ def test_batched_selection_equals_a_per_cell_reference_bit_for_bit(selection, se
         used = rng(seed)
         tokenize(counts, cfg, G, used, choice)
         assert used.random() == after.random()  # the rng advanced exactly as the reference's
+
+
+@pytest.mark.parametrize("seq_len", [1, 4, 30])
+@pytest.mark.parametrize("hvg", [False, True])
+def test_token_counts_are_the_genes_a_cell_shows_without_dropout(seq_len, hvg):
+    """What the loader groups cells by: read from the counts alone, before any cell is tokenized."""
+    cfg = TokenizerConfig(seq_len=seq_len, selection="top", gene_dropout=0.0, hvg_genes=7 if hvg else None)
+    choice = EDGE_CHOICE if hvg else None
+    counts = cells(*EDGE_CELLS)
+    np.testing.assert_array_equal(token_counts(counts, cfg, choice), tokenize(counts, cfg, G, choice=choice).n_genes)
 
 
 @pytest.mark.parametrize("selection", ["random", "weighted", "top", "rank"])

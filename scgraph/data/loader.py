@@ -14,12 +14,19 @@ collective), each cell goes to at most one rank, and fewer than ``world_size x s
 batch_size`` cells (different ones each epoch) are left out. The shards a run reads are contiguous
 in the permuted order, so a rank reads about 1/world_size of the data.
 
+Cells shorter than L pad a batch to its longest cell. With ``group`` > 1 a stream takes the
+shuffle's cells a window of ``group`` batches at a time, sorts the window by how many genes each
+cell shows (``token_counts``) and cuts it into batches served in a seeded order
+(``window_order``): at every expressed gene (L in the thousands) a step then costs about what its
+genes do, not ``batch x longest cell``.
+
 Randomness is keyed, not carried: the shuffle buffer's seed is (seed, epoch, stream), a batch's
-tokenize/mask rng is (seed, epoch, stream, batch index). So ``skip_batches`` can drop positions after
-the shuffle buffer without reading their cells (a shard all of whose cells were skipped is never
-opened) and land on exactly the batches an uninterrupted run would have produced next. The stream
-depends on the :class:`Layout` (world_size, streams = num_workers, batch_size), seed, epoch and
-shuffle_buffer.
+tokenize/mask rng is (seed, epoch, stream, batch index), a window's batch order (seed, epoch,
+stream, window index). So ``skip_batches`` can drop positions after the shuffle buffer without
+reading their cells (a shard all of whose cells were skipped is never opened; of a window it stops
+inside, the cells are read for their lengths) and land on exactly the batches an uninterrupted run
+would have produced next. The stream depends on the :class:`Layout` (world_size, streams =
+num_workers, batch_size, group), seed, epoch and shuffle_buffer.
 
 A run resumed on another layout (a job requeued onto another allocation, another micro-batch or
 number of workers) passes the epoch's earlier ``segments`` (each layout and the batches its ranks
@@ -33,7 +40,7 @@ next).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,7 +52,7 @@ from scgraph.config import TokenizerConfig
 from scgraph.data.batch import Batch, make_batch
 from scgraph.data.pool import CellPool, Run, buffer_mib
 from scgraph.data.shards import ShardSet
-from scgraph.data.tokenize import GeneChoice
+from scgraph.data.tokenize import GeneChoice, token_counts
 
 DEFAULT_SHUFFLE_BUFFER = 4096
 #: Batches a rank's DataLoader keeps ready ahead of the step, split over its workers: enough to ride
@@ -55,11 +62,13 @@ PREFETCH_BATCHES = 8
 
 @dataclass(frozen=True)
 class Layout:
-    """How an epoch's cells are split: ``world_size x streams`` streams of whole batches."""
+    """How an epoch's cells are split: ``world_size x streams`` streams of whole batches, each
+    stream's cells grouped by length in windows of ``group`` batches (1: not grouped)."""
 
     world_size: int
     streams: int
     batch_size: int
+    group: int = 1
 
     @property
     def n_streams(self) -> int:
@@ -112,6 +121,11 @@ def _seed(*key: int) -> int:
     return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
 
 
+def _tail(segment: int) -> list[int]:
+    """What a segment adds to a key: nothing for the first, so an epoch on one layout keys as ever."""
+    return [segment] if segment else []
+
+
 def shuffled(n: int, buffer: int, seed: int, epoch: int, stream: int, segment: int) -> Iterator[int]:
     """Positions 0..n-1 of a stream's input in the order its shuffle buffer emits them: WebDataset's
     ``shuffle(buffer, buffer)`` seeded by (seed, epoch, stream[, segment]), as the loader always
@@ -119,7 +133,15 @@ def shuffled(n: int, buffer: int, seed: int, epoch: int, stream: int, segment: i
     positions = iter(range(n))
     if buffer <= 1:
         return positions
-    return wds.shuffle(buffer, buffer, seed=_seed(seed, epoch, stream, *([segment] if segment else [])))(positions)
+    return wds.shuffle(buffer, buffer, seed=_seed(seed, epoch, stream, *_tail(segment)))(positions)
+
+
+def window_order(keys: np.ndarray, batch_size: int, seed: int) -> np.ndarray:
+    """Where a window's cells (given in shuffle order, ``keys`` their token counts) go: sorted by
+    key (ties keep the shuffle's order) and cut into batches, the batches in an order seeded by
+    ``seed``, so a step pads its cells to alike lengths and the lengths still come in random order."""
+    batches = np.argsort(keys, kind="stable").reshape(-1, batch_size)
+    return batches[np.random.default_rng(seed).permutation(len(batches))].ravel()
 
 
 def _cells_of(runs: list[Run]) -> tuple[np.ndarray, np.ndarray]:
@@ -130,17 +152,27 @@ def _cells_of(runs: list[Run]) -> tuple[np.ndarray, np.ndarray]:
     return shards, cells
 
 
+#: (a stream's runs, positions in them) -> the token counts of those cells (``token_counts``)
+KeysOf = Callable[[list[Run], np.ndarray], np.ndarray]
+
+
 def consumed_cells(runs: list[Run], layout: Layout, batches: int, *, seed: int, epoch: int, segment: int,
-                   shuffle_buffer: int) -> dict[int, np.ndarray]:
+                   shuffle_buffer: int, keys_of: KeysOf) -> dict[int, np.ndarray]:
     """The cells (shard -> sorted indices) that ``batches`` batches of every rank took from
-    ``runs`` under ``layout``, found by replaying each stream's shuffle on cell ids."""
+    ``runs`` under ``layout``, found by replaying each stream's shuffle on cell ids (and, when
+    grouped by length, reading the cells of a window the layout stopped inside, for their keys)."""
     shards, cells = [], []
+    size = layout.batch_size
     for stream in range(layout.n_streams):
         local = stream % layout.streams
-        count = (batches - local + layout.streams - 1) // layout.streams * layout.batch_size
+        windows, inside = divmod(max((batches - local + layout.streams - 1) // layout.streams, 0), layout.group)
         part = stream_part(runs, layout, stream)
         order = shuffled(sum(stop - start for _, start, stop in part), shuffle_buffer, seed, epoch, stream, segment)
-        positions = np.fromiter(itertools.islice(order, max(count, 0)), dtype=np.int64)
+        positions = np.fromiter(itertools.islice(order, windows * layout.group * size), dtype=np.int64)
+        if inside:
+            window = np.fromiter(itertools.islice(order, layout.group * size), dtype=np.int64)
+            rows = window_order(keys_of(part, window), size, _seed(seed, epoch, stream, windows, *_tail(segment)))
+            positions = np.concatenate((positions, window[rows[:inside * size]]))
         of_shard, of_cell = _cells_of(part)
         shards.append(of_shard[positions])
         cells.append(of_cell[positions])
@@ -173,12 +205,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         recon_genes: int | None = None,
         segments: tuple[Segment, ...] = (),
         choice: GeneChoice | None = None,
+        group_by_length: int = 1,
     ) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}); got {rank}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        if group_by_length < 1:
+            raise ValueError(f"group_by_length must be >= 1 (1: cells not grouped); got {group_by_length}")
         if skip_batches < 0 or epoch < 0:
             raise ValueError(f"skip_batches and epoch must be >= 0; got {skip_batches}, {epoch}")
         self.shards, self.tok = shards, tok
@@ -187,7 +222,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.epoch, self.skip_batches = epoch, skip_batches
         self.recon_genes, self.choice = recon_genes, choice
-        self.layout = Layout(world_size, streams, batch_size)
+        self.layout = Layout(world_size, streams, batch_size, group_by_length)
         self.segments = tuple(segments)
         self._plans: dict[int, list[Run]] = {}
         if shards.n_cells // (self.layout.n_streams * batch_size) == 0:
@@ -207,8 +242,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         if epoch not in self._plans:
             runs = epoch_runs(self.shards.shard_cells, self.seed, epoch)
             for index, (layout, batches) in enumerate(self.segments if epoch == self.epoch else ()):
-                runs = without(runs, consumed_cells(runs, layout, batches, seed=self.seed, epoch=epoch,
-                                                    segment=index, shuffle_buffer=self.shuffle_buffer))
+                runs = without(runs, consumed_cells(runs, layout, batches, seed=self.seed, epoch=epoch, segment=index,
+                                                    shuffle_buffer=self.shuffle_buffer, keys_of=self._keys))
             self._plans = {epoch: runs}
         return self._plans[epoch]
 
@@ -222,10 +257,16 @@ class ShardStream(torch.utils.data.IterableDataset):
         """Batches one rank gets in the first epoch (every epoch, unless earlier segments took some)."""
         return self.batches_in(self.epoch)
 
+    def _keys(self, runs: list[Run], positions: np.ndarray) -> np.ndarray:
+        """The token counts of the cells at ``positions`` of ``runs`` (read for it)."""
+        pool = CellPool(runs, self.shards.shard_paths, self.shards.shard_cells, self.shards.vocab_size,
+                        np.zeros(0, dtype=np.int64))
+        return token_counts(pool.take(positions), self.tok, self.choice)
+
     def _collate(self, epoch: int, stream: int, first_batch: int):
         counter = itertools.count(first_batch)
         vocab_size = self.shards.vocab_size
-        segment = [self._segment(epoch)] if self._segment(epoch) else []
+        segment = _tail(self._segment(epoch))
 
         def collate(counts: sp.csr_matrix) -> Batch:
             rng = np.random.default_rng([self.seed, epoch, stream, next(counter), *segment])
@@ -241,16 +282,28 @@ class ShardStream(torch.utils.data.IterableDataset):
         return sorted({shard for s in range(self.streams) for shard, _, _ in self._slices(epoch, s)})
 
     def epoch_batches(self, epoch: int, stream: int, skip: int = 0) -> Iterator[Batch]:
-        """Batches ``skip..`` of one stream (0 <= stream < streams) of this rank in ``epoch``."""
+        """Batches ``skip..`` of one stream (0 <= stream < streams) of this rank in ``epoch``: the
+        shuffle's cells, a window of ``group`` batches at a time (sorted by length when > 1). The
+        windows before ``skip`` are never read; one that ``skip`` falls inside is read whole."""
         global_stream = self.rank * self.streams + stream
         slices = self._slices(epoch, stream)
         n = sum(stop - start for _, start, stop in slices)
         order = shuffled(n, self.shuffle_buffer, self.seed, epoch, global_stream, self._segment(epoch))
-        skipped = np.sort(np.fromiter(itertools.islice(order, skip * self.batch_size), dtype=np.int64))
+        size, group = self.batch_size, self.layout.group
+        windows, inside = divmod(skip, group)
+        skipped = np.sort(np.fromiter(itertools.islice(order, windows * group * size), dtype=np.int64))
         pool = CellPool(slices, self.shards.shard_paths, self.shards.shard_cells, self.shards.vocab_size, skipped)
         collate = self._collate(epoch, global_stream, skip)
-        while len(positions := np.fromiter(itertools.islice(order, self.batch_size), np.int64)) == self.batch_size:
-            yield collate(pool.take(positions))
+        for window in itertools.count(windows):
+            positions = np.fromiter(itertools.islice(order, group * size), np.int64)
+            if not len(positions):  # a stream holds whole batches: the last window may hold fewer
+                return
+            cells = pool.take(positions)
+            if group > 1:
+                seed = _seed(self.seed, epoch, global_stream, window, *_tail(self._segment(epoch)))
+                cells = cells[window_order(token_counts(cells, self.tok, self.choice), size, seed)]
+            for start in range(inside * size if window == windows else 0, len(positions), size):
+                yield collate(cells[start:start + size])
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
@@ -351,13 +404,15 @@ def build_loader(
     segments: tuple[Segment, ...] = (),
     choice: GeneChoice | None = None,
     pin_memory: bool = False,
+    group_by_length: int = 1,
 ) -> ShardLoader:
     """Full batches of tokenized, masked cells for one rank. Pass ``torch.distributed`` rank and
     world size; ``skip_batches`` = batches already consumed (counted from the start of ``epoch``);
     ``verify`` checks each shard's sha256 before it is first read; ``recon_genes`` adds each cell's
     profile for the recon objective (that many unexpressed genes); ``segments``: the earlier parts of
     ``epoch`` trained on other layouts (see the module doc); ``choice``: the corpus statistics the
-    tokenizer's selection reads (``GeneChoice``); ``pin_memory``: for a CUDA device."""
+    tokenizer's selection reads (``GeneChoice``); ``pin_memory``: for a CUDA device;
+    ``group_by_length``: windows of that many batches are sorted by length (see ``window_order``)."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0; got {num_workers}")
     if isinstance(shards, str):
@@ -377,5 +432,6 @@ def build_loader(
         recon_genes=recon_genes,
         segments=segments,
         choice=choice,
+        group_by_length=group_by_length,
     )
     return ShardLoader(dataset, num_workers, verify, pin_memory)

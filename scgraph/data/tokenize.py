@@ -144,6 +144,16 @@ def needs_gene_stats(tok: TokenizerConfig) -> bool:
     return tok.selection == "rank" or tok.hvg_genes is not None
 
 
+def token_counts(matrix: sp.csr_matrix, cfg: TokenizerConfig, choice: GeneChoice | None) -> np.ndarray:
+    """(cells,) how many genes each row of ``matrix`` (stored non-zeros) shows the encoder before
+    gene dropout: its expressed genes, only the variable ones under ``hvg_genes``, at most L."""
+    if choice is not None and choice.allowed is not None:
+        counts = np.diff(np.concatenate(([0], np.cumsum(choice.allowed[matrix.indices])))[matrix.indptr])
+    else:
+        counts = np.diff(matrix.indptr)
+    return np.minimum(counts, cfg.seq_len)
+
+
 def _needs(tok: TokenizerConfig) -> str:
     return " and ".join(x for x in ("selection 'rank'" if tok.selection == "rank" else "",
                                     f"hvg_genes {tok.hvg_genes}" if tok.hvg_genes is not None else "") if x)

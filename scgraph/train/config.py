@@ -45,6 +45,9 @@ class PretrainConfig:
                                  "it (--no-verify-shards: for shards verified already)")
     shuffle_buffer: int = option(4096, "cells in each stream's shuffle buffer: at most twice that many held in memory "
                                  "(8 bytes per expressed gene), besides the one shard each stream maps")
+    group_by_length: int = option(16, "sort each window of this many micro-batches' cells by how many genes they show "
+                                  "(up to L) and cut it into micro-batches, served in a seeded order, so a step pads "
+                                  "little when cells are shorter than L (1: no grouping)")
     flops_cells: int = option(2, "cells of the first training micro-batch the FLOPs per cell are counted on (the "
                               "gene decoder's share grows with the distinct genes they show: the whole micro-batch "
                               "counts it exactly)")
@@ -70,6 +73,7 @@ class PretrainConfig:
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0; got {self.num_workers}")
         check_positive("flops_cells", self.flops_cells)
+        check_positive("group_by_length", self.group_by_length)
         if self.resume_from is not None:
             if self.resume_from != Path(self.resume_from).name or self.resume_from in (".", ".."):
                 raise ValueError(f"--resume-from takes a checkpoint tag of this run (a folder name in "

@@ -206,8 +206,8 @@ class Pretrainer:
         return held
 
     def _layout(self) -> Layout:
-        """This run's data layout: ranks, streams per rank, micro-batch."""
-        return Layout(self.world, max(1, self.cfg.num_workers), self.micro)
+        """This run's data layout: ranks, streams per rank, micro-batch, length windows."""
+        return Layout(self.world, max(1, self.cfg.num_workers), self.micro, self.cfg.group_by_length)
 
     def _loader(self, epoch: int, skip: int) -> ShardLoader:
         run = self.cfg.run
@@ -217,6 +217,7 @@ class Pretrainer:
                             num_workers=self.cfg.num_workers, shuffle_buffer=self.cfg.shuffle_buffer,
                             epoch=epoch, skip_batches=skip, verify=self.cfg.verify_shards,
                             pin_memory=self.device.type == "cuda", choice=self.choice,
+                            group_by_length=self.cfg.group_by_length,
                             segments=tuple(self.segments) if epoch == self.epoch else ())
 
     def validate(self) -> float:
@@ -271,10 +272,11 @@ class Pretrainer:
             return
         client = self.checkpoints.load(self.engine, self.resume_tag)
         self.step, self.epoch, self.consumed = client["step"], client["epoch"], client["consumed"]
-        self.segments = [(Layout(*row[:3]), row[3]) for row in client.get("segments", [])]
+        # each segment: the layout's fields, then its batches (checkpoints before length grouping: 3 fields)
+        self.segments = [(Layout(*row[:-1]), row[-1]) for row in client.get("segments", [])]
         saved = Layout(*client.get("layout", dataclasses.astuple(self._layout())))
         if saved != self._layout() and self.consumed:
-            # another world size, micro-batch or number of workers: the rest of the epoch is planned
+            # another world size, micro-batch, number of workers or length window: the rest of the epoch is planned
             # afresh from the cells the earlier layout(s) did not consume
             self.segments.append((saved, self.consumed))
             self.consumed = 0
