@@ -35,12 +35,16 @@ pytestmark = pytest.mark.slow
 def launch(args: list[str], ranks: int = 2, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run launchers/pretrain.py under the deepspeed launcher (ranks > 1) or as plain python."""
     env = os.environ | {"DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    port = free_port()
     if ranks > 1:
         cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(ranks),
-               "--master_port", str(free_port()), "launchers/pretrain.py", *args]
+               "--master_port", str(port), "launchers/pretrain.py", *args]
     else:
         cmd = [sys.executable, "launchers/pretrain.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if ranks > 1:  # finished or refused, no rank leaves its 66 MB all-reduce buffer in shared memory
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    return proc
 
 
 def finished_ranks(proc: subprocess.CompletedProcess) -> dict[int, int]:
