@@ -101,20 +101,21 @@ def prepare(name: str, root: Path, seed: int) -> tuple[Path, Path]:
 def pretrain(shards: Path, out: Path, store: str, backbone: str, recipe: str, steps: int, seed: int,
              every: int, seq_len: int = SEQ_LEN, **overrides) -> Path:
     """One model through ``launchers/pretrain.py`` (reused when it finished before); ``overrides``
-    are fields of ModelConfig, TokenizerConfig or TrainConfig, ``max_steps`` a multiple of ``steps``."""
+    are fields of ModelConfig, TokenizerConfig, TrainConfig or PretrainConfig (e.g.
+    ``group_by_length``), ``max_steps`` a multiple of ``steps``."""
     if (out / "final_checkpoint.json").is_file():
         return out
     part = {kind: {k: v for k, v in overrides.items() if k in {f.name for f in dataclasses.fields(kind)}}
-            for kind in (ModelConfig, TokenizerConfig, TrainConfig)}
+            for kind in (ModelConfig, TokenizerConfig, TrainConfig, PretrainConfig)}
     unknown = set(overrides).difference(*part.values())
     if unknown:
-        raise ValueError(f"not a model, tokenizer or training setting: {', '.join(sorted(unknown))}")
+        raise ValueError(f"not a model, tokenizer, training or pretraining setting: {', '.join(sorted(unknown))}")
     train = part[TrainConfig] | dict(max_steps=steps * part[TrainConfig].get("max_steps", 1))
     run = RunConfig(model=ModelConfig(backbone=backbone, **(SHAPE | part[ModelConfig])),
                     tokenizer=TokenizerConfig(seq_len=seq_len, **part[TokenizerConfig]),
                     train=TrainConfig(recipe=recipe, batch_size=BATCH, seed=seed, **train))
     cfg = PretrainConfig(run=run, shards=str(shards), output=str(out), checkpoint_every=every, mlflow_uri=store,
-                         experiment="bench-quality", run_name=out.name, system_metrics=False)
+                         experiment="bench-quality", run_name=out.name, system_metrics=False, **part[PretrainConfig])
     started = time.time()
     config = write_config_file(cfg, out.parent / "configs" / f"{out.name}.yaml")
     subprocess.run([sys.executable, "launchers/pretrain.py", "--config", str(config)], check=True, cwd=ROOT,
