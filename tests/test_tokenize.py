@@ -93,6 +93,15 @@ def test_cell_with_no_genes_is_all_padding_plus_cls():
     assert tokens.n_genes.tolist() == [0, 1, 2]
 
 
+def test_a_batch_of_empty_cells_is_cls_and_nothing_else():
+    counts = cells({}, {})
+    tokens = tokens_of(counts, TokenizerConfig(seq_len=3, cls_token=True, n_bins=3), G, rng())
+    assert tokens.genes.tolist() == [[G + 1], [G + 1]] and tokens.values.tolist() == [[0.0], [0.0]]
+    batch = build_batch(SparseBatch.from_csr(counts, rng(), G), TokenizerConfig(seq_len=3), G, 0.15, recon_genes=2)
+    assert batch.genes.shape == (2, 0) and not batch.masked.any()
+    assert (batch.profile_weight == G / 2).all()  # two draws each, none can hit
+
+
 def test_top_selection_keeps_the_most_expressed_genes():
     counts = cells({g: float(g + 1) for g in range(12)})
     tokens = tokens_of(counts, selection_only(seq_len=4, selection="top"), G)
@@ -264,6 +273,17 @@ def test_gene_choice_round_trips_through_a_checkpoint_record():
     np.testing.assert_array_equal(again.median, choice.median)
     np.testing.assert_array_equal(again.allowed, choice.allowed)
     assert again.median[2] == 15.0  # an unexpressed gene ranks as the median gene does
+
+
+def test_gene_choice_pickles_without_its_device_copies():
+    """A spawned DataLoader worker gets the choice pickled: never the trainer's (CUDA) tensors."""
+    import pickle
+
+    choice = GeneChoice.build(TokenizerConfig(hvg_genes=1), summary([10.0, 20.0], [1.0, 0.5]), "test")
+    median, allowed = choice.on(torch.device("cpu"))
+    assert median.shape == allowed.shape == (G + 2,) and not allowed[G:].any()  # pad and CLS: never candidates
+    again = pickle.loads(pickle.dumps(choice))
+    assert again._on == {} and np.array_equal(again.allowed, choice.allowed)
 
 
 # The batched selection against a plain per-cell reference: the same genes, values and order, bit

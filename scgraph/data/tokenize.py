@@ -58,6 +58,10 @@ class GeneChoice:
             self._on[device] = (median, allowed)
         return self._on[device]
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (to a spawned DataLoader worker) without the device copies: no CUDA tensor in it."""
+        return {**self.__dict__, "_on": {}}
+
     @classmethod
     def build(cls, tok: TokenizerConfig, stats: GeneSummary | None, where: str) -> GeneChoice | None:
         """The choice ``tok`` asks for, from ``stats``; the medians whenever there are statistics
@@ -231,8 +235,9 @@ def _tokenize(cells: _Cells, cfg: TokenizerConfig, vocab_size: int, generator: t
     if cfg.n_bins is not None:
         values = bin_values(values, n_genes, cfg.n_bins)
     if cfg.cls_token:
-        genes = torch.cat((torch.full_like(genes[:, :1], cls_id(vocab_size)), genes), dim=1)
-        values = torch.cat((torch.zeros_like(values[:, :1]), values), dim=1)
+        first = torch.full((genes.shape[0], 1), cls_id(vocab_size), dtype=genes.dtype, device=device)
+        genes = torch.cat((first, genes), dim=1)
+        values = torch.cat((torch.zeros(first.shape, dtype=values.dtype, device=device), values), dim=1)
     return Tokens(genes, values, n_genes)
 
 
