@@ -444,8 +444,9 @@ class Pretrainer:
                   disable=self.rank != 0, unit="step") as bar:
             while self.step < self.max_steps:
                 waited = time.perf_counter()
-                batch = self._to_device(next(batches))
-                window.wait += time.perf_counter() - waited
+                cells = next(batches)
+                window.wait += time.perf_counter() - waited  # the loader's; building the batch is the step's work
+                batch = self._to_device(cells)
                 boundary = self.engine.is_gradient_accumulation_boundary()
                 window.add(self._micro_step(batch, measuring, boundary), batch, vocab)
                 if not boundary:
