@@ -19,6 +19,7 @@ and ``GeneChoice`` (what the corpus statistics say) stay on the host.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -270,7 +271,7 @@ def bin_values(values: torch.Tensor, n_genes: torch.Tensor, n_bins: int) -> torc
     if width == 0:
         return values.clone()
     ranked = torch.sort(torch.where(real, values, torch.inf), dim=1).values
-    q = torch.from_numpy(np.linspace(0.0, 1.0, n_bins)).to(values.device)
+    q = _quantiles(n_bins, values.device)
     last = (n_genes.clamp(min=1) - 1)[:, None]
     at = last.double() * q  # where each quantile lies in the sorted row
     below = at.floor().long()
@@ -287,6 +288,13 @@ def bin_values(values: torch.Tensor, n_genes: torch.Tensor, n_bins: int) -> torc
     else:
         bins = torch.ones_like(values, dtype=torch.long)
     return torch.where(real, bins.clamp(1, n_bins - 1).to(values.dtype), 0.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _quantiles(n_bins: int, device: torch.device) -> torch.Tensor:
+    """numpy's ``linspace(0, 1, n_bins)`` (torch's differs in the last bits) on ``device``, copied
+    once: a copy from the host per batch would make a GPU wait for its queue."""
+    return torch.from_numpy(np.linspace(0.0, 1.0, n_bins)).to(device)
 
 
 @dataclass
