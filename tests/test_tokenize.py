@@ -18,7 +18,7 @@ from scgraph.config import TokenizerConfig
 from scgraph.data.batch import SparseBatch
 from scgraph.data.masking import mask_values
 from scgraph.data.shards.stats import GeneSummary
-from scgraph.data.tokenize import GeneChoice, bin_values, build_batch, token_counts, tokenize
+from scgraph.data.tokenize import GeneChoice, _Cells, bin_values, build_batch, token_counts, tokenize
 
 G = 20
 
@@ -61,6 +61,22 @@ def test_log1p_library_size_normalisation_uses_all_genes_of_the_cell():
     # total 10 -> scale 1e4/10; the top-2 are gene 5 (6 counts) then gene 1 (tie with 9, lower id)
     assert tokens.genes.tolist() == [[5, 1]]
     np.testing.assert_allclose(tokens.values, [[np.log1p(6000.0), np.log1p(2000.0)]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("target_sum", [1e4, 1e6])
+def test_normalisation_equals_io_counts_bit_for_bit_on_many_cells(target_sum):
+    """The tokenizer's values are the host's normalisation (statistics, mean profile) to the bit:
+    numpy computes the scale in float32 for float32 counts; a float64 scale changed 2-5 % of these
+    values by an ulp."""
+    from scgraph.io.counts import log1p_normalized
+
+    gen = np.random.default_rng(5)
+    counts = sp.random(64, 3000, density=0.15, format="csr", random_state=gen, dtype=np.float32)
+    counts.data = gen.geometric(0.3, counts.nnz).astype(np.float32)
+    cfg = selection_only(seq_len=3000, selection="top", target_sum=target_sum)
+    batch = SparseBatch.from_csr(counts, (0,), 3000)
+    cells = _Cells.of(batch, cfg, 3000)
+    np.testing.assert_array_equal(cells.values[cells.stored].numpy(), log1p_normalized(counts, target_sum))
 
 
 def test_no_normalisation_keeps_raw_counts():
