@@ -39,10 +39,6 @@ class Batch:
         to CUDA the copies are asynchronous (the step's first kernel waits for them, not the host)."""
         return self._map(lambda t: t.to(device, non_blocking=True))
 
-    def pin_memory(self) -> Batch:
-        """In page-locked memory, so ``to`` a CUDA device can copy without blocking."""
-        return self._map(torch.Tensor.pin_memory)
-
     def __len__(self) -> int:
         return self.genes.shape[0]
 
