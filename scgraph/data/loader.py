@@ -26,9 +26,9 @@ cell shows (``token_counts``) and cuts it into batches served in a seeded order
 genes do, not ``batch x longest cell``.
 
 Randomness is keyed, not carried: the shuffle buffer's seed is (seed, epoch, stream), a batch's
-key (``SparseBatch.key``: what seeds its selection, masks and profile) is (seed, epoch, stream,
-batch index), a window's batch order (seed, epoch,
-stream, window index). So ``skip_batches`` can drop positions after the shuffle buffer without
+key (``SparseBatch.key``: what seeds its selection, masks and profile where it is built) is
+(seed, epoch, stream, batch index), a window's batch order (seed, epoch, stream, window index).
+So ``skip_batches`` can drop positions after the shuffle buffer without
 reading their cells (a shard all of whose cells were skipped is never opened; of a window it stops
 inside, the cells are read for their lengths) and land on exactly the batches an uninterrupted run
 would have produced next. The stream depends on the :class:`Layout` (world_size, streams =
