@@ -17,7 +17,7 @@ import scipy.sparse as sp
 import torch
 
 from scgraph.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig
-from scgraph.data.batch import Batch
+from scgraph.data.batch import SparseBatch
 from scgraph.eval.embed import embed_cells
 from scgraph.models.kernels import scores_once
 from scgraph.models.model import build_model, mvp_loss
@@ -121,7 +121,7 @@ def test_embedding_chooses_kernels_as_the_trainer_does():
 def test_a_forward_on_an_accelerator_reads_no_value_back():
     """The token-id and CLS checks run on host tensors only (on a GPU each read back stalls the queue):
     on the meta device, where any read back raises, a forward and the CLS pooling go through. The
-    trainer checks each batch on the host before the transfer instead."""
+    trainer checks each batch's gene ids on the host before the transfer instead."""
     cfg = ModelConfig(vocab_size=50, hidden=32, layers=1, heads=4, cell_embedding="cls")  # the Transformer
     with torch.device("meta"):
         model = build_model(cfg)
@@ -129,9 +129,9 @@ def test_a_forward_on_an_accelerator_reads_no_value_back():
     assert model.cell_embedding(genes.to("meta"), torch.rand(2, 9, device="meta")).shape == (2, 32)
     trainer = Pretrainer(PretrainConfig(run=RunConfig(model=cfg), shards="unused"))
     trainer.device = torch.device("meta")
-    genes[1, 3] = 99
+    cells = SparseBatch(torch.tensor([0, 2, 3]), torch.tensor([4, 99, 7], dtype=torch.int32), torch.ones(3), (0,), 2)
     with pytest.raises(ValueError, match="gene id 99 is outside the vocabulary"):
-        trainer._to_device(Batch(genes, torch.rand(2, 9), torch.zeros(2, 9, dtype=torch.bool)))
+        trainer._to_device(cells)
 
 
 @pytest.mark.parametrize(("env", "visible", "device"), [

@@ -1,4 +1,6 @@
-"""The streaming loader over real tar shards: coverage across ranks and workers, determinism, resume."""
+"""The streaming loader over real tar shards: coverage across ranks and workers, determinism, resume.
+The loader yields ``SparseBatch``es (the shard's cells and the batch's key); the tokenized batches
+built from them (``build_batch``) are compared too, where what the model sees is the point."""
 
 from __future__ import annotations
 
@@ -12,10 +14,11 @@ import torch
 from conftest import encode_npy, encode_sample, generated_anndata
 
 from scgraph.config import TokenizerConfig
-from scgraph.data.batch import Batch
+from scgraph.data.batch import Batch, SparseBatch
 from scgraph.data.loader import Layout, build_loader, epoch_runs, stream_part, without
 from scgraph.data.shards import ShardSet
 from scgraph.data.shards.config import WriteOptions
+from scgraph.data.tokenize import build_batch
 from scgraph.io.sources import SourceSpec
 from sharding.writer import write_shards
 
@@ -42,18 +45,33 @@ def tagged(tmp_path_factory) -> ShardSet:
     return shards
 
 
-def cell_ids(batch: Batch) -> list[int]:
-    return batch.genes[:, 0].tolist()
+def cell_ids(batch: SparseBatch) -> list[int]:
+    """Each cell's first gene: in these shard sets, which cell it is."""
+    return batch.genes[batch.indptr[:-1]].tolist()
 
 
-def load(shards, **kwargs) -> list[Batch]:
-    args = dict(batch_size=16, mask_ratio=0.15, seed=3) | kwargs
+def load(shards, **kwargs) -> list[SparseBatch]:
+    args = dict(batch_size=16, seed=3) | kwargs
     return list(build_loader(shards, TOK, **args))
 
 
-def same(a: list[Batch], b: list[Batch]) -> bool:
+def built(batches: list[SparseBatch], tok: TokenizerConfig = TOK, vocab_size: int = N_CELLS) -> list[Batch]:
+    """What the trainer makes of them: tokenized, masked (ratio 0.15), with 4-draw profiles."""
+    return [build_batch(b, tok, vocab_size, 0.15, recon_genes=4) for b in batches]
+
+
+def same(a: list[SparseBatch], b: list[SparseBatch]) -> bool:
+    """The same cells (byte for byte) with the same keys, so the same batches once built."""
+    return len(a) == len(b) and all(
+        x.key == y.key and torch.equal(x.indptr, y.indptr) and torch.equal(x.genes, y.genes)
+        and torch.equal(x.counts, y.counts) for x, y in zip(a, b, strict=True)
+    )
+
+
+def same_built(a: list[Batch], b: list[Batch]) -> bool:
     return len(a) == len(b) and all(
         torch.equal(x.genes, y.genes) and torch.equal(x.values, y.values) and torch.equal(x.masked, y.masked)
+        and torch.equal(x.profile_genes, y.profile_genes) and torch.equal(x.profile_weight, y.profile_weight)
         for x, y in zip(a, b, strict=True)
     )
 
@@ -72,17 +90,21 @@ def test_uneven_split_gives_every_rank_the_same_batches_and_no_cell_twice(tagged
     assert set(seen.values()) == {1} and N_CELLS - len(seen) < 3 * 24
 
 
-def test_batches_are_full_tokenized_and_masked(tagged):
-    batches = load(tagged, world_size=1)
-    assert len(batches) == N_CELLS // 16
-    for b in batches:
+def test_batches_are_full_and_build_tokenized_masked_batches(tagged):
+    sparse = load(tagged, world_size=1)
+    assert len(sparse) == N_CELLS // 16
+    for s in sparse:
+        assert len(s) == 16 and s.indptr.dtype == torch.int64 and s.counts.dtype == torch.float32
+        assert s.key[:3] == (3, 0, 0)
+    assert [s.key[3] for s in sparse] == list(range(N_CELLS // 16))  # (seed, epoch, stream, batch index)
+    for b in built(sparse):
         assert (
             b.genes.dtype == torch.int64 and b.values.dtype == torch.float32 and b.masked.dtype == torch.bool
         )
         # one gene per cell: the batch is as long as its longest cell, not TOK.length
         assert b.genes.shape == b.values.shape == b.masked.shape == (16, 1) and TOK.length > 1
         assert b.masked[:, 0].all()
-        raw = torch.tensor([i % 7 + 1.0 for i in cell_ids(b)])
+        raw = torch.tensor([i % 7 + 1.0 for i in b.genes[:, 0].tolist()])
         assert torch.allclose(b.values[:, 0], torch.log1p(raw * 1e4 / raw))  # library-size normalised
 
 
@@ -99,11 +121,11 @@ def test_same_seed_and_epoch_give_the_same_batches_a_new_epoch_a_new_order(tagge
 def test_skip_batches_resumes_exactly_where_an_uninterrupted_run_would_be(tagged, num_workers, skip):
     full = load(tagged, num_workers=num_workers)
     assert len(full) == 80
-    resumed = build_loader(
-        tagged, TOK, batch_size=16, mask_ratio=0.15, seed=3, num_workers=num_workers, skip_batches=skip
-    )
+    resumed = build_loader(tagged, TOK, batch_size=16, seed=3, num_workers=num_workers, skip_batches=skip)
     assert len(resumed) == 80 - skip
-    assert same(list(resumed), full[skip:])
+    resumed = list(resumed)
+    assert same(resumed, full[skip:])
+    assert same_built(built(resumed), built(full[skip:]))  # so the model sees the same batches
 
 
 def test_stream_parts_cut_the_permuted_sequence_into_equal_runs():
@@ -117,7 +139,7 @@ def test_stream_parts_cut_the_permuted_sequence_into_equal_runs():
 
 def consumed(shards, layout: Layout, batches: int, segments=(), tok=TOK) -> list[int]:
     """The cells the first ``batches`` batches of every rank of ``layout`` hold."""
-    loaders = [build_loader(shards, tok, batch_size=layout.batch_size, mask_ratio=0.15, seed=3, rank=r,
+    loaders = [build_loader(shards, tok, batch_size=layout.batch_size, seed=3, rank=r,
                             world_size=layout.world_size, num_workers=0 if layout.streams == 1 else layout.streams,
                             shuffle_buffer=64, segments=segments, group_by_length=layout.group)
                for r in range(layout.world_size)]
@@ -158,13 +180,13 @@ def ragged(tmp_path_factory) -> ShardSet:
 RAGGED_TOK = TokenizerConfig(seq_len=16)
 
 
-def ragged_load(shards, **kwargs) -> list[Batch]:
-    args = dict(batch_size=16, mask_ratio=0.15, seed=3, shuffle_buffer=64) | kwargs
+def ragged_load(shards, **kwargs) -> list[SparseBatch]:
+    args = dict(batch_size=16, seed=3, shuffle_buffer=64) | kwargs
     return list(build_loader(shards, RAGGED_TOK, **args))
 
 
-def padded_tokens(batches: list[Batch]) -> int:
-    return sum(b.genes.numel() for b in batches)
+def padded_tokens(batches: list[SparseBatch]) -> int:
+    return sum(b.genes.numel() for b in built(batches, RAGGED_TOK, N_CELLS + 12))
 
 
 def test_grouping_by_length_pads_less_and_still_covers_every_cell_once(ragged):
@@ -176,7 +198,7 @@ def test_grouping_by_length_pads_less_and_still_covers_every_cell_once(ragged):
     shown = sum(1 + i % 12 for i in range(N_CELLS))  # every token a cell shows: what no padding would cost
     assert padded_tokens(plain) > 1.5 * shown and padded_tokens(grouped) < 1.25 * shown
     # lengths still arrive in random order: not one ascending run per window
-    widths = [b.genes.shape[1] for b in grouped]
+    widths = [b.genes.shape[1] for b in built(grouped[:8], RAGGED_TOK, N_CELLS + 12)]
     assert any(a > b for a, b in zip(widths[:8], widths[1:8]))
     assert not same(grouped, ragged_load(ragged, group_by_length=8, seed=4))
 
@@ -186,6 +208,7 @@ def test_a_grouped_stream_resumes_inside_a_window_on_the_same_batches(ragged, nu
     full = ragged_load(ragged, num_workers=num_workers, group_by_length=4)
     resumed = ragged_load(ragged, num_workers=num_workers, group_by_length=4, skip_batches=skip)
     assert len(full) == 80 and same(resumed, full[skip:])
+    assert same_built(built(resumed, RAGGED_TOK, N_CELLS + 12), built(full[skip:], RAGGED_TOK, N_CELLS + 12))
 
 
 def test_a_grouped_layout_changed_inside_a_window_trains_the_rest_once(ragged):
@@ -197,13 +220,13 @@ def test_a_grouped_layout_changed_inside_a_window_trains_the_rest_once(ragged):
 
 
 def test_loader_reads_a_path_and_reports_too_small_sets(tagged):
-    assert len(build_loader(tagged.directory, TOK, batch_size=640, mask_ratio=0.15, seed=0)) == 2
+    assert len(build_loader(tagged.directory, TOK, batch_size=640, seed=0)) == 2
     with pytest.raises(ValueError, match="fewer than one batch per stream"):
-        build_loader(tagged, TOK, batch_size=256, mask_ratio=0.15, seed=0, world_size=2, num_workers=3)
+        build_loader(tagged, TOK, batch_size=256, seed=0, world_size=2, num_workers=3)
     with pytest.raises(ValueError, match="rank must be in"):
-        build_loader(tagged, TOK, batch_size=16, mask_ratio=0.15, seed=0, rank=2, world_size=2)
+        build_loader(tagged, TOK, batch_size=16, seed=0, rank=2, world_size=2)
     with pytest.raises(ValueError, match="group_by_length must be >= 1"):
-        build_loader(tagged, TOK, batch_size=16, mask_ratio=0.15, seed=0, group_by_length=0)
+        build_loader(tagged, TOK, batch_size=16, seed=0, group_by_length=0)
 
 
 def test_shard_arrays_refuse_gene_indices_outside_the_vocabulary(tmp_path):
@@ -219,11 +242,10 @@ def test_shard_arrays_refuse_gene_indices_outside_the_vocabulary(tmp_path):
 
 def test_batches_are_those_a_plain_webdataset_pipeline_makes_from_the_shards(tagged):
     """The shards stay WebDataset tars, and the array path changes no batch: WebDataset's own
-    chain (tar samples -> shuffle -> np.load -> batched) over the epoch's shard order, tokenized
-    with each batch's seed, gives exactly the loader's batches."""
+    chain (tar samples -> shuffle -> np.load -> batched) over the epoch's shard order, keyed
+    as the loader keys each batch, gives exactly the loader's batches."""
     import webdataset as wds
 
-    from scgraph.data.batch import make_batch
     from scgraph.data.loader import _seed
 
     order = [tagged.shard_paths[shard] for shard, _, _ in epoch_runs(tagged.shard_cells, seed=3, epoch=0)]
@@ -235,9 +257,32 @@ def test_batches_are_those_a_plain_webdataset_pipeline_makes_from_the_shards(tag
         genes = [s["genes.npy"] for s in samples]
         counts = sp.csr_matrix((np.concatenate([s["counts.npy"] for s in samples]), np.concatenate(genes),
                                 np.cumsum([0] + [len(g) for g in genes])), shape=(16, tagged.vocab_size))
-        expected.append(make_batch(counts, TOK, tagged.vocab_size, 0.15, np.random.default_rng([3, 0, 0, index])))
+        expected.append(SparseBatch.from_csr(counts, (3, 0, 0, index), tagged.vocab_size))
     assert len(expected) == N_CELLS // 16
     assert same(load(tagged, shuffle_buffer=64), expected)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_a_sparse_batch_holds_each_cells_stored_arrays_byte_for_byte(ragged, group):
+    """What the loader hands the trainer is the shards' cells as stored: each cell's gene ids and
+    counts are the bytes of its genes.npy and counts.npy (cells of 1-13 genes, several shards)."""
+    from scgraph.data.shards import decode_cell, iter_shard
+
+    stored = {}
+    for path in ragged.shard_paths:
+        for sample in iter_shard(path):
+            cell = decode_cell(sample)
+            stored[int(cell.genes[0])] = cell  # cell i's first gene is i
+    batches = ragged_load(ragged, group_by_length=group)
+    assert sum(map(len, batches)) == N_CELLS
+    for batch in batches:
+        assert batch.indptr.dtype == torch.int64 and batch.genes.dtype == torch.int32
+        for row in range(len(batch)):
+            lo, hi = batch.indptr[row].item(), batch.indptr[row + 1].item()
+            cell = stored[batch.genes[lo].item()]
+            assert batch.genes[lo:hi].numpy().tobytes() == cell.genes.astype("<i4").tobytes()
+            assert batch.counts[lo:hi].numpy().tobytes() == cell.counts.astype("<f4").tobytes()
+            assert cell.genes.dtype.itemsize == 4 and cell.counts.dtype == np.float32  # (no cast above)
 
 
 def _rewrite(shard: str, change) -> None:
@@ -315,7 +360,11 @@ def test_a_shard_that_does_not_add_up_is_one_line_naming_it(tagged, tmp_path, nu
 def test_batch_to_the_device_it_is_on_copies_no_tensor(tagged):
     import dataclasses
 
-    batch = next(iter(build_loader(tagged, TOK, batch_size=16, mask_ratio=0.15, seed=3, recon_genes=4)))
+    cells = next(iter(build_loader(tagged, TOK, batch_size=16, seed=3)))
+    moved = cells.to("cpu")
+    for name in ("indptr", "genes", "counts"):
+        assert getattr(moved, name).data_ptr() == getattr(cells, name).data_ptr(), name
+    batch = built([cells])[0]
     moved = batch.to("cpu")
     for field in dataclasses.fields(Batch):
         assert getattr(moved, field.name).data_ptr() == getattr(batch, field.name).data_ptr(), field.name

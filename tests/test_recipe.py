@@ -14,8 +14,8 @@ from conftest import generated_anndata, generated_counts
 
 from scgraph.cli import run
 from scgraph.config import RECIPES, ModelConfig, RunConfig, TokenizerConfig, TrainConfig
-from scgraph.data.batch import Batch
-from scgraph.data.tokenize import mean_profile, profile, tokenize
+from scgraph.data.batch import Batch, SparseBatch
+from scgraph.data.tokenize import build_batch, mean_profile, tokenize
 from scgraph.models.model import build_model, mvp_loss
 from scgraph.train.config import PretrainConfig
 from scgraph.train.objectives import pretraining_loss, weighted_mse
@@ -106,18 +106,20 @@ def test_recipes_fill_only_what_is_left_unset_and_the_paper_recipe_is_one_flag_a
 def test_weighted_selection_draws_genes_in_proportion_to_their_values():
     counts = sp.csr_matrix(np.tile([[1.0, 3.0, 0.0, 4.0]], (4000, 1)))
     tok = TokenizerConfig(seq_len=1, selection="weighted", normalization="none", gene_dropout=0.0)
-    chosen = tokenize(counts, tok, vocab_size=4, rng=np.random.default_rng(0)).genes[:, 0]
+    cells = SparseBatch.from_csr(counts, (0,), 4)
+    chosen = tokenize(cells, tok, 4, cells.generator()).genes[:, 0].numpy()
     share = np.bincount(chosen, minlength=4) / len(chosen)
     assert share == pytest.approx([1 / 8, 3 / 8, 0.0, 4 / 8], abs=0.025)
-    top = tokenize(counts[:1], TokenizerConfig(seq_len=1, selection="top", normalization="none", gene_dropout=0.0),
-                   4).genes
+    top = tokenize(SparseBatch.from_csr(counts[:1], (0,), 4),
+                   TokenizerConfig(seq_len=1, selection="top", normalization="none", gene_dropout=0.0), 4).genes
     assert top.tolist() == [[3]]
 
 
 def test_the_profile_scores_expressed_genes_and_reweighted_unexpressed_ones():
     counts = sp.csr_matrix(np.array([[0, 0, 1, 0, 0, 3, 0, 0, 0, 0], [2, 0, 0, 0, 0, 0, 0, 0, 0, 0]], dtype=float))
     tok = TokenizerConfig(normalization="none")
-    p = profile(counts, tok, vocab_size=10, unexpressed=3, rng=np.random.default_rng(1))
+    p = build_batch(SparseBatch.from_csr(counts, (1,), 10), tok, 10, 0.15, recon_genes=3)
+    p.genes, p.values, p.weight = p.profile_genes.numpy(), p.profile_values.numpy(), p.profile_weight.numpy()
     assert p.genes.shape == (2, 5)  # the most genes a cell expresses (2) + 3 draws
     assert p.genes[0, :2].tolist() == [2, 5] and p.values[0, :2].tolist() == [1.0, 3.0]
     assert p.genes[1, 0] == 0 and p.values[1, 0] == 2.0 and p.weight[1, 4] == 0.0  # its pad slot
@@ -130,9 +132,9 @@ def test_the_profile_scores_expressed_genes_and_reweighted_unexpressed_ones():
             pytest.approx((10 - len(expressed)) / len(kept))
         assert p.weight[row].sum() == pytest.approx(10.0)
     assert mean_profile(counts, tok, 10).tolist() == [1.0, 0, 0.5, 0, 0, 1.5, 0, 0, 0, 0]
-    full = profile(counts, tok, vocab_size=10, unexpressed=8, rng=np.random.default_rng(1))
-    assert full.genes.tolist() == [list(range(10))] * 2 and (full.weight == 1).all()
-    assert full.values[0].tolist() == counts.toarray()[0].tolist()
+    full = build_batch(SparseBatch.from_csr(counts, (1,), 10), tok, 10, 0.15, recon_genes=8)
+    assert full.profile_genes.tolist() == [list(range(10))] * 2 and (full.profile_weight == 1).all()
+    assert full.profile_values[0].tolist() == counts.toarray()[0].tolist()
 
 
 def test_each_objective_on_a_hand_checked_case():

@@ -13,7 +13,8 @@ import torch
 from conftest import moved_from_init
 
 from scgraph.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig
-from scgraph.data.batch import make_batch
+from scgraph.data.batch import SparseBatch
+from scgraph.data.tokenize import build_batch
 from scgraph.io.counts import log1p_cp10k
 from scgraph.train.checkpointer import load_pretrained
 from scgraph.train.config import PretrainConfig
@@ -56,7 +57,7 @@ def test_the_default_recipe_reconstructs_held_out_cells_better_than_the_average_
     pretrained = load_pretrained(out)
     model, run = pretrained.model.eval(), pretrained.run
     genes = held.shape[1]
-    batch = make_batch(held, run.tokenizer, genes, run.train.mask_ratio, np.random.default_rng(5))
+    batch = build_batch(SparseBatch.from_csr(held, (5,), genes), run.tokenizer, genes, run.train.mask_ratio)
     with torch.no_grad():
         _, predicted = model(batch.genes, batch.values, batch.masked, torch.arange(genes).expand(held.shape[0], -1))
     truth = log1p_cp10k(held).toarray()

@@ -1,4 +1,11 @@
-"""The unit every training path consumes: tokenized, masked cells as tensors."""
+"""The two units of the training path: what the loader hands over and what the model consumes.
+
+``SparseBatch``: a block of cells as the shards store them (row pointers, gene ids, raw counts)
+plus the key that seeds everything random about the batch. It is small (8 bytes per expressed gene)
+and is what crosses from the loader's processes to the device. ``Batch``: the tokenized, masked
+cells (and the recon objective's profiles) as dense (cells x tokens) tensors, built from a
+``SparseBatch`` where the model runs (``scgraph.data.tokenize.build_batch``).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scgraph.config import TokenizerConfig
-from scgraph.data.masking import mask_values
-from scgraph.data.tokenize import GeneChoice, profile, tokenize
+from scgraph.io.counts import check_counts
 
 
 @dataclass
@@ -34,11 +39,6 @@ class Batch:
         to CUDA the copies are asynchronous (the step's first kernel waits for them, not the host)."""
         return self._map(lambda t: t.to(device, non_blocking=True))
 
-    def pin_memory(self) -> Batch:
-        """In page-locked memory, so ``to`` a CUDA device can copy without blocking (what a
-        DataLoader with ``pin_memory`` calls on each batch)."""
-        return self._map(torch.Tensor.pin_memory)
-
     def __len__(self) -> int:
         return self.genes.shape[0]
 
@@ -47,18 +47,55 @@ class Batch:
         return Batch(*(None if t is None else t[cells] for t in dataclasses.astuple(self)))
 
 
-def make_batch(
-    counts: sp.spmatrix, tok: TokenizerConfig, vocab_size: int, mask_ratio: float, rng: np.random.Generator,
-    recon_genes: int | None = None, choice: GeneChoice | None = None,
-) -> Batch:
-    """Tokenize (with the corpus's ``choice``, see ``tokenize``) and mask a block of cells (rows of
-    ``counts``) with one rng; with ``recon_genes``, also the profile the recon objective scores
-    (that many unexpressed genes per cell)."""
-    tokens = tokenize(counts, tok, vocab_size, rng, choice)
-    masked = mask_values(tokens.genes, vocab_size, mask_ratio, rng)
-    batch = Batch(torch.from_numpy(tokens.genes), torch.from_numpy(tokens.values), torch.from_numpy(masked))
-    if recon_genes is not None:
-        p = profile(counts, tok, vocab_size, recon_genes, rng)
-        batch.profile_genes, batch.profile_values = torch.from_numpy(p.genes), torch.from_numpy(p.values)
-        batch.profile_weight = torch.from_numpy(p.weight)
-    return batch
+@dataclass
+class SparseBatch:
+    """Cells as CSR tensors: cell i holds ``genes[indptr[i]:indptr[i + 1]]`` (ascending ids, no
+    repeats) with ``counts`` the same slice (raw, non-zero); ``key`` seeds the batch's gene
+    selection, dropout, masks and profile draws (``generator``); ``longest`` is the most genes a
+    cell holds, known on the host so that laying the cells out on a GPU reads nothing back. No cells
+    x vocabulary array: the census has 60,664 genes and a cell about 2,000 of them."""
+
+    indptr: torch.Tensor  # (B + 1,) int64
+    genes: torch.Tensor  # (nnz,) int32: half the bytes of int64 to copy; widened on the device
+    counts: torch.Tensor  # (nnz,) float32
+    key: tuple[int, ...]
+    longest: int
+
+    @classmethod
+    def from_csr(cls, matrix: sp.spmatrix, key: tuple[int, ...] | list[int], vocab_size: int) -> SparseBatch:
+        """The rows of ``matrix`` (cells x genes, raw counts) in canonical form (duplicates summed,
+        ids sorted, zeros dropped), checked on the host, where a bad cell is one clear error."""
+        matrix = sp.csr_matrix(matrix)
+        if matrix.shape[1] > vocab_size:
+            raise ValueError(f"counts have {matrix.shape[1]} gene columns but the vocabulary has {vocab_size}")
+        matrix.sum_duplicates()
+        matrix.eliminate_zeros()
+        check_counts(matrix, integers=False)
+        return cls(torch.from_numpy(matrix.indptr.astype(np.int64)),
+                   torch.from_numpy(matrix.indices.astype(np.int32, copy=False)),
+                   torch.from_numpy(matrix.data.astype(np.float32, copy=False)), tuple(int(k) for k in key),
+                   int(np.diff(matrix.indptr).max(initial=0)))
+
+    def _map(self, change: Callable[[torch.Tensor], torch.Tensor]) -> SparseBatch:
+        return SparseBatch(change(self.indptr), change(self.genes), change(self.counts), self.key, self.longest)
+
+    def to(self, device: torch.device | str) -> SparseBatch:
+        """On ``device`` (asynchronous from pinned memory to CUDA, as ``Batch.to``)."""
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> SparseBatch:
+        """In page-locked memory (what a DataLoader with ``pin_memory`` calls on each batch)."""
+        return self._map(torch.Tensor.pin_memory)
+
+    @property
+    def device(self) -> torch.device:
+        return self.counts.device
+
+    def __len__(self) -> int:
+        return self.indptr.shape[0] - 1
+
+    def generator(self) -> torch.Generator:
+        """A generator on the batch's device seeded from ``key``: the same key gives the same draws
+        on a given device (a CUDA generator draws other numbers than the CPU's)."""
+        seed = int(np.random.SeedSequence(list(self.key)).generate_state(1, np.uint64)[0])
+        return torch.Generator(self.device).manual_seed(seed)

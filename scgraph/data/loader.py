@@ -1,7 +1,12 @@
-"""The streaming loader: shards -> tokenized, masked ``Batch``es.
+"""The streaming loader: shards -> ``SparseBatch``es (cells as CSR tensors, and their seed key).
 
     epoch plan (split by node and worker) -> shuffled positions -> skip -> batch of positions ->
-    CSR gathered from memory-mapped shards (``pool``) -> tokenize, mask (vectorised over the batch)
+    CSR gathered from memory-mapped shards (``pool``) -> ``SparseBatch`` (row pointers, gene ids,
+    counts, key) -> [the trainer, on its device] ``tokenize.build_batch``: select, pad, normalise,
+    mask, profile
+
+The loader does no tokenization: it reads arrays and hands them on (8 bytes per expressed gene),
+and the batch is built where the model runs, from the key the loader gives it.
 
 The shuffle is WebDataset's shuffle buffer applied to cell positions, not to decoded samples, so
 a cell's bytes are read once, by the batch that trains on it (see ``pool`` for its memory).
@@ -21,8 +26,9 @@ cell shows (``token_counts``) and cuts it into batches served in a seeded order
 genes do, not ``batch x longest cell``.
 
 Randomness is keyed, not carried: the shuffle buffer's seed is (seed, epoch, stream), a batch's
-tokenize/mask rng is (seed, epoch, stream, batch index), a window's batch order (seed, epoch,
-stream, window index). So ``skip_batches`` can drop positions after the shuffle buffer without
+key (``SparseBatch.key``: what seeds its selection, masks and profile where it is built) is
+(seed, epoch, stream, batch index), a window's batch order (seed, epoch, stream, window index).
+So ``skip_batches`` can drop positions after the shuffle buffer without
 reading their cells (a shard all of whose cells were skipped is never opened; of a window it stops
 inside, the cells are read for their lengths) and land on exactly the batches an uninterrupted run
 would have produced next. The stream depends on the :class:`Layout` (world_size, streams =
@@ -49,7 +55,7 @@ import torch
 import webdataset as wds
 
 from scgraph.config import TokenizerConfig
-from scgraph.data.batch import Batch, make_batch
+from scgraph.data.batch import SparseBatch
 from scgraph.data.pool import CellPool, Run, buffer_mib
 from scgraph.data.shards import ShardSet
 from scgraph.data.tokenize import GeneChoice, token_counts
@@ -194,7 +200,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         tok: TokenizerConfig,
         *,
         batch_size: int,
-        mask_ratio: float,
         seed: int,
         rank: int,
         world_size: int,
@@ -202,7 +207,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         shuffle_buffer: int,
         epoch: int,
         skip_batches: int,
-        recon_genes: int | None = None,
         segments: tuple[Segment, ...] = (),
         choice: GeneChoice | None = None,
         group_by_length: int = 1,
@@ -217,11 +221,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         if skip_batches < 0 or epoch < 0:
             raise ValueError(f"skip_batches and epoch must be >= 0; got {skip_batches}, {epoch}")
         self.shards, self.tok = shards, tok
-        self.batch_size, self.mask_ratio, self.seed = batch_size, mask_ratio, seed
+        self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size, self.streams = rank, world_size, streams
         self.shuffle_buffer = shuffle_buffer
         self.epoch, self.skip_batches = epoch, skip_batches
-        self.recon_genes, self.choice = recon_genes, choice
+        self.choice = choice  # (for the length key of windows, ``token_counts``)
         self.layout = Layout(world_size, streams, batch_size, group_by_length)
         self.segments = tuple(segments)
         self._plans: dict[int, list[Run]] = {}
@@ -263,14 +267,15 @@ class ShardStream(torch.utils.data.IterableDataset):
                         np.zeros(0, dtype=np.int64))
         return token_counts(pool.take(positions), self.tok, self.choice)
 
-    def _collate(self, epoch: int, stream: int, first_batch: int):
+    def _collate(self, epoch: int, stream: int, first_batch: int) -> Callable[[sp.csr_matrix], SparseBatch]:
+        """CSR cells -> ``SparseBatch`` keyed (seed, epoch, stream, batch index[, segment]), the
+        batch index counted from ``first_batch``."""
         counter = itertools.count(first_batch)
         vocab_size = self.shards.vocab_size
         segment = _tail(self._segment(epoch))
 
-        def collate(counts: sp.csr_matrix) -> Batch:
-            rng = np.random.default_rng([self.seed, epoch, stream, next(counter), *segment])
-            return make_batch(counts, self.tok, vocab_size, self.mask_ratio, rng, self.recon_genes, self.choice)
+        def collate(counts: sp.csr_matrix) -> SparseBatch:
+            return SparseBatch.from_csr(counts, (self.seed, epoch, stream, next(counter), *segment), vocab_size)
 
         return collate
 
@@ -281,7 +286,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         """The shards this rank reads in ``epoch`` (all its streams)."""
         return sorted({shard for s in range(self.streams) for shard, _, _ in self._slices(epoch, s)})
 
-    def epoch_batches(self, epoch: int, stream: int, skip: int = 0) -> Iterator[Batch]:
+    def epoch_batches(self, epoch: int, stream: int, skip: int = 0) -> Iterator[SparseBatch]:
         """Batches ``skip..`` of one stream (0 <= stream < streams) of this rank in ``epoch``: the
         shuffle's cells, a window of ``group`` batches at a time (sorted by length when > 1). The
         windows before ``skip`` are never read; one that ``skip`` falls inside is read whole."""
@@ -305,7 +310,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             for start in range(inside * size if window == windows else 0, len(positions), size):
                 yield collate(cells[start:start + size])
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[SparseBatch]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         if self.skip_batches >= self.batches_per_epoch:
@@ -316,13 +321,13 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 class ShardLoader:
-    """What ``build_loader`` returns: iterate it for ``Batch``es (in a DataLoader when
+    """What ``build_loader`` returns: iterate it for ``SparseBatch``es (in a DataLoader when
     ``num_workers`` > 0). ``len()`` is the batches left in this epoch.
 
     With ``verify``, each shard this rank will read is checked against the manifest's sha256
     before the first batch (once per ShardSet object, so once per run): a shard damaged after it
     was written is refused by name instead of trained on. With ``pin_memory`` (for a CUDA
-    device) batches arrive in page-locked memory, so ``Batch.to`` copies them asynchronously.
+    device) batches arrive in page-locked memory, so ``SparseBatch.to`` copies them asynchronously.
 
     Workers are not persistent: a loader serves one epoch (its plan, seeds and skip are the
     epoch's), and forking two workers delayed the first batch by 0.2-0.3 s on the 2-core machine
@@ -354,11 +359,11 @@ class ShardLoader:
     def __len__(self) -> int:
         return max(0, self.batches_per_epoch - self.dataset.skip_batches)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[SparseBatch]:
         if self.verify:
             self._check_shards()
         if self.num_workers == 0:
-            return map(Batch.pin_memory, self.dataset) if self.pin_memory else iter(self.dataset)
+            return map(SparseBatch.pin_memory, self.dataset) if self.pin_memory else iter(self.dataset)
         return _raised(torch.utils.data.DataLoader(
             _Reported(self.dataset), batch_size=None, num_workers=self.num_workers,
             prefetch_factor=-(-PREFETCH_BATCHES // self.num_workers), pin_memory=self.pin_memory))
@@ -372,14 +377,14 @@ class _Reported(torch.utils.data.IterableDataset):
         super().__init__()
         self.dataset = dataset
 
-    def __iter__(self) -> Iterator[Batch | ValueError | OSError]:
+    def __iter__(self) -> Iterator[SparseBatch | ValueError | OSError]:
         try:
             yield from self.dataset
         except (ValueError, OSError) as err:
             yield err
 
 
-def _raised(items: Iterator[Batch | ValueError | OSError]) -> Iterator[Batch]:
+def _raised(items: Iterator[SparseBatch | ValueError | OSError]) -> Iterator[SparseBatch]:
     for item in items:
         if isinstance(item, BaseException):
             raise item
@@ -391,7 +396,6 @@ def build_loader(
     tok: TokenizerConfig,
     *,
     batch_size: int,
-    mask_ratio: float,
     seed: int,
     rank: int = 0,
     world_size: int = 1,
@@ -400,18 +404,17 @@ def build_loader(
     epoch: int = 0,
     skip_batches: int = 0,
     verify: bool = True,
-    recon_genes: int | None = None,
     segments: tuple[Segment, ...] = (),
     choice: GeneChoice | None = None,
     pin_memory: bool = False,
     group_by_length: int = 1,
 ) -> ShardLoader:
-    """Full batches of tokenized, masked cells for one rank. Pass ``torch.distributed`` rank and
-    world size; ``skip_batches`` = batches already consumed (counted from the start of ``epoch``);
-    ``verify`` checks each shard's sha256 before it is first read; ``recon_genes`` adds each cell's
-    profile for the recon objective (that many unexpressed genes); ``segments``: the earlier parts of
-    ``epoch`` trained on other layouts (see the module doc); ``choice``: the corpus statistics the
-    tokenizer's selection reads (``GeneChoice``); ``pin_memory``: for a CUDA device;
+    """Full batches of cells (``SparseBatch``) for one rank; ``tokenize.build_batch`` makes each a
+    model's ``Batch``. Pass ``torch.distributed`` rank and world size; ``skip_batches`` = batches
+    already consumed (counted from the start of ``epoch``); ``verify`` checks each shard's sha256
+    before it is first read; ``segments``: the earlier parts of ``epoch`` trained on other layouts
+    (see the module doc); ``tok`` and ``choice`` (the corpus statistics, ``GeneChoice``): how many
+    genes a cell shows, the key of length windows; ``pin_memory``: for a CUDA device;
     ``group_by_length``: windows of that many batches are sorted by length (see ``window_order``)."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0; got {num_workers}")
@@ -421,7 +424,6 @@ def build_loader(
         shards,
         tok,
         batch_size=batch_size,
-        mask_ratio=mask_ratio,
         seed=seed,
         rank=rank,
         world_size=world_size,
@@ -429,7 +431,6 @@ def build_loader(
         shuffle_buffer=shuffle_buffer,
         epoch=epoch,
         skip_batches=skip_batches,
-        recon_genes=recon_genes,
         segments=segments,
         choice=choice,
         group_by_length=group_by_length,

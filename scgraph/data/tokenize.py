@@ -1,93 +1,40 @@
-"""Raw counts -> fixed-length (gene ids, values) tokens, vectorised over a batch of cells.
+"""Raw counts -> tokenized, masked ``Batch``es: batched torch ops on a ``SparseBatch``, on its device.
 
-Tokenization happens at load time so one shard set serves every model setting. A batch is a CSR
-matrix (cells x genes); the gene selection is done for all cells at once on a (cells x longest
-cell) key matrix: a partition keeps each cell's L best, so only L keys per cell are sorted (at the
-census's ~2,000 genes per cell, 3-6x faster than one lexsort of every non-zero, and the same
-tokens). The module is over 300 lines because selection, profiles and the corpus's gene choice
-share these helpers.
+The loader hands over cells as CSR tensors (``SparseBatch``); ``build_batch`` turns them into what
+the model consumes where the model runs (the GPU there, the CPU here). Everything is batched over
+the cells of a (cells x longest cell) layout: each row holds a cell's stored genes, left-aligned,
+padded with the pad id. Nothing is ever (cells x vocabulary): the census vocabulary is 60,664
+genes, a cell about 2,000.
+
+    normalise (log1p of counts per ``target_sum``, over ALL the cell's genes) -> candidates (the
+    ``hvg_genes`` restriction, then gene dropout) -> selection key per candidate -> one stable sort
+    per row (ties by gene id: ids are sorted in a row) -> the first L -> binning -> CLS
+    -> masks -> the recon profile
+
+Every draw comes from one ``torch.Generator`` on the batch's device seeded by the batch's key, in
+a fixed order (dropout, selection, masks, profile), so a batch is the same for its key on a given
+device (resume relies on it). ``token_counts`` (the loader's length key, numpy on the CSR it holds)
+and ``GeneChoice`` (what the corpus statistics say) stay on the host.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 from scgraph.config import TokenizerConfig
+from scgraph.data.batch import Batch, SparseBatch
+from scgraph.data.masking import mask_values
 from scgraph.data.shards.stats import GeneSummary
 from scgraph.data.tokens import cls_id, pad_id
-from scgraph.io.counts import check_counts, log1p_normalized
-
-
-@dataclass
-class Tokens:
-    """``genes`` (n, length) int64 ids (pad and CLS as ``scgraph.data.tokens`` numbers them); ``values``
-    (n, length) float32, 0 at pad and CLS; ``n_genes`` (n,) genes kept per cell. ``length`` is the
-    longest cell's (at most seq_len, plus the CLS)."""
-
-    genes: np.ndarray
-    values: np.ndarray
-    n_genes: np.ndarray
-
-
-def _values(matrix: sp.csr_matrix, cfg: TokenizerConfig, take: np.ndarray | None = None,
-            rows: np.ndarray | None = None) -> np.ndarray:
-    """Per-non-zero model input values: log1p after library-size normalisation (over ALL the
-    cell's genes), or the raw values; with ``take`` (positions into ``matrix.data``, in rows
-    ``rows``) only those: a cell longer than L needs L of its ~2,000."""
-    if cfg.normalization == "none":
-        return (matrix.data if take is None else matrix.data[take]).astype(np.float32)
-    return log1p_normalized(matrix, cfg.target_sum, take, rows)
-
-
-def _dense(flat: np.ndarray, counts: np.ndarray, fill: float | int) -> np.ndarray:
-    """(rows, longest) the row-wise runs of ``flat`` (``counts[i]`` values for row i, in order),
-    left-aligned, ``fill`` after them."""
-    out = np.full((counts.size, int(counts.max(initial=0))), fill, dtype=flat.dtype)
-    out[np.arange(out.shape[1], dtype=counts.dtype) < counts[:, None]] = flat  # counts' type: a 6x faster compare
-    return out
-
-
-def _smallest(key: np.ndarray, length: int) -> np.ndarray:
-    """(m, min(length, w)) the columns of each row's ``length`` smallest keys of ``key`` (m, w),
-    ascending, ties by column (pads must be +inf): what a stable sort of each row keeps. A row much
-    longer than ``length`` is partitioned first, so only ``length`` keys are sorted."""
-    m, w = key.shape
-    cols = None
-    if w > 2 * length:
-        threshold = np.partition(key, length - 1, axis=1)[:, length - 1:length]
-        sel, tie = key < threshold, key == threshold
-        need = length - sel.sum(axis=1)
-        excess = tie.sum(axis=1) > need
-        if excess.any():  # more keys equal the threshold than places left: the first columns win
-            tie[excess] &= np.cumsum(tie[excess], axis=1) <= need[excess, None]
-        sel |= tie
-        cols = np.flatnonzero(sel).reshape(m, length) - (np.arange(m) * w)[:, None]
-        key = key[sel].reshape(m, length)
-    order = np.argsort(key, axis=1)
-    ranked = np.take_along_axis(key, order[:, :length + 1], axis=1)  # the kept, and the first left out
-    if ((ranked[:, 1:] == ranked[:, :-1]) & (ranked[:, 1:] != np.inf)).any():
-        order = np.argsort(key, axis=1, kind="stable")  # ties: the unstable sort's order is arbitrary
-    order = order[:, :length]
-    return order if cols is None else np.take_along_axis(cols, order, axis=1)
-
-
-def bin_values(values: np.ndarray, n_genes: np.ndarray, n_bins: int) -> np.ndarray:
-    """scGPT-style per-cell binning: each cell's non-zero values go to bins 1..n_bins-1 by the
-    cell's own quantiles, so values compare across sequencing depths. ``values`` is (n, L) with the
-    first ``n_genes[i]`` entries of row i real; the rest stay 0."""
-    out = np.zeros_like(values)
-    edges_q = np.linspace(0.0, 1.0, n_bins)
-    for i, k in enumerate(n_genes):
-        if k == 0:
-            continue
-        row = values[i, :k]
-        edges = np.quantile(row, edges_q)
-        out[i, :k] = np.clip(np.digitize(row, edges[1:-1], right=True) + 1, 1, n_bins - 1)
-    return out
+from scgraph.io.counts import log1p_normalized
 
 
 @dataclass(frozen=True)
@@ -99,6 +46,24 @@ class GeneChoice:
 
     median: np.ndarray | None = None
     allowed: np.ndarray | None = None
+    _on: dict[torch.device, tuple[torch.Tensor | None, torch.Tensor | None]] = field(
+        default_factory=dict, compare=False, repr=False)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(median, allowed) as tensors on ``device`` indexed by token id (pad and CLS: median 1,
+        not allowed), so a padded row of ids indexes them directly; copied once per device."""
+        if device not in self._on:
+            median = allowed = None
+            if self.median is not None:
+                median = torch.from_numpy(np.concatenate((self.median, [1.0, 1.0]))).to(device)
+            if self.allowed is not None:
+                allowed = torch.from_numpy(np.concatenate((self.allowed, [False, False]))).to(device)
+            self._on[device] = (median, allowed)
+        return self._on[device]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (to a spawned DataLoader worker) without the device copies: no CUDA tensor in it."""
+        return {**self.__dict__, "_on": {}}
 
     @classmethod
     def build(cls, tok: TokenizerConfig, stats: GeneSummary | None, where: str) -> GeneChoice | None:
@@ -159,126 +124,179 @@ def _needs(tok: TokenizerConfig) -> str:
                                     f"hvg_genes {tok.hvg_genes}" if tok.hvg_genes is not None else "") if x)
 
 
-def tokenize(
-    matrix: sp.spmatrix, cfg: TokenizerConfig, vocab_size: int, rng: np.random.Generator | None = None,
-    choice: GeneChoice | None = None,
-) -> Tokens:
-    """Tokenize every cell (row) of ``matrix``: select up to ``seq_len`` non-zero genes, pad,
-    optionally prepend CLS. Selection (``cfg.selection``): ``random`` (seeded by ``rng``), ``top``
-    by expression (ties by gene id), ``weighted`` (random, proportional to the value) or ``rank``
-    (top by the value divided by the gene's median over the corpus, Geneformer's normalised rank:
-    a gene every cell expresses highly no longer crowds out a rare marker); with ``cfg.hvg_genes``
-    only the corpus's most variable genes are candidates, and with ``cfg.gene_dropout`` p each
-    candidate of a cell with more than L is hidden with probability p first (seeded by ``rng``).
-    ``choice`` carries what the corpus statistics say (see :class:`GeneChoice`).
-
-    The batch is as long as its longest cell's selection (at most ``seq_len``): padding a batch of
-    short cells to a long L would only waste the step. Values are normalised over ALL the cell's
-    genes, candidates or not; binning is computed over the selected genes. Deterministic for a
-    given ``rng`` state.
-    """
-    matrix = sp.csr_matrix(matrix)
-    matrix.sum_duplicates()
-    matrix.eliminate_zeros()
-    if matrix.shape[1] > vocab_size:
-        raise ValueError(f"counts have {matrix.shape[1]} gene columns but the vocabulary has {vocab_size}")
-    check_counts(matrix, integers=False)
+def _check_choice(cfg: TokenizerConfig, choice: GeneChoice | None) -> None:
     if (cfg.selection == "rank" and (choice is None or choice.median is None)) or \
             (cfg.hvg_genes is not None and (choice is None or choice.allowed is None)):
         raise ValueError(f"{_needs(cfg)} needs the training corpus's gene statistics, which this model or data "
                          "does not carry (pretrain on a shard set with them: python -m sharding stats DIR)")
-    n, length = matrix.shape[0], cfg.seq_len
-    indices, indptr, src = matrix.indices, matrix.indptr, None
-    if choice is not None and choice.allowed is not None:  # only the variable genes are candidates
-        indices, indptr, src = _candidates(choice.allowed[indices], indices, indptr, src)
-    if cfg.gene_dropout:  # hide genes of the cells that have more candidates than L
-        if rng is None:
-            raise ValueError("gene dropout needs an rng (numpy Generator) for reproducibility")
-        counts = np.diff(indptr)
-        hidden = rng.random(indices.size) < cfg.gene_dropout
-        indices, indptr, src = _candidates(~(hidden & np.repeat(counts > length, counts)), indices, indptr, src)
-    counts = np.diff(indptr)
-    n_genes = np.minimum(counts, length)
-    values = None  # of every candidate, where the selection needs them
-    if cfg.selection in ("top", "rank"):  # highest key first, ties by gene id (= by column: indices are sorted)
-        if cfg.selection == "top":
-            values = _values(matrix, cfg)
-            values = values if src is None else values[src]
-            key = -values
-        else:
-            raw = matrix.data if src is None else matrix.data[src]
-            key = -(raw / choice.median[indices])
-        cols = _smallest(_dense(key, counts, np.inf), length)
+
+
+@dataclass
+class _Cells:
+    """A ``SparseBatch`` laid out (cells x longest cell): ``genes`` int64 (pad id after a cell's
+    genes, so each row is sorted), ``counts`` float32 (0 at pad), ``stored`` bool (a gene, not
+    pad), ``values`` float32 the model input of each gene (0 at pad)."""
+
+    genes: torch.Tensor
+    counts: torch.Tensor
+    stored: torch.Tensor
+    values: torch.Tensor
+
+    @classmethod
+    def of(cls, batch: SparseBatch, cfg: TokenizerConfig, vocab_size: int) -> _Cells:
+        indptr, device = batch.indptr, batch.device
+        lengths = indptr[1:] - indptr[:-1]
+        column = torch.arange(batch.longest, device=device)
+        stored = column < lengths[:, None]
+        at = (indptr[:-1, None] + column).clamp_(max=max(batch.genes.shape[0] - 1, 0))
+        genes = torch.where(stored, batch.genes[at].long(), pad_id(vocab_size))
+        counts = torch.where(stored, batch.counts[at], 0.0)
+        return cls(genes, counts, stored, _normalised(counts, cfg))
+
+
+def _normalised(counts: torch.Tensor, cfg: TokenizerConfig) -> torch.Tensor:
+    """Model input values of (cells, w) float32 raw counts (0 at pad): log1p after library-size
+    normalisation over ALL the cell's genes, or the raw counts. The same numbers as
+    ``io.counts.log1p_normalized`` (which ``mean_profile`` and the statistics use) on float32
+    counts: the library size and the scale in float32 (numpy's promotion there), the product and
+    log1p in float64. (torch's float64 log1p is 1 ulp off numpy's in about 1 % of values, which
+    never changed a float32 result in 2 million tried.)"""
+    if cfg.normalization == "none":
+        return counts.clone()
+    totals = counts.double().sum(dim=1, keepdim=True).float()  # numpy's float32 sum: the same for integer counts
+    scale = torch.where(totals > 0, torch.full_like(totals, cfg.target_sum) / totals, 0.0)
+    return torch.log1p(scale.double() * counts.double()).float()
+
+
+@dataclass
+class Tokens:
+    """``genes`` (n, length) int64 ids (pad and CLS as ``scgraph.data.tokens`` numbers them); ``values``
+    (n, length) float32, 0 at pad and CLS; ``n_genes`` (n,) genes kept per cell. ``length`` is the
+    longest cell's selection (at most seq_len), plus the CLS."""
+
+    genes: torch.Tensor
+    values: torch.Tensor
+    n_genes: torch.Tensor
+
+
+def tokenize(batch: SparseBatch, cfg: TokenizerConfig, vocab_size: int, generator: torch.Generator | None = None,
+             choice: GeneChoice | None = None) -> Tokens:
+    """Tokenize every cell of ``batch`` on its device: select up to ``seq_len`` of its genes, pad,
+    optionally prepend CLS. Selection (``cfg.selection``): ``random`` (a uniform subset of a cell
+    longer than L, stored order otherwise), ``top`` by expression (ties by gene id), ``weighted``
+    (random, proportional to the value) or ``rank`` (top by the value divided by the gene's median
+    over the corpus, Geneformer's normalised rank: a gene every cell expresses highly no longer
+    crowds out a rare marker); with ``cfg.hvg_genes`` only the corpus's most variable genes are
+    candidates, and with ``cfg.gene_dropout`` p each candidate of a cell with more than L is hidden
+    with probability p first. ``choice``: what the corpus statistics say (:class:`GeneChoice`).
+    Draws come from ``generator`` (on the batch's device).
+
+    The batch is as long as its longest cell's selection: padding short cells to a long L would
+    only waste the step. Values are normalised over ALL the cell's genes, candidates or not;
+    binning is computed over the selected genes."""
+    with _one_thread_on_cpu(batch.device):
+        return _tokenize(_Cells.of(batch, cfg, vocab_size), cfg, vocab_size, generator, choice)
+
+
+@contextmanager
+def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
+    """On the CPU, build with one intra-op thread: the ops are many and small (a few MB each), so
+    a parallel region's fork and join outweigh its work, and on a busy host a region waits for a
+    descheduled thread: a 128-cell batch took 180 ms with 2 threads, 3 ms with 1 (2 cores, load 3)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _draws(cells: _Cells, generator: torch.Generator | None, why: str) -> torch.Tensor:
+    """(cells, w) uniform [0, 1) float64 draws, one per stored position (pads included, so the
+    draws' shape, hence the stream, depends on the batch alone)."""
+    if generator is None:
+        raise ValueError(f"{why} needs a torch.Generator for reproducibility")
+    return torch.rand(cells.genes.shape, dtype=torch.float64, device=cells.genes.device, generator=generator)
+
+
+def _tokenize(cells: _Cells, cfg: TokenizerConfig, vocab_size: int, generator: torch.Generator | None,
+              choice: GeneChoice | None) -> Tokens:
+    _check_choice(cfg, choice)
+    length, device = cfg.seq_len, cells.genes.device
+    median, allowed = choice.on(device) if choice is not None else (None, None)
+    candidate = cells.stored
+    if cfg.hvg_genes is not None:  # only the variable genes are candidates
+        candidate = candidate & allowed[cells.genes]
+    if cfg.gene_dropout:  # hide candidates of the cells that have more than L
+        hidden = _draws(cells, generator, "gene dropout") < cfg.gene_dropout
+        candidate = candidate & ~(hidden & (candidate.sum(dim=1) > length)[:, None])
+    n_candidates = candidate.sum(dim=1)
+    if cfg.selection == "top":
+        key = -cells.values
+    elif cfg.selection == "rank":
+        key = -(cells.counts.double() / median[cells.genes])
     else:
-        if rng is None:
-            raise ValueError(f"{cfg.selection} gene selection needs an rng (numpy Generator) for reproducibility")
-        cols = np.tile(np.arange(n_genes.max(initial=0)), (n, 1))  # stored order, unless longer than L
-        over = np.flatnonzero(counts > length)  # only cells with more genes than L need a random subset
-        if over.size:
-            key = rng.random(int(counts[over].sum()))  # one draw per gene of those cells, in stored order
-            if cfg.selection == "weighted":
-                # Efraimidis-Spirakis: the smallest Exp(1) / value first is a draw without replacement
-                # with probability proportional to the value; e / (1 + e) keeps the order inside [0, 1).
-                at = _runs(indptr[over], counts[over])
-                value = _values(matrix, cfg, _source(at, src), np.repeat(over, counts[over]))
-                e = -np.log1p(-key) / np.maximum(value, 1e-12)
-                key = e / (1.0 + e)
-                cols[over] = _smallest(_dense(key, counts[over], np.inf), length)
-            else:
-                cols[over] = _uniform_smallest(key, counts[over], length)
-    take = indptr[:-1, None] + cols  # (n, longest selection) positions of the chosen genes
-    chosen = np.arange(cols.shape[1], dtype=n_genes.dtype) < n_genes[:, None]
-    kept_rows, take = np.nonzero(chosen)[0], take[chosen]
-    offset = int(bool(cfg.cls_token))
-    width = cols.shape[1] + offset
-    genes = np.full((n, width), pad_id(vocab_size), dtype=np.int64)
-    vals = np.zeros((n, width), dtype=np.float32)
-    genes[:, offset:][chosen] = indices[take]
-    vals[:, offset:][chosen] = values[take] if values is not None else \
-        _values(matrix, cfg, _source(take, src), kept_rows)
+        key = _draws(cells, generator, f"{cfg.selection} gene selection")
+        if cfg.selection == "weighted":
+            # Efraimidis-Spirakis: the smallest Exp(1) / value first is a draw without replacement
+            # with probability proportional to the value; e / (1 + e) keeps the order inside [0, 1).
+            e = -torch.log1p(-key) / cells.values.clamp_min(1e-12).double()
+            key = e / (1.0 + e)
+        key = torch.where((n_candidates > length)[:, None], key, 0.0)  # a short cell: stored order
+    key = torch.where(candidate, key, torch.inf)
+    n_genes = n_candidates.clamp(max=length)
+    width = int(n_genes.max()) if len(n_genes) else 0  # the one value a GPU reads back: the batch's length
+    order = torch.sort(key, dim=1, stable=True).indices[:, :width]  # stable: ties by column = by gene id
+    chosen = torch.arange(width, device=device) < n_genes[:, None]
+    genes = torch.where(chosen, cells.genes.gather(1, order), pad_id(vocab_size))
+    values = torch.where(chosen, cells.values.gather(1, order), 0.0)
     if cfg.n_bins is not None:
-        vals[:, offset:] = bin_values(vals[:, offset:], n_genes, cfg.n_bins)
+        values = bin_values(values, n_genes, cfg.n_bins)
     if cfg.cls_token:
-        genes[:, 0] = cls_id(vocab_size)
-    return Tokens(genes=genes, values=vals, n_genes=n_genes)
+        first = torch.full((genes.shape[0], 1), cls_id(vocab_size), dtype=genes.dtype, device=device)
+        genes = torch.cat((first, genes), dim=1)
+        values = torch.cat((torch.zeros(first.shape, dtype=values.dtype, device=device), values), dim=1)
+    return Tokens(genes, values, n_genes)
 
 
-def _candidates(keep: np.ndarray, indices: np.ndarray, indptr: np.ndarray, src: np.ndarray | None
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(indices, indptr, src) of the candidates ``keep`` leaves; ``src`` maps a candidate to its
-    position in the matrix's ``data`` (None: the identity)."""
-    at = np.flatnonzero(keep)
-    return indices[at], np.concatenate(([0], np.cumsum(keep)))[indptr], at if src is None else src[at]
+def bin_values(values: torch.Tensor, n_genes: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """scGPT-style per-cell binning: each cell's values go to bins 1..n_bins-1 by the cell's own
+    quantiles, so values compare across sequencing depths. ``values`` is (n, L) with the first
+    ``n_genes[i]`` entries of row i real; the rest stay 0. The quantiles are numpy's ``linear``
+    ones, computed as numpy does (float32 differences, float64 interpolation), so the bins are
+    ``np.digitize(row, np.quantile(row, ...)[1:-1], right=True) + 1``."""
+    n, width = values.shape
+    real = torch.arange(width, device=values.device) < n_genes[:, None]
+    if width == 0:
+        return values.clone()
+    ranked = torch.sort(torch.where(real, values, torch.inf), dim=1).values
+    q = _quantiles(n_bins, values.device)
+    last = (n_genes.clamp(min=1) - 1)[:, None]
+    at = last.double() * q  # where each quantile lies in the sorted row
+    below = at.floor().long()
+    top = below >= last
+    below = torch.where(top, last, below)
+    above = torch.where(top, last, below + 1)
+    gamma = at - below.double()
+    a, b = ranked.gather(1, below), ranked.gather(1, above)
+    step = (b - a).double()  # numpy's lerp: b - a in the values' type, the rest in float64
+    edges = torch.where(gamma >= 0.5, b.double() - step * (1 - gamma), a.double() + step * gamma)
+    inner = edges[:, 1:-1].contiguous()
+    if inner.shape[1]:
+        bins = torch.searchsorted(inner, values.double().contiguous(), right=False) + 1  # digitize(right=True)
+    else:
+        bins = torch.ones_like(values, dtype=torch.long)
+    return torch.where(real, bins.clamp(1, n_bins - 1).to(values.dtype), 0.0)
 
 
-def _uniform_smallest(key: np.ndarray, counts: np.ndarray, length: int) -> np.ndarray:
-    """:func:`_smallest` of rows of uniform [0, 1) keys given as runs (``counts[i]`` keys for row i,
-    all longer than ``length``): only keys below (length + 8 sqrt(length) + 8) / count, where a
-    row's ``length`` smallest lie but for a chance of about 1e-12 (a row with too few keeps all)
-    are candidates, so a ~2,000-gene row is narrowed to ~700 before the sort."""
-    ends = np.cumsum(counts)
-    starts = ends - counts
-    below = key < np.repeat((length + 8 * np.sqrt(length) + 8) / counts, counts)
-    at = np.flatnonzero(below)
-    n_below = np.diff(np.searchsorted(at, np.concatenate(([0], ends))))
-    short = n_below < length
-    if short.any():
-        at = np.flatnonzero(below | np.repeat(short, counts))
-        n_below = np.where(short, counts, n_below)
-    first = np.cumsum(n_below) - n_below
-    chosen = _smallest(_dense(key[at], n_below, np.inf), length)
-    return at[first[:, None] + chosen] - starts[:, None]
-
-
-def _runs(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """starts[0], starts[0] + 1, ..., starts[0] + counts[0] - 1, starts[1], ...: the positions of
-    the rows whose entries start at ``starts``."""
-    return np.arange(int(counts.sum())) + np.repeat(starts - (np.cumsum(counts) - counts), counts)
-
-
-def _source(positions: np.ndarray, src: np.ndarray | None) -> np.ndarray:
-    """Candidate positions -> positions in the matrix's data (``src``: the candidates', None: all)."""
-    return positions if src is None else src[positions]
+@functools.lru_cache(maxsize=8)
+def _quantiles(n_bins: int, device: torch.device) -> torch.Tensor:
+    """numpy's ``linspace(0, 1, n_bins)`` (torch's differs in the last bits) on ``device``, copied
+    once: a copy from the host per batch would make a GPU wait for its queue."""
+    return torch.from_numpy(np.linspace(0.0, 1.0, n_bins)).to(device)
 
 
 @dataclass
@@ -288,65 +306,64 @@ class Profile:
     much each entry counts (0 at pad). Summed ``weight * error**2`` over ``weight.sum()`` estimates
     the mean squared error over the whole vocabulary without bias."""
 
-    genes: np.ndarray
-    values: np.ndarray
-    weight: np.ndarray
+    genes: torch.Tensor
+    values: torch.Tensor
+    weight: torch.Tensor
 
 
-def profile(matrix: sp.spmatrix, cfg: TokenizerConfig, vocab_size: int, unexpressed: int,
-            rng: np.random.Generator) -> Profile:
+def _profile(cells: _Cells, vocab_size: int, unexpressed: int, generator: torch.Generator) -> Profile:
     """Each cell's expressed genes with their values (normalised as the model's input, never binned)
-    plus ``unexpressed`` genes drawn uniformly from those it does not express, weighted
-    (vocabulary - expressed) / kept draws so zeros count as much as in the full profile. When the
-    vocabulary is no larger than that, every gene is scored with weight 1 (the exact full profile)."""
-    matrix = sp.csr_matrix(matrix)
-    matrix.sum_duplicates()
-    matrix.eliminate_zeros()
-    n = matrix.shape[0]
-    values = _values(matrix, cfg)
-    counts = np.diff(matrix.indptr)
-    if counts.max(initial=0) + unexpressed >= vocab_size:
-        dense = sp.csr_matrix((values, matrix.indices, matrix.indptr), shape=(n, vocab_size)).toarray()
-        genes = np.broadcast_to(np.arange(vocab_size), (n, vocab_size)).copy()
-        return Profile(genes, dense.astype(np.float32), np.ones((n, vocab_size), dtype=np.float32))
-    longest = int(counts.max(initial=0))
-    column = np.arange(longest + unexpressed, dtype=counts.dtype)  # counts' type: a 6x faster compare
-    expressed = column < counts[:, None]  # each row: its genes, then the draws
-    drawn_at = (column >= counts[:, None]) & (column < counts[:, None] + unexpressed)
-    genes = np.full(expressed.shape, pad_id(vocab_size), dtype=np.int64)
-    vals = np.zeros(expressed.shape, dtype=np.float32)
-    weight = np.zeros(expressed.shape, dtype=np.float32)
-    genes[expressed], vals[expressed], weight[expressed] = matrix.indices, values, 1.0
-    # draws that hit an expressed gene are dropped (rejection)
-    drawn = rng.integers(0, vocab_size, (n, unexpressed))
-    hit = _expresses(genes[:, :longest], drawn, vocab_size)
-    kept = (~hit).sum(axis=1, keepdims=True)
-    genes[drawn_at] = np.where(hit, pad_id(vocab_size), drawn).ravel()
-    weight[drawn_at] = np.where(hit, 0.0, (vocab_size - counts[:, None]) / np.maximum(kept, 1)).ravel()
-    return Profile(genes, vals, weight)
+    plus ``unexpressed`` genes drawn uniformly from the vocabulary, a draw of a gene the cell
+    expresses dropped and the rest weighted (vocabulary - expressed) / kept draws, so zeros count
+    as much as in the full profile. When the vocabulary is no larger than that, every gene is
+    scored with weight 1 (the exact full profile: a small vocabulary only)."""
+    n, longest = cells.genes.shape
+    device, pad = cells.genes.device, pad_id(vocab_size)
+    if longest + unexpressed >= vocab_size:
+        values = torch.zeros((n, vocab_size + 1), dtype=torch.float32, device=device)
+        values.scatter_(1, cells.genes, cells.values)  # (pads land in the extra column)
+        genes = torch.arange(vocab_size, device=device).expand(n, vocab_size).clone()
+        return Profile(genes, values[:, :vocab_size].contiguous(), torch.ones((n, vocab_size), device=device))
+    lengths = cells.stored.sum(dim=1, keepdim=True)
+    genes = torch.full((n, longest + unexpressed), pad, dtype=torch.int64, device=device)
+    values = torch.zeros(genes.shape, dtype=torch.float32, device=device)
+    weight = torch.zeros(genes.shape, dtype=torch.float32, device=device)
+    genes[:, :longest], values[:, :longest], weight[:, :longest] = cells.genes, cells.values, cells.stored.float()
+    drawn = torch.randint(0, vocab_size, (n, unexpressed), device=device, generator=generator)
+    # does the cell express the drawn gene: a search in its sorted ids (the pad sentinel ends each row)
+    ids = torch.cat((cells.genes, torch.full((n, 1), pad, dtype=torch.int64, device=device)), dim=1)
+    hit = ids.gather(1, torch.searchsorted(ids, drawn)) == drawn
+    kept = (~hit).sum(dim=1, keepdim=True)
+    slots = lengths + torch.arange(unexpressed, device=device)
+    genes.scatter_(1, slots, torch.where(hit, pad, drawn))
+    share = (vocab_size - lengths).double() / kept.clamp(min=1).double()
+    weight.scatter_(1, slots, torch.where(hit, 0.0, share).float())
+    return Profile(genes, values, weight)
 
 
-def _expresses(genes: np.ndarray, drawn: np.ndarray, vocab_size: int) -> np.ndarray:
-    """(n, k) whether row i of ``genes`` (n, w), ids with pads = vocab_size, holds ``drawn[i, j]``:
-    a membership bitmap of about 1 MB (a few cells x the vocabulary) reused cell block by cell
-    block, set and cleared at the cell's genes: no sort, no search, no cells x vocabulary array."""
-    width = vocab_size + 1  # the pad's column too
-    block = max(1, (1 << 20) // width)
-    bitmap = np.zeros(block * width, dtype=bool)
-    hit = np.empty(drawn.shape, dtype=bool)
-    for start in range(0, genes.shape[0], block):
-        base = (np.arange(min(block, genes.shape[0] - start)) * width)[:, None]
-        at = base + genes[start:start + block]
-        bitmap[at] = True
-        hit[start:start + block] = bitmap[base + drawn[start:start + block]]
-        bitmap[at] = False
-    return hit
+def build_batch(batch: SparseBatch, tok: TokenizerConfig, vocab_size: int, mask_ratio: float,
+                recon_genes: int | None = None, choice: GeneChoice | None = None) -> Batch:
+    """The ``Batch`` the model consumes, built on ``batch``'s device: tokenized (with the corpus's
+    ``choice``), masked, and with ``recon_genes`` the profile the recon objective scores (that
+    many unexpressed genes per cell); every draw from the generator ``batch.key`` seeds. The one
+    place a training, validation or FLOP-counting batch is made."""
+    generator = batch.generator()
+    with _one_thread_on_cpu(batch.device):
+        cells = _Cells.of(batch, tok, vocab_size)
+        tokens = _tokenize(cells, tok, vocab_size, generator, choice)
+        out = Batch(tokens.genes, tokens.values, mask_values(tokens.genes, vocab_size, mask_ratio, generator))
+        if recon_genes is not None:
+            p = _profile(cells, vocab_size, recon_genes, generator)
+            out.profile_genes, out.profile_values, out.profile_weight = p.genes, p.values, p.weight
+    return out
 
 
 def mean_profile(matrix: sp.spmatrix, cfg: TokenizerConfig, vocab_size: int) -> np.ndarray:
     """(vocab_size,) each gene's mean normalised value over the cells of ``matrix``, zeros included:
-    what a decoder that knows nothing of the cell should predict."""
+    what a decoder that knows nothing of the cell should predict (once per run, on the host)."""
     matrix = sp.csr_matrix(matrix)
     matrix.sum_duplicates()
-    totals = np.bincount(matrix.indices, weights=_values(matrix, cfg), minlength=vocab_size)
+    values = matrix.data.astype(np.float32) if cfg.normalization == "none" else \
+        log1p_normalized(matrix, cfg.target_sum)
+    totals = np.bincount(matrix.indices, weights=values, minlength=vocab_size)
     return (totals / max(matrix.shape[0], 1)).astype(np.float32)

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from scgraph.config import EMBED_SELECTIONS, RunConfig, TokenizerConfig
+from scgraph.data.batch import SparseBatch
 from scgraph.data.tokenize import GeneChoice, tokenize
 from scgraph.data.tokens import is_gene
 from scgraph.models.model import CellModel, build_model
@@ -59,7 +60,8 @@ def embed_cells(model: CellModel | BagOfGenes, run: RunConfig, counts: sp.csr_ma
     when there is one (the model is moved there). ``choice``: the checkpoint's gene choice (what
     its training knew of the corpus). Cells go through in order of length (each batch padded to its
     longest cell; padding changes no embedding) and come back in input order; a random protocol's
-    draws are seeded by ``seed`` (the same cells, seed and batch size give the same embeddings)."""
+    draws are seeded by ``seed`` (the same cells, seed and batch size give the same embeddings on a
+    given device). Cells are tokenized on the device as in training (``tokenize``)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     counts = sp.csr_matrix(counts)
@@ -75,9 +77,9 @@ def embed_cells(model: CellModel | BagOfGenes, run: RunConfig, counts: sp.csr_ma
             rows = order[start:start + batch_size]
             block = counts[rows]
             tok = inference_tokenizer(run.tokenizer, selection, seq_len, block)
-            tokens = tokenize(block, tok, run.model.vocab_size, np.random.default_rng([seed, start]), choice)
-            embedding = model.cell_embedding(torch.from_numpy(tokens.genes).to(device),
-                                             torch.from_numpy(tokens.values).to(device))
+            cells = SparseBatch.from_csr(block, (seed, start), run.model.vocab_size).to(device)
+            tokens = tokenize(cells, tok, run.model.vocab_size, cells.generator(), choice)  # on the device
+            embedding = model.cell_embedding(tokens.genes, tokens.values)
             out[rows] = embedding.float().cpu().numpy()
     return out
 

@@ -45,17 +45,15 @@ def check_counts(matrix: sp.csr_matrix, cell_names: Sequence[Any] | None = None,
         raise ValueError(f"counts of cell {cell} contain {what}")
 
 
-def log1p_normalized(matrix: sp.csr_matrix, target_sum: float = 1e4, take: np.ndarray | None = None,
-                     rows: np.ndarray | None = None) -> np.ndarray:
+def log1p_normalized(matrix: sp.csr_matrix, target_sum: float = 1e4) -> np.ndarray:
     """log1p of each stored value scaled to ``target_sum`` counts per cell (library size over ALL
-    the cell's genes), in the order of ``matrix.data``; with ``take`` (positions into
-    ``matrix.data``, in rows ``rows``) only those (the tokenizer needs L of a cell's ~2,000).
+    the cell's genes), in the order of ``matrix.data``: the host's normalisation (statistics, the
+    mean profile); the tokenizer's torch one computes the same numbers on the model's device.
     ``matrix`` must be CSR. Two temporaries, not six: each fresh MiB costs page faults."""
-    data = matrix.data if take is None else matrix.data[take]
     totals = np.asarray(matrix.sum(axis=1)).ravel()
     scale = np.divide(target_sum, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
-    out = np.repeat(scale, np.diff(matrix.indptr)) if take is None else scale[rows]
-    out *= data
+    out = np.repeat(scale, np.diff(matrix.indptr))
+    out *= matrix.data
     return np.log1p(out, out=out).astype(np.float32)
 
 

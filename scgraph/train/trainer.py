@@ -28,11 +28,11 @@ import torch
 import torch.distributed as dist
 
 from scgraph.cli import Command, report, run
-from scgraph.data.batch import Batch
+from scgraph.data.batch import Batch, SparseBatch
 from scgraph.data.loader import Layout, Segment, ShardLoader, build_loader
 from scgraph.data.shards import ShardSet
 from scgraph.data.shards.stats import STATS_TARGET_SUM
-from scgraph.data.tokenize import GeneChoice, mean_profile
+from scgraph.data.tokenize import GeneChoice, build_batch, mean_profile
 from scgraph.data.tokens import is_gene
 from scgraph.io.files import check_directory
 from scgraph.models.model import CellModel, build_model, check_token_ids, count_parameters
@@ -65,7 +65,7 @@ class _Window:
     parts: dict[str, float] = field(default_factory=dict)
     micro: int = 0
     cells: int = 0
-    tokens: int = 0
+    tokens: int | torch.Tensor = 0  # a device tensor until the log line reads it: no sync per micro-step
     wait: float = 0.0  # seconds the steps waited for their batches
     start: float = field(default_factory=time.perf_counter)
 
@@ -75,7 +75,7 @@ class _Window:
             self.parts[name] = self.parts.get(name, 0.0) + value
         self.micro += 1
         self.cells += len(batch)
-        self.tokens += int(is_gene(batch.genes, vocab_size).sum())
+        self.tokens = self.tokens + is_gene(batch.genes, vocab_size).sum()
 
 
 class Pretrainer:
@@ -211,8 +211,7 @@ class Pretrainer:
 
     def _loader(self, epoch: int, skip: int) -> ShardLoader:
         run = self.cfg.run
-        return build_loader(self.shards, run.tokenizer, batch_size=self.micro, mask_ratio=run.train.mask_ratio,
-                            recon_genes=self.recon_genes,
+        return build_loader(self.shards, run.tokenizer, batch_size=self.micro,
                             seed=run.train.seed, rank=self.rank, world_size=self.world,
                             num_workers=self.cfg.num_workers, shuffle_buffer=self.cfg.shuffle_buffer,
                             epoch=epoch, skip_batches=skip, verify=self.cfg.verify_shards,
@@ -225,8 +224,8 @@ class Pretrainer:
         fixed seed), split over the ranks, averaged over all of them; the model is not changed."""
         run, cfg = self.cfg.run, self.cfg
         try:
-            loader = build_loader(self.val_shards, run.tokenizer, batch_size=self.micro, recon_genes=self.recon_genes,
-                                  mask_ratio=run.train.mask_ratio, seed=run.train.seed + 1, rank=self.rank,
+            loader = build_loader(self.val_shards, run.tokenizer, batch_size=self.micro,
+                                  seed=run.train.seed + 1, rank=self.rank,
                                   world_size=self.world, shuffle_buffer=0, verify=cfg.verify_shards,
                                   choice=self.choice)
         except ValueError as err:
@@ -237,8 +236,8 @@ class Pretrainer:
         self.engine.eval()
         total, batches = 0.0, 0
         with torch.no_grad():
-            for batch in itertools.islice(loader, limit):
-                batch = self._to_device(batch)
+            for cells in itertools.islice(loader, limit):
+                batch = self._to_device(cells)
                 total += pretraining_loss(self.engine, batch, run.train.weights)[0].item()
                 batches += 1
         self.engine.train()
@@ -260,7 +259,7 @@ class Pretrainer:
     def _measure_flops(self, model: CellModel, loader: ShardLoader) -> FlopCount:
         """FLOPs of what trains: the configured objectives on the first cells of the first training
         micro-batch, counted on the model before DeepSpeed takes it (still on the CPU, in fp32)."""
-        batch = next(iter(loader))[: self.cfg.flops_cells]
+        batch = self._to_device(next(iter(loader)))[: self.cfg.flops_cells]
         return measure_flops(model, batch, self.cfg.run.train.weights)
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -374,11 +373,15 @@ class Pretrainer:
                 yield batch
             self.epoch, self.consumed, self.segments = self.epoch + 1, 0, []
 
-    def _to_device(self, batch: Batch) -> Batch:
-        """``batch`` on this rank's device, its token ids checked on the host first (the model checks
-        only host tensors: on a GPU that would stall the queue at every micro-step)."""
-        check_token_ids(batch.genes, self.cfg.run.model.n_tokens)
-        return batch.to(self.device)
+    def _to_device(self, cells: SparseBatch) -> Batch:
+        """The loader's cells on this rank's device, made the model's ``Batch`` there (selection,
+        masks, profile: ``build_batch``): the one way training, validation and the FLOP count get a
+        batch. The gene ids are checked on the host first (on a GPU an id past the tables is a
+        device assert, and reading it back there would stall the queue)."""
+        run = self.cfg.run
+        check_token_ids(cells.genes, run.model.vocab_size)
+        return build_batch(cells.to(self.device), run.tokenizer, run.model.vocab_size, run.train.mask_ratio,
+                           self.recon_genes, self.choice)
 
     def _micro_step(self, batch: Batch, measure: bool, boundary: bool) -> tuple[float, dict[str, float]]:
         """Forward, backward and (at an accumulation boundary) the optimizer step of one micro-batch;
@@ -409,7 +412,7 @@ class Pretrainer:
 
     def _log(self, window: _Window) -> dict[str, float]:
         elapsed = time.perf_counter() - window.start
-        loss, cells, tokens, wait = mean_over_ranks([window.loss / window.micro, window.cells, window.tokens,
+        loss, cells, tokens, wait = mean_over_ranks([window.loss / window.micro, window.cells, float(window.tokens),
                                                      window.wait], self.device)
         names = sorted(window.parts)
         parts = mean_over_ranks([window.parts[n] / window.micro for n in names], self.device) if len(names) > 1 else []
@@ -441,11 +444,11 @@ class Pretrainer:
                   disable=self.rank != 0, unit="step") as bar:
             while self.step < self.max_steps:
                 waited = time.perf_counter()
-                host = next(batches)  # its tokens counted on the host: no GPU sync
-                batch = self._to_device(host)
-                window.wait += time.perf_counter() - waited
+                cells = next(batches)
+                window.wait += time.perf_counter() - waited  # the loader's; building the batch is the step's work
+                batch = self._to_device(cells)
                 boundary = self.engine.is_gradient_accumulation_boundary()
-                window.add(self._micro_step(batch, measuring, boundary), host, vocab)
+                window.add(self._micro_step(batch, measuring, boundary), batch, vocab)
                 if not boundary:
                     continue
                 self.step += 1
