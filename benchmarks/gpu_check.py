@@ -11,7 +11,8 @@ error in one is that stage's result, and the others still run:
 2. ``train MODEL`` for the Transformer, the GNN and the linear GNN (scbenchmark preset, 6 layers,
    d = 256, L = 512, r = 64): ``launchers/pretrain.py`` as one process with the shipped
    ``ds_configs/zero2_bf16.json`` (bf16, ZeRO-2, torch AdamW), micro-batch ``--batch``, ``--steps``
-   steps; cells/s, TFLOP/s, MFU, peak memory and the GNN kernel the trainer chose, from its MLflow store.
+   steps; cells/s, TFLOP/s, MFU, peak memory, the GNN kernel the trainer chose and the share of
+   step time spent waiting for batches (the loader, no workers), from its MLflow store.
 3. ``length MODEL``: the largest L that fits. One masked-value training step of the real DeepSpeed
    engine (the same config: bf16 with fp32 master weights and AdamW state; kernels chosen as the
    trainer chooses them) on ``--batch`` cells of L distinct genes, L = 512, 1024, ..., until the
@@ -111,7 +112,7 @@ def train(model: str, args: argparse.Namespace, seconds: float) -> dict:
                              f"attributes.run_name = '{name}'")[0]
     m, p = run.data.metrics, run.data.params
     return {"cells_per_s": m.get("train/cells_per_s"), "tflops": m.get("train/tflops"), "mfu": m.get("train/mfu"),
-            "peak_memory_mib": m.get("cost/peak_memory_mib"),
+            "peak_memory_mib": m.get("cost/peak_memory_mib"), "data_wait_frac": m.get("train/data_wait_frac"),
             "train_gflop_per_cell": m.get("cost/train_flops_per_cell", float("nan")) / 1e9,
             "graph_kernel": p.get("graph_kernel"), "peak_tflops": p.get("peak_tflops")}
 
@@ -225,8 +226,9 @@ def _number(value, fmt: str) -> str:
 
 def _train_row(r: dict) -> list[str]:
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "–"
+    wait = f"{100 * r['data_wait_frac']:.1f}%" if r.get("data_wait_frac") is not None else "–"
     return [_number(r["cells_per_s"], ".1f"), _number(r["tflops"], ".2f"), mfu, _number(r["peak_memory_mib"], ".0f"),
-            _number(r["train_gflop_per_cell"], ".2f"), r["graph_kernel"] or "–"]
+            _number(r["train_gflop_per_cell"], ".2f"), r["graph_kernel"] or "–", wait]
 
 
 def _length_row(r: dict) -> list[str]:
@@ -239,7 +241,8 @@ def markdown(report: dict) -> str:
     stages = report["stages"]
     lines = [f"GPU check on {report['device']} (torch {report['torch']}), {report['seconds']:.0f} s "
              f"(budget {report['budget']:.0f} s)"]
-    tables = (("train", ["cells/s", "TFLOP/s", "MFU", "peak memory MiB", "GFLOP/cell", "GNN kernel"], _train_row),
+    tables = (("train", ["cells/s", "TFLOP/s", "MFU", "peak memory MiB", "GFLOP/cell", "GNN kernel",
+                         "data wait (last window)"], _train_row),
               ("length", ["largest L that fits", "peak GiB there", "step s there", "out of memory at"], _length_row))
     for stage, columns, row in tables:
         lines += ["", "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]

@@ -96,6 +96,7 @@ def test_gpu_check_smoke_runs_twice_into_one_folder(tmp_path):
         stages = json.loads((out / "gpu_check.json").read_text())["stages"]
         assert len(stages) == 8 and not [name for name, r in stages.items() if "error" in r], stages
         assert stages["length gnn"]["largest_fitting"]["length"] == 64
+        assert {type(stages[f"train {m}"]["data_wait_frac"]) for m in ("transformer", "gnn", "gnn_linear")} == {float}
         assert re.search(r"timeout \d+ python benchmarks/gpu_check.py --out \S+", proc.stdout.splitlines()[-1])
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes").write_text("kept")
