@@ -5,6 +5,7 @@ built from them (``build_batch``) are compared too, where what the model sees is
 from __future__ import annotations
 
 import itertools
+import threading
 from collections import Counter
 
 import numpy as np
@@ -14,7 +15,10 @@ import torch
 from conftest import encode_npy, encode_sample, generated_anndata
 
 from scgraph.config import TokenizerConfig
+from scgraph.data import handoff
+from scgraph.data import loader as loader_module
 from scgraph.data.batch import Batch, SparseBatch
+from scgraph.data.handoff import Ring, slot_bytes
 from scgraph.data.loader import Layout, build_loader, epoch_runs, stream_part, without
 from scgraph.data.shards import ShardSet
 from scgraph.data.shards.config import WriteOptions
@@ -209,6 +213,38 @@ def test_a_grouped_stream_resumes_inside_a_window_on_the_same_batches(ragged, nu
     resumed = ragged_load(ragged, num_workers=num_workers, group_by_length=4, skip_batches=skip)
     assert len(full) == 80 and same(resumed, full[skip:])
     assert same_built(built(resumed, RAGGED_TOK, N_CELLS + 12), built(full[skip:], RAGGED_TOK, N_CELLS + 12))
+
+
+def test_batches_too_large_for_a_workers_slot_arrive_the_same_the_usual_way(ragged, monkeypatch):
+    through_slots = ragged_load(ragged, num_workers=2, group_by_length=4)
+    monkeypatch.setattr(handoff, "HEADROOM", 1)  # slots of 6 genes per cell: the longer batches do not fit
+    mixed = ragged_load(ragged, num_workers=2, group_by_length=4)
+    sizes = [b.genes.numel() for b in mixed]
+    assert min(sizes) <= 16 * 6 < max(sizes)
+    assert same(mixed, through_slots) and same(through_slots, ragged_load(ragged, num_workers=2, group_by_length=4))
+
+
+def test_a_worker_waits_for_a_free_slot_instead_of_overwriting_one():
+    def batch(value: float) -> SparseBatch:
+        return SparseBatch(torch.tensor([0, 2, 3]), torch.tensor([1, 4, 2], dtype=torch.int32),
+                           torch.full((3,), value), (0, int(value)), 2)
+
+    ring = Ring(1, slot_bytes(2, 2), torch.multiprocessing.get_context())
+    held, put = ring.put(batch(1.0), worker=0), threading.Event()
+    second = threading.Thread(target=lambda: (ring.put(batch(2.0), worker=0), put.set()))
+    second.start()
+    assert not put.wait(0.3)  # the only slot still holds the first batch
+    assert same([ring.take(held, pin=False)], [batch(1.0)])
+    assert put.wait(10)
+    second.join()
+
+
+def test_without_shared_memory_for_the_rings_batches_arrive_the_same_and_it_is_said(ragged, monkeypatch, capsys):
+    through_slots = ragged_load(ragged, num_workers=2)
+    monkeypatch.setattr(loader_module, "_free_shared_memory", lambda: 1000)  # /dev/shm nearly full
+    assert same(ragged_load(ragged, num_workers=2), through_slots)
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and "/dev/shm has 0 MiB free" in said[0] and "--shm-size" in said[0]
 
 
 def test_a_grouped_layout_changed_inside_a_window_trains_the_rest_once(ragged):

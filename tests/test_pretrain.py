@@ -325,11 +325,11 @@ def test_yaml_config_is_overridden_by_flags_and_unknown_keys_are_refused(tmp_pat
 
 
 def test_data_wait_is_near_zero_on_a_cheap_source_and_large_on_a_slow_one(shards, store, tmp_path, cbmc):
-    """Step time spent waiting for batches, from real runs in one process (no workers): 2
-    page-cached cells per step for a small model keep the steps fed; a set of one-cell shards, so
-    every cell of a step is a file to open, map and parse (a source slowed on purpose; building
-    the batch is the step's work, not the loader's), feeding a tiny model makes them wait, and the
-    run says to raise --num-workers."""
+    """Step time spent waiting for batches, from real runs in one process: 2 page-cached cells per
+    step, from 2 workers (through their rings), for a small model keep the steps fed; a set of
+    one-cell shards, so every cell of a step is a file to open, map and parse (a source slowed on
+    purpose; building the batch is the step's work, not the loader's), feeding a tiny model (no
+    workers) makes them wait, and the run says to raise --num-workers."""
     from scgraph.data.shards.config import WriteOptions
     from scgraph.io.sources import SourceSpec
     from sharding.writer import write_shards
@@ -340,7 +340,8 @@ def test_data_wait_is_near_zero_on_a_cheap_source_and_large_on_a_slow_one(shards
     tiny = ["--hidden", "8", "--layers", "1", "--heads", "2", "--adjacency-rank", "4", "--log-every", "1",
             "--max-steps", "8", "--backbone", "gnn", "--recipe", "paper", "--mlflow-uri", store]
     fed = launch([*tiny, "--shards", shards, "--output", str(tmp_path / "fed"), "--experiment", "fed",
-                  "--hidden", "64", "--layers", "2", "--heads", "4", "--seq-len", "64", "--batch-size", "2"], ranks=1)
+                  "--hidden", "64", "--layers", "2", "--heads", "4", "--seq-len", "64", "--batch-size", "2",
+                  "--num-workers", "2"], ranks=1)
     slow = launch([*tiny, "--shards", str(tmp_path / "one_cell"), "--output", str(tmp_path / "slow"), "--experiment",
                    "slow", "--seq-len", "8", "--batch-size", "64", "--group-by-length", "1", "--shuffle-buffer", "64",
                    "--no-verify-shards"], ranks=1)
@@ -355,6 +356,6 @@ def test_data_wait_is_near_zero_on_a_cheap_source_and_large_on_a_slow_one(shards
         assert len(client.get_metric_history(run.info.run_id, "train/data_wait_s")) == 8
     # (measured on 2 loaded cores: fed 0.01-0.13 of a step; slow 0.63)
     assert waits["fed"] < 0.3 and waits["slow"] > max(0.3, 3 * waits["fed"]), waits
-    assert re.search(r"scgraph: loader: 1 stream\(s\) per rank, each a shuffle buffer of 4,096 cells \(at most \d+ MiB",
-                     fed.stdout)
+    assert re.search(r"scgraph: loader: 2 stream\(s\) per rank, each a shuffle buffer of 4,096 cells \(at most \d+ MiB"
+                     r".*; each worker hands batches over through 5 slots of shared memory", fed.stdout)
     assert "the input pipeline is the bottleneck; raise --num-workers (now 0)" in slow.stdout

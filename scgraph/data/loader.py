@@ -46,6 +46,7 @@ next).
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -56,6 +57,7 @@ import webdataset as wds
 
 from scgraph.config import TokenizerConfig
 from scgraph.data.batch import SparseBatch
+from scgraph.data.handoff import Ring, Slot, slot_bytes
 from scgraph.data.pool import CellPool, Run, buffer_mib
 from scgraph.data.shards import ShardSet
 from scgraph.data.tokenize import GeneChoice, token_counts
@@ -328,6 +330,7 @@ class ShardLoader:
     before the first batch (once per ShardSet object, so once per run): a shard damaged after it
     was written is refused by name instead of trained on. With ``pin_memory`` (for a CUDA
     device) batches arrive in page-locked memory, so ``SparseBatch.to`` copies them asynchronously.
+    Workers hand batches over through rings of shared memory (``handoff``).
 
     Workers are not persistent: a loader serves one epoch (its plan, seeds and skip are the
     epoch's), and forking two workers delayed the first batch by 0.2-0.3 s on the 2-core machine
@@ -346,49 +349,92 @@ class ShardLoader:
     def batches_per_epoch(self) -> int:
         return self.dataset.batches_per_epoch
 
+    @property
+    def genes_per_cell(self) -> float:
+        """The shards' mean expressed genes per cell (from the manifest)."""
+        shards = self.dataset.shards
+        return shards.manifest["totals"].get("nnz", 0) / max(shards.n_cells, 1)
+
     def memory(self) -> str:
-        """What each stream holds, in cells and MiB (see ``pool``)."""
+        """What each stream holds, in cells and MiB (see ``pool``), and the workers' rings."""
         data = self.dataset
         totals = data.shards.manifest["totals"]
-        genes = totals.get("nnz", 0) / max(data.shards.n_cells, 1)
-        return (f"{data.streams} stream(s) per rank, each a shuffle buffer of {data.shuffle_buffer:,} cells (at most "
-                f"{buffer_mib(data.shuffle_buffer, genes):,.0f} MiB held copied out of shards read past) and the "
-                f"shard it reads mapped (about {totals['bytes'] / max(totals['shards'], 1) / 2**20:,.0f} MiB of page "
-                "cache)")
+        held = (f"{data.streams} stream(s) per rank, each a shuffle buffer of {data.shuffle_buffer:,} cells (at most "
+                f"{buffer_mib(data.shuffle_buffer, self.genes_per_cell):,.0f} MiB held copied out of shards read "
+                f"past) and the shard it reads mapped (about {totals['bytes'] / max(totals['shards'], 1) / 2**20:,.0f}"
+                " MiB of page cache)")
+        if not self.num_workers:
+            return held
+        slots = -(-PREFETCH_BATCHES // self.num_workers) + 1
+        ring = slots * slot_bytes(data.batch_size, self.genes_per_cell) / 2**20
+        return f"{held}; each worker hands batches over through {slots} slots of shared memory ({ring:,.0f} MiB)"
 
     def __len__(self) -> int:
         return max(0, self.batches_per_epoch - self.dataset.skip_batches)
+
+    def _slot_bytes(self, slots: int) -> int:
+        """The workers' slot size; 0 (every batch handed over the usual way, said in one line) where
+        their rings would not fit in the shared memory left: a process touching shared memory past
+        its end is killed by SIGBUS, and a container's default is 64 MiB."""
+        size = slot_bytes(self.dataset.batch_size, self.genes_per_cell)
+        needed, free = self.num_workers * slots * size, _free_shared_memory()
+        if needed <= free:
+            return size
+        print(f"scgraph: warning: the loader's {self.num_workers} workers need {needed / 2**20:,.0f} MiB of shared "
+              f"memory for their rings and /dev/shm has {free / 2**20:,.0f} MiB free: batches are handed over the "
+              "slower way; give it more (docker run --shm-size)", flush=True)
+        return 0
 
     def __iter__(self) -> Iterator[SparseBatch]:
         if self.verify:
             self._check_shards()
         if self.num_workers == 0:
             return map(SparseBatch.pin_memory, self.dataset) if self.pin_memory else iter(self.dataset)
-        return _raised(torch.utils.data.DataLoader(
-            _Reported(self.dataset), batch_size=None, num_workers=self.num_workers,
-            prefetch_factor=-(-PREFETCH_BATCHES // self.num_workers), pin_memory=self.pin_memory))
+        context = torch.multiprocessing.get_context()
+        prefetch = -(-PREFETCH_BATCHES // self.num_workers)
+        size = self._slot_bytes(prefetch + 1)
+        rings = [Ring(prefetch + 1, size, context) for _ in range(self.num_workers)]
+        return _received(torch.utils.data.DataLoader(
+            _Worker(self.dataset, rings), batch_size=None, num_workers=self.num_workers, prefetch_factor=prefetch,
+            multiprocessing_context=context), rings, self.pin_memory)
 
 
-class _Reported(torch.utils.data.IterableDataset):
-    """A worker's batches, then the bad-input error that stopped it (if one did) as an item, so the
-    main process raises it as it was: a DataLoader would wrap it in a multi-line traceback."""
+def _free_shared_memory(folder: str = "/dev/shm") -> float:
+    """Bytes free where shared memory lives (unbounded where there is no such folder)."""
+    if not os.path.isdir(folder):
+        return float("inf")
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize
 
-    def __init__(self, dataset: ShardStream) -> None:
+
+class _Worker(torch.utils.data.IterableDataset):
+    """A worker's batches, each through its ring (``handoff``), then the bad-input error that
+    stopped it (if one did) as an item, so the main process raises it as it was: a DataLoader
+    would wrap it in a multi-line traceback."""
+
+    def __init__(self, dataset: ShardStream, rings: list[Ring]) -> None:
         super().__init__()
-        self.dataset = dataset
+        self.dataset, self.rings = dataset, rings
 
-    def __iter__(self) -> Iterator[SparseBatch | ValueError | OSError]:
+    def __iter__(self) -> Iterator[Slot | SparseBatch | ValueError | OSError]:
+        worker = torch.utils.data.get_worker_info().id
         try:
-            yield from self.dataset
+            for batch in self.dataset:
+                yield self.rings[worker].put(batch, worker)
         except (ValueError, OSError) as err:
             yield err
 
 
-def _raised(items: Iterator[SparseBatch | ValueError | OSError]) -> Iterator[SparseBatch]:
+def _received(items: Iterator[Slot | SparseBatch | ValueError | OSError], rings: list[Ring],
+              pin: bool) -> Iterator[SparseBatch]:
+    """The workers' batches in the main process (page-locked with ``pin``); their errors raised."""
     for item in items:
         if isinstance(item, BaseException):
             raise item
-        yield item
+        if isinstance(item, Slot):
+            yield rings[item.worker].take(item, pin)
+        else:
+            yield item.pin_memory() if pin else item
 
 
 def build_loader(
