@@ -247,6 +247,31 @@ def test_without_shared_memory_for_the_rings_batches_arrive_the_same_and_it_is_s
     assert len(said) == 1 and "/dev/shm has 0 MiB free" in said[0] and "--shm-size" in said[0]
 
 
+@pytest.mark.parametrize("num_workers, skip", [(0, 5), (2, 5), (2, 0)])
+def test_an_endless_loader_runs_on_into_the_next_epochs_as_fresh_loaders_would(tagged, num_workers, skip):
+    first = load(tagged, num_workers=num_workers, skip_batches=skip)
+    following = [load(tagged, num_workers=num_workers, epoch=epoch) for epoch in (1, 2)]
+    endless = build_loader(tagged, TOK, batch_size=16, seed=3, num_workers=num_workers, skip_batches=skip, endless=True)
+    assert endless.dataset.batches_in(1) == len(following[0]) == 80
+    taken = list(itertools.islice(endless, len(first) + 2 * 80))
+    assert same(taken, first + following[0] + following[1]) and not same(following[0], following[1])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_shard_damaged_after_it_was_written_is_refused_by_name(tagged, tmp_path, num_workers):
+    import shutil
+
+    from scgraph.data.shards import CorruptShardError
+
+    shutil.copytree(tagged.directory, tmp_path / "shards")
+    victim = tmp_path / "shards" / "shard-000001.tar"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the same size, other bytes
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match=r"shard-000001\.tar: sha256 mismatch.*python -m sharding verify"):
+        load(ShardSet.open(str(tmp_path / "shards")), num_workers=num_workers)
+
+
 def test_a_grouped_layout_changed_inside_a_window_trains_the_rest_once(ragged):
     first, second = Layout(2, 1, 16, group=4), Layout(1, 2, 16, group=3)
     a = consumed(ragged, first, 9, tok=RAGGED_TOK)

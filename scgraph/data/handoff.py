@@ -1,5 +1,5 @@
 """How a DataLoader worker hands its batches to the main process: through slots of shared memory
-made once per epoch, not a fresh segment per tensor.
+made once per loader (the trainer's lives as long as the run), not a fresh segment per tensor.
 
 Sent the usual way, every tensor of every batch becomes a new shared-memory segment that the worker
 faults in page by page and the main process fetches by descriptor over a socket: about 4 ms for a

@@ -212,6 +212,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         segments: tuple[Segment, ...] = (),
         choice: GeneChoice | None = None,
         group_by_length: int = 1,
+        verify: bool = False,
+        endless: bool = False,
     ) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
@@ -230,6 +232,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.choice = choice  # (for the length key of windows, ``token_counts``)
         self.layout = Layout(world_size, streams, batch_size, group_by_length)
         self.segments = tuple(segments)
+        self.verify, self.endless = verify, endless
         self._plans: dict[int, list[Run]] = {}
         if shards.n_cells // (self.layout.n_streams * batch_size) == 0:
             raise ValueError(
@@ -284,16 +287,15 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _slices(self, epoch: int, stream: int) -> list[Run]:
         return stream_part(self._plan(epoch), self.layout, self.rank * self.streams + stream)
 
-    def epoch_shards(self, epoch: int) -> list[int]:
-        """The shards this rank reads in ``epoch`` (all its streams)."""
-        return sorted({shard for s in range(self.streams) for shard, _, _ in self._slices(epoch, s)})
-
     def epoch_batches(self, epoch: int, stream: int, skip: int = 0) -> Iterator[SparseBatch]:
         """Batches ``skip..`` of one stream (0 <= stream < streams) of this rank in ``epoch``: the
         shuffle's cells, a window of ``group`` batches at a time (sorted by length when > 1). The
-        windows before ``skip`` are never read; one that ``skip`` falls inside is read whole."""
+        windows before ``skip`` are never read; one that ``skip`` falls inside is read whole. With
+        ``verify``, the shards it reads are checked first (each once per process)."""
         global_stream = self.rank * self.streams + stream
         slices = self._slices(epoch, stream)
+        for shard in sorted({shard for shard, _, _ in slices}) if self.verify else ():
+            self.shards.check_shard(shard)
         n = sum(stop - start for _, start, stop in slices)
         order = shuffled(n, self.shuffle_buffer, self.seed, epoch, global_stream, self._segment(epoch))
         size, group = self.batch_size, self.layout.group
@@ -313,37 +315,33 @@ class ShardStream(torch.utils.data.IterableDataset):
                 yield collate(cells[start:start + size])
 
     def __iter__(self) -> Iterator[SparseBatch]:
+        """This stream's batches of the epoch from ``skip_batches`` on; ``endless``: then every next
+        epoch's, so a DataLoader's workers live as long as the run. Batch j after the skip comes from
+        worker ``j % streams`` in every epoch (an epoch's batches are a multiple of the streams)."""
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        if self.skip_batches >= self.batches_per_epoch:
-            return
         stream = (worker + self.skip_batches) % self.streams
         skip = (self.skip_batches + self.streams - 1 - stream) // self.streams
-        yield from self.epoch_batches(self.epoch, stream, skip)
+        for epoch in itertools.count(self.epoch) if self.endless else (self.epoch,):
+            if epoch > self.epoch or self.skip_batches < self.batches_per_epoch:
+                yield from self.epoch_batches(epoch, stream, skip if epoch == self.epoch else 0)
 
 
 class ShardLoader:
     """What ``build_loader`` returns: iterate it for ``SparseBatch``es (in a DataLoader when
     ``num_workers`` > 0). ``len()`` is the batches left in this epoch.
 
-    With ``verify``, each shard this rank will read is checked against the manifest's sha256
-    before the first batch (once per ShardSet object, so once per run): a shard damaged after it
-    was written is refused by name instead of trained on. With ``pin_memory`` (for a CUDA
+    With ``verify``, each shard a stream reads is checked against the manifest's sha256 before
+    its first batch from it (once per process): a shard damaged after it was written is refused by
+    name instead of trained on. With ``pin_memory`` (for a CUDA
     device) batches arrive in page-locked memory, so ``SparseBatch.to`` copies them asynchronously.
     Workers hand batches over through rings of shared memory (``handoff``).
 
-    Workers are not persistent: a loader serves one epoch (its plan, seeds and skip are the
-    epoch's), and forking two workers delayed the first batch by 0.2-0.3 s on the 2-core machine
-    (load 9), once per epoch of minutes or hours."""
+    An ``endless`` loader runs on into the next epochs (``batches_in`` says where each ends), so
+    its workers and their rings persist for the whole run."""
 
-    def __init__(self, dataset: ShardStream, num_workers: int, verify: bool, pin_memory: bool = False) -> None:
-        self.dataset, self.num_workers, self.verify = dataset, num_workers, verify
-        self.pin_memory = pin_memory
-
-    def _check_shards(self) -> None:
-        data = self.dataset
-        for index in data.epoch_shards(data.epoch):
-            data.shards.check_shard(index)
+    def __init__(self, dataset: ShardStream, num_workers: int, pin_memory: bool = False) -> None:
+        self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
 
     @property
     def batches_per_epoch(self) -> int:
@@ -386,8 +384,6 @@ class ShardLoader:
         return 0
 
     def __iter__(self) -> Iterator[SparseBatch]:
-        if self.verify:
-            self._check_shards()
         if self.num_workers == 0:
             return map(SparseBatch.pin_memory, self.dataset) if self.pin_memory else iter(self.dataset)
         context = torch.multiprocessing.get_context()
@@ -454,6 +450,7 @@ def build_loader(
     choice: GeneChoice | None = None,
     pin_memory: bool = False,
     group_by_length: int = 1,
+    endless: bool = False,
 ) -> ShardLoader:
     """Full batches of cells (``SparseBatch``) for one rank; ``tokenize.build_batch`` makes each a
     model's ``Batch``. Pass ``torch.distributed`` rank and world size; ``skip_batches`` = batches
@@ -461,7 +458,8 @@ def build_loader(
     before it is first read; ``segments``: the earlier parts of ``epoch`` trained on other layouts
     (see the module doc); ``tok`` and ``choice`` (the corpus statistics, ``GeneChoice``): how many
     genes a cell shows, the key of length windows; ``pin_memory``: for a CUDA device;
-    ``group_by_length``: windows of that many batches are sorted by length (see ``window_order``)."""
+    ``group_by_length``: windows of that many batches are sorted by length (see ``window_order``);
+    ``endless``: on into the next epochs, with the same workers."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0; got {num_workers}")
     if isinstance(shards, str):
@@ -480,5 +478,7 @@ def build_loader(
         segments=segments,
         choice=choice,
         group_by_length=group_by_length,
+        verify=verify,
+        endless=endless,
     )
-    return ShardLoader(dataset, num_workers, verify, pin_memory)
+    return ShardLoader(dataset, num_workers, pin_memory)

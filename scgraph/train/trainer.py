@@ -209,14 +209,14 @@ class Pretrainer:
         """This run's data layout: ranks, streams per rank, micro-batch, length windows."""
         return Layout(self.world, max(1, self.cfg.num_workers), self.micro, self.cfg.group_by_length)
 
-    def _loader(self, epoch: int, skip: int) -> ShardLoader:
+    def _loader(self, epoch: int, skip: int, endless: bool = False) -> ShardLoader:
         run = self.cfg.run
         return build_loader(self.shards, run.tokenizer, batch_size=self.micro,
                             seed=run.train.seed, rank=self.rank, world_size=self.world,
                             num_workers=self.cfg.num_workers, shuffle_buffer=self.cfg.shuffle_buffer,
                             epoch=epoch, skip_batches=skip, verify=self.cfg.verify_shards,
                             pin_memory=self.device.type == "cuda", choice=self.choice,
-                            group_by_length=self.cfg.group_by_length,
+                            group_by_length=self.cfg.group_by_length, endless=endless,
                             segments=tuple(self.segments) if epoch == self.epoch else ())
 
     def validate(self) -> float:
@@ -366,12 +366,17 @@ class Pretrainer:
 
     # -- training ----------------------------------------------------------------------------
     def _batches(self):
-        """Micro-batches from the saved data position onwards, epoch after epoch."""
-        while True:
-            for batch in self._loader(self.epoch, self.consumed):
-                self.consumed += 1
-                yield batch
-            self.epoch, self.consumed, self.segments = self.epoch + 1, 0, []
+        """Micro-batches from the saved data position onwards, epoch after epoch, from one loader
+        (its workers live as long as the run); the position moves to the next epoch as its first
+        batch is taken, so a checkpoint at an epoch's end still says that epoch."""
+        loader = self._loader(self.epoch, self.consumed, endless=True)
+        ends = loader.dataset.batches_in(self.epoch)
+        for batch in loader:
+            if self.consumed == ends:
+                self.epoch, self.consumed, self.segments = self.epoch + 1, 0, []
+                ends = loader.dataset.batches_in(self.epoch)
+            self.consumed += 1
+            yield batch
 
     def _to_device(self, cells: SparseBatch) -> Batch:
         """The loader's cells on this rank's device, made the model's ``Batch`` there (selection,
