@@ -333,9 +333,9 @@ class ShardLoader:
 
     With ``verify``, each shard a stream reads is checked against the manifest's sha256 before
     its first batch from it (once per process): a shard damaged after it was written is refused by
-    name instead of trained on. With ``pin_memory`` (for a CUDA
-    device) batches arrive in page-locked memory, so ``SparseBatch.to`` copies them asynchronously.
-    Workers hand batches over through rings of shared memory (``handoff``).
+    name instead of trained on. With ``pin_memory`` (for a CUDA device) batches arrive in
+    page-locked memory, so ``SparseBatch.to`` copies them asynchronously. Workers hand batches
+    over through rings of shared memory (``handoff``).
 
     An ``endless`` loader runs on into the next epochs (``batches_in`` says where each ends), so
     its workers and their rings persist for the whole run."""
@@ -346,6 +346,11 @@ class ShardLoader:
     @property
     def batches_per_epoch(self) -> int:
         return self.dataset.batches_per_epoch
+
+    @property
+    def prefetch(self) -> int:
+        """Batches each worker is asked for ahead of the step (its ring holds one more)."""
+        return -(-PREFETCH_BATCHES // max(1, self.num_workers))
 
     @property
     def genes_per_cell(self) -> float:
@@ -363,7 +368,7 @@ class ShardLoader:
                 " MiB of page cache)")
         if not self.num_workers:
             return held
-        slots = -(-PREFETCH_BATCHES // self.num_workers) + 1
+        slots = self.prefetch + 1
         ring = slots * slot_bytes(data.batch_size, self.genes_per_cell) / 2**20
         return f"{held}; each worker hands batches over through {slots} slots of shared memory ({ring:,.0f} MiB)"
 
@@ -386,12 +391,11 @@ class ShardLoader:
     def __iter__(self) -> Iterator[SparseBatch]:
         if self.num_workers == 0:
             return map(SparseBatch.pin_memory, self.dataset) if self.pin_memory else iter(self.dataset)
-        context = torch.multiprocessing.get_context()
-        prefetch = -(-PREFETCH_BATCHES // self.num_workers)
-        size = self._slot_bytes(prefetch + 1)
-        rings = [Ring(prefetch + 1, size, context) for _ in range(self.num_workers)]
+        context, slots = torch.multiprocessing.get_context(), self.prefetch + 1
+        size = self._slot_bytes(slots)
+        rings = [Ring(slots, size, context) for _ in range(self.num_workers)]
         return _received(torch.utils.data.DataLoader(
-            _Worker(self.dataset, rings), batch_size=None, num_workers=self.num_workers, prefetch_factor=prefetch,
+            _Worker(self.dataset, rings), batch_size=None, num_workers=self.num_workers, prefetch_factor=self.prefetch,
             multiprocessing_context=context), rings, self.pin_memory)
 
 
