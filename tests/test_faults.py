@@ -469,14 +469,16 @@ def test_sigterm_checkpoints_marks_the_run_killed_and_resume_finishes_it(tiny_sh
 def test_a_run_with_workers_stopped_at_an_epochs_end_resumes_into_the_next_as_if_never_stopped(tiny_shards, tmp_path):
     """Two workers, 36 micro-batches of 4 an epoch (150 cells), one loader (and its workers) for a
     whole run: stopped at the first epoch's last step, resumed to step 40 and again to 44, the run
-    is the uninterrupted one loss for loss, and it counts its place in the second epoch."""
+    is the uninterrupted one loss for loss (a Transformer with dropout: its masks are the batch's,
+    not the state of a generator that a resume starts afresh), and it counts its place in the
+    second epoch."""
     import mlflow
 
     store = f"sqlite:///{tmp_path}/m.db"
 
     def train(name: str, steps: int, *extra: str) -> subprocess.CompletedProcess:
         done = pretrain(["--shards", str(tiny_shards), "--output", str(tmp_path / name), "--num-workers", "2",
-                         "--lr-schedule", "constant", "--mlflow-uri", store, "--experiment", name, "--max-steps",
+                         "--backbone", "transformer", "--dropout", "0.1", "--lr-schedule", "constant", "--mlflow-uri", store, "--experiment", name, "--max-steps",
                          str(steps), *extra])
         assert done.returncode == 0, done.stderr[-2000:]
         return done

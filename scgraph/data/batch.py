@@ -94,8 +94,12 @@ class SparseBatch:
     def __len__(self) -> int:
         return self.indptr.shape[0] - 1
 
+    @property
+    def seed(self) -> int:
+        """A 64-bit seed drawn from ``key``."""
+        return int(np.random.SeedSequence(list(self.key)).generate_state(1, np.uint64)[0])
+
     def generator(self) -> torch.Generator:
         """A generator on the batch's device seeded from ``key``: the same key gives the same draws
         on a given device (a CUDA generator draws other numbers than the CPU's)."""
-        seed = int(np.random.SeedSequence(list(self.key)).generate_state(1, np.uint64)[0])
-        return torch.Generator(self.device).manual_seed(seed)
+        return torch.Generator(self.device).manual_seed(self.seed)

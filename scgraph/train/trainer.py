@@ -452,6 +452,7 @@ class Pretrainer:
                 cells = next(batches)
                 window.wait += time.perf_counter() - waited  # the loader's; building the batch is the step's work
                 batch = self._to_device(cells)
+                torch.manual_seed(cells.seed)  # the model's dropout masks: the batch's, as after a resume
                 boundary = self.engine.is_gradient_accumulation_boundary()
                 window.add(self._micro_step(batch, measuring, boundary), batch, vocab)
                 if not boundary:
