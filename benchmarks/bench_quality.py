@@ -5,8 +5,9 @@ random-init encoder, PCA-50 and logistic regression, under one probe and one emb
     python benchmarks/bench_quality.py --sections seeds --seeds 0 1 2   # the targets over three seeds
 
 For each real labelled set (CBMC, pbmc68k_reduced, Zeisel at census density) a seeded share of the
-cells is held out; the rest is sharded with the sharding tool and pretrained with ``launchers/pretrain.py`` (one process,
-the same steps, size and batch for every model: a fixed CPU budget); the held-out cells are probed
+cells is held out; the rest is sharded with the sharding tool and pretrained with
+``launchers/pretrain.py`` (one process, the same steps, size and batch for every model: a fixed
+CPU budget); the held-out cells are probed
 with ``launchers/probe.py``'s code (linear probe, kNN, k-means ARI/NMI, silhouette, and its three
 controls). Also: a learning curve (probe accuracy of the checkpoints along the ``cell`` recipe's
 run), an ablation of the objectives (CBMC, Transformer), of how training picks genes (both sets,
