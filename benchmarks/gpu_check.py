@@ -11,8 +11,9 @@ error in one is that stage's result, and the others still run:
 2. ``train MODEL`` for the Transformer, the GNN and the linear GNN (scbenchmark preset, 6 layers,
    d = 256, L = 512, r = 64): ``launchers/pretrain.py`` as one process with the shipped
    ``ds_configs/zero2_bf16.json`` (bf16, ZeRO-2, torch AdamW), micro-batch ``--batch``, ``--steps``
-   steps; cells/s, TFLOP/s, MFU, peak memory, the GNN kernel the trainer chose and the share of
-   step time spent waiting for batches (the loader, no workers), from its MLflow store.
+   steps, ``--workers`` loader workers (their batches handed over in page-locked memory); cells/s,
+   TFLOP/s, MFU, peak memory, the GNN kernel the trainer chose and the share of step time spent
+   waiting for batches, from its MLflow store.
 3. ``length MODEL``: the largest L that fits. One masked-value training step of the real DeepSpeed
    engine (the same config: bf16 with fp32 master weights and AdamW state; kernels chosen as the
    trainer chooses them) on ``--batch`` cells of L distinct genes, L = 512, 1024, ..., until the
@@ -96,7 +97,7 @@ def train(model: str, args: argparse.Namespace, seconds: float) -> dict:
            "--micro-batch-size", str(args.batch), "--max-steps", str(args.steps), "--log-every",
            str(max(1, args.steps // 2)), "--hidden", str(args.hidden), "--layers", str(args.layers), "--seq-len",
            str(args.length), "--mlflow-uri", store, "--experiment", "gpu-check", "--run-name", name,
-           "--no-system-metrics", "--checkpoint-every", str(10**6)]
+           "--no-system-metrics", "--checkpoint-every", str(10**6), "--num-workers", str(args.workers)]
     if args.peak_tflops:
         cmd += ["--peak-tflops", str(args.peak_tflops)]
     try:
@@ -276,6 +277,7 @@ def main() -> None:
                                                      "--smoke: 900)")
     parser.add_argument("--batch", type=int, default=32, help="micro-batch (cells)")
     parser.add_argument("--steps", type=int, default=30, help="training steps per model")
+    parser.add_argument("--workers", type=int, default=2, help="loader workers of each training run")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's peak, when not in the table")
     parser.add_argument("--max-length", type=int, default=65_536, help="longest L tried for the OOM point")
     args = parser.parse_args()
