@@ -258,8 +258,10 @@ class Pretrainer:
 
     def _measure_flops(self, model: CellModel, loader: ShardLoader) -> FlopCount:
         """FLOPs of what trains: the configured objectives on the first cells of the first training
-        micro-batch, counted on the model before DeepSpeed takes it (still on the CPU, in fp32)."""
-        batch = self._to_device(next(iter(loader)))[: self.cfg.flops_cells]
+        micro-batch, counted on the model before DeepSpeed takes it (still on the CPU, in fp32). The
+        batch is read in this process (stream 0's first: the first a DataLoader would deliver), so
+        no workers start for it."""
+        batch = self._to_device(next(iter(loader.dataset)))[: self.cfg.flops_cells]
         return measure_flops(model, batch, self.cfg.run.train.weights)
 
     # -- checkpoints -------------------------------------------------------------------------
